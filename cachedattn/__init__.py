@@ -1,0 +1,8 @@
+"""cachedattn: serve multi-turn LLM conversations without recomputing their history."""
+
+from cachedattn import native
+from cachedattn.native import HAS_CUDA, HAS_URING, cuda_available
+
+__version__ = "0.1.0"
+
+__all__ = ["native", "HAS_CUDA", "HAS_URING", "cuda_available", "__version__"]

@@ -1,0 +1,116 @@
+#include <pybind11/stl.h>
+
+#include "bindings/bindings.h"
+#include "cpu/kernels_ref.h"
+#include "cuda/cuda_api.h"
+
+namespace py = pybind11;
+
+namespace cachedattn::bindings {
+
+namespace {
+
+using cuda::Direction;
+
+Direction parse_direction(const std::string& s) {
+  if (s == "h2d") return Direction::HostToDevice;
+  if (s == "d2h") return Direction::DeviceToHost;
+  throw std::invalid_argument("direction must be 'h2d' or 'd2h', not '" + s + "'");
+}
+
+std::vector<Segment> to_segments(const std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>& items) {
+  std::vector<Segment> out;
+  out.reserve(items.size());
+  for (const auto& [src, dst, bytes] : items) out.push_back({src, dst, bytes});
+  return out;
+}
+
+RopeArgs rope_args(uintptr_t src, uintptr_t dst, size_t rows, int head_dim, int rotary_dim, bool interleaved,
+                   int dtype, double delta, const std::vector<float>& inv_freq) {
+  if (inv_freq.size() * 2 != static_cast<size_t>(rotary_dim))
+    throw std::invalid_argument("inv_freq has " + std::to_string(inv_freq.size()) + " entries; rotary_dim " +
+                                std::to_string(rotary_dim) + " needs " + std::to_string(rotary_dim / 2));
+  RopeArgs a{src, dst, rows, head_dim, rotary_dim, interleaved, dtype_from_int(dtype), {}};
+  a.cos_sin = rope_cos_sin(delta, inv_freq.data(), rotary_dim / 2);
+  check_rope_args(a);
+  return a;
+}
+
+#define ROPE_PARAMS                                                                                 \
+  py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("head_dim"), py::arg("rotary_dim"),      \
+      py::arg("interleaved"), py::arg("dtype"), py::arg("delta"), py::arg("inv_freq")
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  m.def(
+      "segment_copy_cpu",
+      [](const std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>& segs) {
+        auto s = to_segments(segs);
+        py::gil_scoped_release release;
+        cpu::segment_copy(s);
+      },
+      py::arg("segments"), "CPU reference of the segment-copy kernel: (src, dst, bytes) triples.");
+  m.def(
+      "rope_rotate_cpu",
+      [](uintptr_t src, uintptr_t dst, size_t rows, int head_dim, int rotary_dim, bool interleaved, int dtype,
+         double delta, const std::vector<float>& inv_freq) {
+        RopeArgs a = rope_args(src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq);
+        py::gil_scoped_release release;
+        cpu::rope_rotate(a);
+      },
+      ROPE_PARAMS, "CPU reference of the RoPE re-rotation kernel (keys rotated by `delta` positions).");
+
+  py::class_<cuda::CopyEngine>(m, "CopyEngine", "Dedicated H2D/D2H streams with one event per layer.")
+      .def(py::init<int, int>(), py::arg("device"), py::arg("num_layers"))
+      .def_property_readonly("device", &cuda::CopyEngine::device)
+      .def_property_readonly("num_layers", &cuda::CopyEngine::num_layers)
+      .def(
+          "stream", [](const cuda::CopyEngine& e, const std::string& d) { return e.stream(parse_direction(d)); },
+          py::arg("direction"), "The direction's cudaStream_t as an int.")
+      .def(
+          "copy_batch",
+          [](cuda::CopyEngine& e, const std::string& d, const std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>& s,
+             int layer) { e.copy_batch(parse_direction(d), to_segments(s), layer); },
+          py::arg("direction"), py::arg("segments"), py::arg("layer") = -1)
+      .def(
+          "segment_copy",
+          [](cuda::CopyEngine& e, const std::string& d, const std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>& s,
+             int layer) { e.segment_copy(parse_direction(d), to_segments(s), layer); },
+          py::arg("direction"), py::arg("segments"), py::arg("layer") = -1)
+      .def(
+          "rope_copy",
+          [](cuda::CopyEngine& e, uintptr_t src, uintptr_t dst, size_t rows, int head_dim, int rotary_dim,
+             bool interleaved, int dtype, double delta, const std::vector<float>& inv_freq, int layer) {
+            e.rope_copy(rope_args(src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq), layer);
+          },
+          ROPE_PARAMS, py::arg("layer") = -1)
+      .def(
+          "stream_wait_layer",
+          [](cuda::CopyEngine& e, const std::string& d, int layer, uintptr_t stream) {
+            e.stream_wait_layer(parse_direction(d), layer, stream);
+          },
+          py::arg("direction"), py::arg("layer"), py::arg("stream"))
+      .def(
+          "wait_for_stream",
+          [](cuda::CopyEngine& e, const std::string& d, uintptr_t stream) {
+            e.wait_for_stream(parse_direction(d), stream);
+          },
+          py::arg("direction"), py::arg("stream"))
+      .def(
+          "layer_done",
+          [](const cuda::CopyEngine& e, const std::string& d, int layer) {
+            return e.layer_done(parse_direction(d), layer);
+          },
+          py::arg("direction"), py::arg("layer"))
+      .def(
+          "synchronize",
+          [](cuda::CopyEngine& e, const std::string& d) {
+            Direction dir = parse_direction(d);
+            py::gil_scoped_release release;
+            e.synchronize(dir);
+          },
+          py::arg("direction"));
+}
+
+}  // namespace cachedattn::bindings
