@@ -1,0 +1,61 @@
+"""Shared set-up for the benchmark suites (run: python3 -m pytest bench)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cachedattn import native  # noqa: E402
+
+_RESULTS: list[dict] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    if native.cuda_available():
+        return
+    skip = pytest.mark.skip(reason=f"no usable GPU: {native.cuda_unavailable_reason()}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bench_dir(tmp_path_factory) -> Path:
+    """Scratch space on a real disk (not tmpfs): CACHEDATTN_BENCH_DIR or /var/tmp."""
+    base = os.environ.get("CACHEDATTN_BENCH_DIR", "/var/tmp")
+    d = Path(base) / f"cachedattn-bench-{os.getpid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Rows for the summary table printed at the end of the run."""
+    return _RESULTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = list(dict.fromkeys(k for row in _RESULTS for k in row))
+    table = Table(title="cachedattn benchmark summary (measured side by side in this run)")
+    for c in cols:
+        table.add_column(c, justify="right" if c not in ("suite", "case") else "left")
+    for row in _RESULTS:
+        table.add_row(*(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols))
+    Console(file=sys.stdout, width=160).print(table)
+    out = os.environ.get("CACHEDATTN_BENCH_SUMMARY")
+    if out:
+        Path(out).write_text(json.dumps({"features": native.features(), "rows": _RESULTS}, indent=2))

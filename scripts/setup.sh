@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian/Ubuntu machine for cachedattn and builds it in place:
+# system packages (liburing-dev for io_uring, fio for the disk benchmark),
+# Python packages, then the native extension (CUDA code too when nvcc exists).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+missing=()
+command -v apt-get >/dev/null 2>&1 && {
+  dpkg -s liburing-dev >/dev/null 2>&1 || missing+=(liburing-dev)
+  command -v fio >/dev/null 2>&1 || missing+=(fio)
+  command -v g++ >/dev/null 2>&1 || missing+=(g++)
+}
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -q
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+PY="${PYTHON:-python3}"
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# Any torch >= 2.4 works (the native core never links it); keep one already there.
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install -q "torch==${CACHEDATTN_TORCH_VERSION:-2.13.0}"
+fi
+"$PY" -m pip install -q "setuptools>=68" "pybind11>=2.12" "cmake>=3.24" ninja \
+  "numpy>=1.24" "rich>=13" "pytest>=8" "pytest-benchmark>=4"
+
+# nvcc is often installed but not on PATH.
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .
+"$PY" -m cachedattn info
