@@ -46,16 +46,24 @@ def report():
 def pytest_terminal_summary(terminalreporter):
     if not _RESULTS:
         return
-    from rich.console import Console
-    from rich.table import Table
-
     cols = list(dict.fromkeys(k for row in _RESULTS for k in row))
-    table = Table(title="cachedattn benchmark summary (measured side by side in this run)")
-    for c in cols:
-        table.add_column(c, justify="right" if c not in ("suite", "case") else "left")
-    for row in _RESULTS:
-        table.add_row(*(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols))
-    Console(file=sys.stdout, width=160).print(table)
+    cells = [[f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols] for row in _RESULTS]
+    title = "cachedattn benchmark summary (measured side by side in this run)"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the GPU image has no rich: plain columns
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        terminalreporter.write_line(title)
+        for r in [cols, *cells]:
+            terminalreporter.write_line("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    else:
+        table = Table(title=title)
+        for c in cols:
+            table.add_column(c, justify="right" if c not in ("suite", "case") else "left")
+        for r in cells:
+            table.add_row(*r)
+        Console(file=sys.stdout, width=160).print(table)
     out = os.environ.get("CACHEDATTN_BENCH_SUMMARY")
     if out:
         Path(out).write_text(json.dumps({"features": native.features(), "rows": _RESULTS}, indent=2))

@@ -6,17 +6,23 @@ import argparse
 import json
 import logging
 
-from cachedattn import demo, native
+from cachedattn import native
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachedattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(sub.add_parser("demo", help="run the native core end to end (pool, disk I/O, checks)"))
+    demo_args = sub.add_parser("demo", help="run the native core end to end (pool, disk I/O, checks)")
+    demo_args.add_argument("--total-mb", type=int, default=256, help="bytes to write and read back (MiB)")
+    demo_args.add_argument("--block-kb", type=int, default=1024, help="block size (KiB, multiple of 4)")
+    demo_args.add_argument("--dir", default=None, help="directory for the scratch file (default: the system temp dir)")
+    demo_args.add_argument("--backend", choices=["auto", "io_uring", "threads"], default=None)
     sub.add_parser("info", help="print what this build and machine offer, as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
+        from cachedattn import demo  # imports rich, which `info` does not need
+
         demo.main(args)
     elif args.command == "info":
         print(json.dumps(native.features(), indent=2))

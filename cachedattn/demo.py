@@ -81,13 +81,6 @@ def run(total_mb: int, block_kb: int, directory: str | None, backend: str | None
     return {"write_gbps": gb / t_write, "read_gbps": gb / t_read}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--total-mb", type=int, default=256, help="bytes to write and read back (MiB)")
-    p.add_argument("--block-kb", type=int, default=1024, help="block size (KiB, multiple of 4)")
-    p.add_argument("--dir", default=None, help="directory for the scratch file (default: the system temp dir)")
-    p.add_argument("--backend", choices=["auto", "io_uring", "threads"], default=None)
-
-
 def main(args: argparse.Namespace) -> None:
     if args.block_kb <= 0 or args.block_kb % 4:
         raise SystemExit("--block-kb must be a positive multiple of 4")
