@@ -1,0 +1,88 @@
+"""KVAppend: new KV of a conversation, handed over layer by layer.
+
+Layers are copied into host blocks as they arrive (put_layer returns as soon
+as its copy is done); nothing is visible to lookups or loads until commit(),
+which publishes all chunks at once and starts their disk writes in the
+background. The returned future completes when they are on disk.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+
+
+class KVAppend:
+    def __init__(self, store, conv, tokens: np.ndarray, start: int, blocks):
+        self._store = store
+        self.conv = conv
+        self.tokens = tokens
+        self.start = start
+        self.blocks = blocks  # one per chunk from first_index on
+        self.first_index = start // store._geometry.chunk_tokens
+        self._done: set[int] = set()
+        self._closed = False
+
+    @property
+    def n_new(self) -> int:
+        return len(self.tokens) - self.start
+
+    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V of the new tokens for one layer: ``[kv_heads, n_new, head_dim]`` (or with a leading 1)."""
+        if self._closed:
+            raise ValueError("this append is already committed or aborted")
+        geo = self._store._geometry
+        spec = geo.spec
+        if not 0 <= layer < spec.num_layers:
+            raise ValueError(f"layer {layer} out of range (model has {spec.num_layers})")
+        h, d = spec.layers[layer]
+        want = (h, self.n_new, d)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor")
+            if t.dim() == 4 and t.shape[0] == 1:
+                t = t[0]
+            if tuple(t.shape) != want or t.dtype != spec.dtype:
+                raise ValueError(
+                    f"layer {layer} {name} is {tuple(t.shape)}/{t.dtype}; this model's KV needs {want}/{spec.dtype}"
+                )
+        k = k[0] if k.dim() == 4 else k
+        v = v[0] if v.dim() == 4 else v
+        C = geo.chunk_tokens
+        end = len(self.tokens)
+        for j, block in enumerate(self.blocks):
+            c0 = (self.first_index + j) * C
+            s0, s1 = max(self.start, c0), min(end, c0 + C)
+            kd, vd = geo.kv_views(block.view(), layer)
+            kd[:, s0 - c0 : s1 - c0].copy_(k[:, s0 - self.start : s1 - self.start])
+            vd[:, s0 - c0 : s1 - c0].copy_(v[:, s0 - self.start : s1 - self.start])
+        self._done.add(layer)
+
+    def put(self, kv) -> None:
+        """All layers at once: a sequence of (k, v) pairs."""
+        for layer, (k, v) in enumerate(kv):
+            self.put_layer(layer, k, v)
+
+    def commit(self) -> Future:
+        """Publishes the new KV; the future completes when it is on disk."""
+        if self._closed:
+            raise ValueError("this append is already committed or aborted")
+        missing = sorted(set(range(self._store._geometry.spec.num_layers)) - self._done)
+        if missing and self.n_new:
+            raise ValueError(f"cannot commit: no KV was put for layers {missing}")
+        self._closed = True
+        return self._store._commit_append(self)
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store._abort_append(self)
+
+    def __enter__(self) -> KVAppend:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if not self._closed:
+            self.abort()

@@ -1,0 +1,60 @@
+"""Counters of a store, per tier. Definitions (all counted in chunks unless
+named bytes or tokens):
+
+- host.hits / host.misses: chunks a load found / did not find in host memory.
+- disk.hits / disk.misses: chunks a load read from disk / needed from disk but
+  could not use (damaged or unreadable).
+- bytes_read / bytes_written: KV bytes copied out of / into host blocks, and
+  bytes read from / written to chunk files.
+- evictions: chunks demoted out of host memory / chunk files removed for space.
+- prefetches: chunks brought from disk into host memory ahead of use.
+- tokens_stored: tokens appended; tokens_reused: tokens served by loads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+    prefetches: int = 0
+
+
+@dataclass
+class StoreStats:
+    host: TierStats = field(default_factory=TierStats)
+    disk: TierStats = field(default_factory=TierStats)
+    lookups: int = 0
+    tokens_stored: int = 0
+    tokens_reused: int = 0
+    corrupt_chunks: int = 0
+    write_errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """add(host_hits=2, disk_bytes_read=4096, lookups=1, ...)"""
+        with self._lock:
+            for name, d in deltas.items():
+                tier, _, counter = name.partition("_")
+                if tier in ("host", "disk") and counter:
+                    obj = getattr(self, tier)
+                    setattr(obj, counter, getattr(obj, counter) + d)
+                else:
+                    setattr(self, name, getattr(self, name) + d)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            d = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+            d["host"], d["disk"] = asdict(self.host), asdict(self.disk)
+        chunks = d["host"]["hits"] + d["host"]["misses"]
+        d["host_hit_rate"] = d["host"]["hits"] / chunks if chunks else None
+        served = d["host"]["hits"] + d["disk"]["hits"]
+        d["hit_rate"] = served / chunks if chunks else None
+        return d

@@ -1,0 +1,141 @@
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachedattn import AttentionStore, ChunkCorruptError, KVSpec
+
+from .conftest import CHUNK, SPEC, assert_kv_equal, make_kv, read_all
+
+
+def _chunk_files(root):
+    return sorted(p for p in Path(root).rglob("*.kv"))
+
+
+def test_second_store_on_same_directory_is_refused(make_store, tmp_path):
+    make_store()
+    with pytest.raises(OSError) as ei:
+        AttentionStore(host_bytes=1 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=CHUNK, spec=SPEC)
+    assert ei.value.errno == errno.EBUSY and "in use" in str(ei.value)
+    code = f"from cachedattn import AttentionStore; AttentionStore(host_bytes=1<<20, disk_dir={str(tmp_path / 'kv')!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "in use by another cachedattn store" in out.stderr
+
+
+def test_another_model_never_sees_this_models_kv(make_store, tokens, tmp_path):
+    s = make_store()
+    s.append("a", tokens[:50], make_kv(SPEC, 50, 1)).result()
+    s.close()
+    other = KVSpec.uniform(3, 2, 8, torch.float32, model_digest="different-weights")
+    s2 = make_store(spec=other)
+    assert s2.lookup("a", tokens) == 0 and s2.conversations() == []
+    with pytest.raises(ValueError, match="needs a store of its own"):
+        s2.attach(SPEC)
+
+
+def test_flipped_byte_is_a_miss_and_is_removed(make_store, tokens, caplog):
+    s = make_store()
+    kv = make_kv(SPEC, 64, 1)  # 4 full chunks
+    s.append("a", tokens[:64], kv).result()
+    s.close()
+    files = _chunk_files(s.config.disk_dir)
+    victim = files[2]  # chunk 2
+    with open(victim, "r+b") as f:
+        f.seek(4096 + 2 * 4096 + 100)  # header, layers 0 and 1, then into layer 2's keys
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x40]))
+    s2 = make_store()
+    assert s2.lookup("a", tokens) == 64  # headers are fine; the data is not
+    with s2.load("a", 64) as ld:
+        ld.read_layer(0)
+        ld.read_layer(1)
+        with pytest.raises(ChunkCorruptError) as ei:
+            ld.read_layer(2)
+    assert ei.value.errno == errno.EBADMSG and victim.name in ei.value.filename
+    assert s2.lookup("a", tokens) == 32  # chunks 2.. are gone, 0-1 still served
+    assert not victim.exists()
+    st = s2.stats()
+    assert st["corrupt_chunks"] == 1 and st["disk"]["misses"] == 1
+    assert_kv_equal(read_all(s2, "a", 32), kv, upto=32)
+
+
+def test_damaged_header_is_dropped_at_recovery(make_store, tokens):
+    s = make_store()
+    s.append("a", tokens[:64], make_kv(SPEC, 64, 1)).result()
+    s.close()
+    files = _chunk_files(s.config.disk_dir)
+    with open(files[1], "r+b") as f:
+        f.seek(60)
+        f.write(b"\xff\xff")
+    s2 = make_store()
+    assert s2.lookup("a", tokens) == 16
+    assert s2.stats()["corrupt_chunks"] == 1
+    assert len(_chunk_files(s.config.disk_dir)) == 1  # damaged chunk and its orphans removed
+
+
+def test_truncated_file_and_leftover_temporaries(make_store, tokens):
+    s = make_store()
+    s.append("a", tokens[:48], make_kv(SPEC, 48, 1)).result()
+    s.close()
+    files = _chunk_files(s.config.disk_dir)
+    with open(files[2], "r+b") as f:
+        f.truncate(10000)
+    (files[0].parent / ".tmp-deadbeef").write_bytes(b"partial")
+    s2 = make_store()
+    assert s2.lookup("a", tokens) == 32
+    assert not (files[0].parent / ".tmp-deadbeef").exists()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from cachedattn import AttentionStore, KVSpec
+    spec = KVSpec.uniform(3, 2, 8, torch.float32, "tiny-test-model")
+    s = AttentionStore(host_bytes=64 << 20, disk_dir=sys.argv[1], disk_bytes=1 << 30, chunk_tokens=16, spec=spec,
+                       hugepages="off")
+    for i in range(10**6):
+        rng = np.random.default_rng(i)
+        toks = rng.integers(0, 32000, 16 * (1 + i % 7) + i % 5)
+        g = torch.Generator().manual_seed(i)
+        kv = [(torch.randn(2, len(toks), 8, generator=g), torch.randn(2, len(toks), 8, generator=g)) for _ in range(3)]
+        s.append(f"conv-{i}", toks, kv)
+        if i == 5:
+            print("ready", flush=True)
+    """
+)
+
+
+def test_kill_9_mid_write_serves_only_complete_data(tmp_path):
+    d = str(tmp_path / "kv")
+    p = subprocess.Popen([sys.executable, "-c", WRITER, d], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.3)  # mid-stream: writes are in flight
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    with AttentionStore(host_bytes=64 << 20, disk_dir=d, disk_bytes=1 << 30, chunk_tokens=16, spec=SPEC) as s:
+        convs = s.conversations()
+        assert len(convs) > 5
+        served = 0
+        for c in convs:
+            i = int(c.split("-")[1])
+            rng = np.random.default_rng(i)
+            toks = rng.integers(0, 32000, 16 * (1 + i % 7) + i % 5)
+            n = s.lookup(c, toks)
+            if n == 0:
+                continue
+            g = torch.Generator().manual_seed(i)
+            kv = [(torch.randn(2, len(toks), 8, generator=g), torch.randn(2, len(toks), 8, generator=g)) for _ in range(3)]
+            assert_kv_equal(read_all(s, c, n), kv, upto=n)  # whatever is served is exact
+            served += 1
+        assert served > 5
+        assert s.stats()["corrupt_chunks"] == 0  # renames made partial files invisible
+    assert not list(Path(d).rglob(".tmp-*"))
