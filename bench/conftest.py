@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,9 +33,7 @@ def bench_dir(tmp_path_factory) -> Path:
     d = Path(base) / f"cachedattn-bench-{os.getpid()}"
     d.mkdir(parents=True, exist_ok=True)
     yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

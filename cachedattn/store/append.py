@@ -1,9 +1,11 @@
 """KVAppend: new KV of a conversation, handed over layer by layer.
 
-Layers are copied into host blocks as they arrive (put_layer returns as soon
-as its copy is done); nothing is visible to lookups or loads until commit(),
-which publishes all chunks at once and starts their disk writes in the
-background. The returned future completes when they are on disk.
+Layers are copied into host blocks as they arrive, and with write-through
+each layer's ranges are at once submitted for writing to the chunks'
+temporary files, so copying layer i+1 overlaps with writing layer i (put_layer
+returns after its copy; the writes run on the I/O engine). Nothing is visible
+to lookups or loads until commit(), which publishes all chunks at once; the
+returned future completes when the files are complete and renamed into place.
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
+from cachedattn.store.chunk_file import layer_checksum
+
 
 class KVAppend:
-    def __init__(self, store, conv, tokens: np.ndarray, start: int, blocks):
+    def __init__(self, store, conv, tokens: np.ndarray, start: int, blocks, staged=None):
         self._store = store
         self.conv = conv
         self.tokens = tokens
         self.start = start
         self.blocks = blocks  # one per chunk from first_index on
         self.first_index = start // store._geometry.chunk_tokens
+        self.staged = staged  # [(tmp path, File)] per chunk when writing layer by layer
+        self.batches = []  # their per-layer write batches
+        self.sums = [[0] * store._geometry.spec.num_layers for _ in blocks]
         self._done: set[int] = set()
         self._closed = False
 
@@ -58,7 +65,24 @@ class KVAppend:
             kd, vd = geo.kv_views(block.view(), layer)
             kd[:, s0 - c0 : s1 - c0].copy_(k[:, s0 - self.start : s1 - self.start])
             vd[:, s0 - c0 : s1 - c0].copy_(v[:, s0 - self.start : s1 - self.start])
+        self._seal_layer(layer)
+        if self.staged is not None:
+            files = [f for _, f in self.staged]
+            self.batches.append(self._store._disk.write_layer(files, self.blocks, layer))
         self._done.add(layer)
+
+    def _seal_layer(self, layer: int) -> None:
+        """Zeroes the unused slots of a partial last chunk (no stale bytes of other
+        conversations reach the disk) and checksums the layer in every block."""
+        geo = self._store._geometry
+        C, n = geo.chunk_tokens, len(self.tokens)
+        off, length = geo.layer_range(layer)
+        for j, block in enumerate(self.blocks):
+            used = min(n, (self.first_index + j + 1) * C) - (self.first_index + j) * C
+            if used < C:
+                for part in geo.kv_views(block.view(), layer):
+                    part[:, used:].zero_()
+            self.sums[j][layer] = layer_checksum(block.view()[off : off + length].numpy())
 
     def put(self, kv) -> None:
         """All layers at once: a sequence of (k, v) pairs."""
@@ -73,6 +97,9 @@ class KVAppend:
         if missing and self.n_new:
             raise ValueError(f"cannot commit: no KV was put for layers {missing}")
         self._closed = True
+        for layer in range(self._store._geometry.spec.num_layers):
+            if layer not in self._done:  # nothing new for it (a pure truncation): seal what was copied
+                self._seal_layer(layer)
         return self._store._commit_append(self)
 
     def abort(self) -> None:

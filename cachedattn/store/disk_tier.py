@@ -137,6 +137,27 @@ class DiskTier:
             raise
         return tmp
 
+    def open_tmp(self, dirname: str):
+        """A new chunk file under a temporary name, for layer-by-layer writes: (path, File)."""
+        tmp = str(self.root / dirname / f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        return tmp, native.File(tmp, "w")
+
+    def write_layer(self, files: list, blocks: list, layer: int):
+        """Submits one layer's range of each block into its (temporary) chunk file; returns the IoBatch."""
+        off, length = self.geometry.layer_range(layer)
+        hb = self.header_bytes
+        return self.engine.write([(f, hb + off, b.ptr + off, length) for f, b in zip(files, blocks)])
+
+    def finish_tmp(self, f, header: ChunkHeader) -> None:
+        """Writes the header of a layer-by-layer file, makes it durable if asked, closes it."""
+        head = np.frombuffer(header.encode(), dtype=np.uint8)
+        try:
+            self.engine.write([(f, 0, head.ctypes.data, head.size)]).wait()
+            if self.sync:
+                f.sync()
+        finally:
+            f.close()
+
     def publish(self, tmp: str, dirname: str, name: str) -> None:
         os.replace(tmp, self.root / dirname / name)
 

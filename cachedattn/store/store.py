@@ -255,6 +255,9 @@ class AttentionStore(TieringMixin):
                 blocks = self._alloc_blocks(-(-len(toks) // C) - first, exclude=conv)
                 if start % C and blocks:
                     self._copy_chunk(conv, conv.chunks[first], blocks[0])
+                staged = None
+                if self.config.write_through and len(toks) > start:
+                    staged = self._stage_writes(conv, len(blocks))
             except BaseException:
                 for b in blocks:
                     b.release()
@@ -262,7 +265,7 @@ class AttentionStore(TieringMixin):
                 conv.pins -= 1
                 self._forget_if_empty(conv)
                 raise
-            return KVAppend(self, conv, toks, start, blocks)
+            return KVAppend(self, conv, toks, start, blocks, staged)
 
     def append(self, conv_id: str, token_ids, kv, start: int = 0) -> Future:
         """begin_append + put every layer + commit, in one call."""
@@ -271,24 +274,17 @@ class AttentionStore(TieringMixin):
             return txn.commit()
 
     def _commit_append(self, txn: KVAppend) -> Future:
-        geo, C = self._geometry, self._geometry.chunk_tokens
-        toks, n = txn.tokens, len(txn.tokens)
+        C, n = self._geometry.chunk_tokens, len(txn.tokens)
         pieces = []
         for j, block in enumerate(txn.blocks):
             i = txn.first_index + j
-            t = toks[i * C : min(n, (i + 1) * C)].copy()
-            view = block.view()
-            for layer in range(geo.spec.num_layers):
-                if len(t) < C:  # no stale bytes of other conversations go to disk
-                    for part in geo.kv_views(view, layer):
-                        part[:, len(t) :].zero_()
-            sums = [layer_checksum(view[o : o + s].numpy()) for o, s in zip(geo.layer_offset, geo.layer_stride)]
-            pieces.append((i, t, sums, block))
+            pieces.append((i, txn.tokens[i * C : min(n, (i + 1) * C)].copy(), txn.sums[j], block))
         with self._lock:
             conv = txn.conv
             conv.appending = False
             conv.pins -= 1
             if conv.dropped or self._closed:
+                self._drop_staged(txn)
                 for *_, b in pieces:
                     b.release()
                 return _done()
@@ -309,7 +305,16 @@ class AttentionStore(TieringMixin):
                 self._retire(conv, old, keep_file=False)
             self._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * self.spec.kv_bytes_per_token())
             self.policy.on_access(conv.id)
-            writes = [self._schedule_write(conv, c) for c in new] if self.config.write_through else []
+            if txn.staged is not None:
+                for c in new:
+                    c.writing = True
+                refs = [c.host.acquire() for c in new]
+                job = self._executor.submit(self._finish_staged, conv, new, refs, txn.staged, txn.batches)
+                writes = [self._track(job)]
+            elif self.config.write_through:
+                writes = [self._schedule_write(conv, c) for c in new]
+            else:
+                writes = []
             for c in new:
                 if c.supersedes and not c.writing:
                     self._delete_file(conv, c.supersedes)
@@ -319,6 +324,7 @@ class AttentionStore(TieringMixin):
 
     def _abort_append(self, txn: KVAppend) -> None:
         with self._lock:
+            self._drop_staged(txn)
             for b in txn.blocks:
                 b.release()
             txn.conv.appending = False
@@ -421,31 +427,58 @@ class AttentionStore(TieringMixin):
             self._pending.discard(fut)
 
     def _write_job(self, conv: Conversation, c: Chunk, header: ChunkHeader, block) -> None:
+        tmp, err = None, None
         try:
             tmp = self._disk.write_tmp(conv.dirname, header, block.ptr)  # no lock held during I/O
         except OSError as e:
-            block.release()
-            with self._lock:
-                c.writing = False
-                self._disk.unreserve()
-                if c.live and not conv.dropped:
-                    self._disk_failed(e)
-                    self._after_lost_write(conv, c)
-            return
+            err = e
         block.release()
         with self._lock:
-            c.writing = False
-            if not c.live or conv.dropped:
-                self._disk.discard_tmp(tmp)
-                self._delete_file(conv, c.supersedes)
-                return
-            name = file_name(c.index, c.ntokens, c.key)
-            self._disk.publish(tmp, conv.dirname, name)
-            c.file = name
-            self._stats.add(disk_bytes_written=self._disk.file_bytes)
-            self._delete_file(conv, c.supersedes)
-            c.supersedes = None
+            self._written(conv, c, tmp, err)
 
+    def _finish_staged(self, conv: Conversation, chunks: list[Chunk], refs, staged, batches) -> None:
+        """Completes layer-by-layer chunk files: waits their layers, writes their headers."""
+        err = None
+        for b in batches:
+            try:
+                b.wait()
+            except OSError as e:
+                err = err or e
+        for c, (tmp, f) in zip(chunks, staged):
+            if err is None:
+                header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
+                try:
+                    self._disk.finish_tmp(f, header)
+                except OSError as e:
+                    err = e
+            else:
+                f.close()
+        for r in refs:
+            r.release()
+        with self._lock:
+            for c, (tmp, _) in zip(chunks, staged):
+                self._written(conv, c, tmp, err)
+
+    def _written(self, conv: Conversation, c: Chunk, tmp: str | None, err: OSError | None) -> None:
+        """Bookkeeping once a chunk file is written (or failed); lock held."""
+        c.writing = False
+        if tmp is None:
+            self._disk.unreserve()
+        elif err is not None or not c.live or conv.dropped:
+            self._disk.discard_tmp(tmp)
+        if not c.live or conv.dropped:
+            self._delete_file(conv, c.supersedes)
+            return
+        if err is not None:
+            self._disk_failed(err)
+            self._after_lost_write(conv, c)
+            return
+        name = file_name(c.index, c.ntokens, c.key)
+        self._disk.publish(tmp, conv.dirname, name)
+        c.file = name
+        self._stats.add(disk_bytes_written=self._disk.file_bytes)
+        self._delete_file(conv, c.supersedes)
+        c.supersedes = None
 
 def _all_done(futures: list[Future]) -> Future:
     if not futures:

@@ -107,6 +107,46 @@ class TieringMixin:
         header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
         return self._track(self._executor.submit(self._write_job, conv, c, header, c.host.acquire()))
 
+    def _stage_writes(self, conv: Conversation, n: int):
+        """Reserves and opens n temporary chunk files for layer-by-layer writes, or None."""
+        if not self._disk_usable() or n == 0:
+            return None
+        taken = 0
+        while taken < n and self._reserve_disk(conv):
+            taken += 1
+        staged = []
+        try:
+            if taken < n:
+                return None
+            self._disk.ensure_conversation_dir(conv.dirname, conv.id)
+            for _ in range(n):
+                staged.append(self._disk.open_tmp(conv.dirname))
+            return staged
+        except OSError as e:
+            self._disk_failed(e)
+            return None
+        finally:
+            if len(staged) < n:
+                for tmp, f in staged:
+                    f.close()
+                    self._disk.discard_tmp(tmp)
+                for _ in range(taken - len(staged)):
+                    self._disk.unreserve()
+
+    def _drop_staged(self, txn) -> None:
+        """Abandons an append's layer-by-layer files (after their writes stop touching its blocks)."""
+        if txn.staged is None:
+            return
+        for b in txn.batches:
+            try:
+                b.wait()
+            except OSError:
+                pass
+        for tmp, f in txn.staged:
+            f.close()
+            self._disk.discard_tmp(tmp)
+        txn.staged = None
+
     def _write_now(self, conv: Conversation, c: Chunk) -> bool:
         """Writes a chunk synchronously (demotion in write-back mode)."""
         if not self._disk_usable() or not self._reserve_disk(conv):

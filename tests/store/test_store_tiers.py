@@ -103,6 +103,7 @@ def test_full_disk_degrades_to_host_only(make_store, tokens, monkeypatch, caplog
         raise OSError(errno.ENOSPC, "No space left on device", str(self.root))
 
     monkeypatch.setattr(DiskTier, "write_tmp", no_space)
+    monkeypatch.setattr(DiskTier, "finish_tmp", no_space)
     kv = make_kv(SPEC, 40, 1)
     with caplog.at_level(logging.WARNING, logger="cachedattn"):
         s.append("a", tokens[:40], kv).result()
@@ -126,3 +127,27 @@ def test_hit_rate_counts_misses(make_store, tokens):
     st = s.stats()
     assert (st["host"]["hits"], st["host"]["misses"], st["disk"]["hits"]) == (2, 2, 2)
     assert st["host_hit_rate"] == 0.5 and st["hit_rate"] == 1.0
+
+
+def test_real_full_filesystem(tmp_path, tokens, caplog):
+    """ENOSPC from a real (tiny tmpfs) filesystem, where this machine lets us mount one."""
+    import subprocess
+
+    from cachedattn import AttentionStore
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        s = AttentionStore(host_bytes=64 * chunk_bytes(), disk_dir=str(mnt), disk_bytes=1 << 30, chunk_tokens=CHUNK,
+                           spec=SPEC, hugepages="off")
+        kv = make_kv(SPEC, 200, 1)
+        with caplog.at_level(logging.WARNING, logger="cachedattn"):
+            s.append("a", tokens, kv).result()
+        st = s.stats()
+        assert st["disk_error"] and "No space left" in st["disk_error"]
+        assert_kv_equal(read_all(s, "a", 200), kv)  # nothing lost
+        s.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
