@@ -32,7 +32,14 @@ class KVLoad:
         self._geo = store._geometry
         self._layers = self._geo.spec.num_layers
         self._readahead = self._layers if readahead is None else max(1, int(readahead))
-        self._files = [native.File(store._disk.path(conv.dirname, chunks[i].file), "r") for i in from_disk]
+        self._files = []
+        for i in from_disk:
+            try:
+                self._files.append(native.File(store._disk.path(conv.dirname, chunks[i].file), "r"))
+            except OSError as e:
+                for f in self._files:
+                    f.close()
+                self._fail(i, f"cannot open: {e.strerror}", e.errno or errno.EIO)
         self._batches: dict[int, object] = {}
         self._verified: set[int] = set()
         self._next = 0

@@ -139,3 +139,17 @@ def test_kill_9_mid_write_serves_only_complete_data(tmp_path):
         assert served > 5
         assert s.stats()["corrupt_chunks"] == 0  # renames made partial files invisible
     assert not list(Path(d).rglob(".tmp-*"))
+
+
+def test_chunk_file_deleted_behind_the_stores_back(make_store, tokens):
+    s = make_store()
+    kv = make_kv(SPEC, 48, 1)
+    s.append("a", tokens[:48], kv).result()
+    s.flush()
+    s.demote("a")
+    _chunk_files(s.config.disk_dir)[1].unlink()
+    with pytest.raises(ChunkCorruptError) as ei:
+        s.load("a", 48)
+    assert ei.value.errno == errno.ENOENT
+    assert s.lookup("a", tokens) == 16
+    assert_kv_equal(read_all(s, "a", 16), kv, upto=16)
