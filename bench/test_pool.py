@@ -46,5 +46,4 @@ def test_fill_blocks_through_views(benchmark, report):
 
     benchmark(fill)
     report.append({"suite": "pool", "case": "copy 256 MiB into block views", "GB/s": (256 << 20) / benchmark.stats.stats.median / 1e9})
-    del views
     pool.close()

@@ -17,29 +17,23 @@ import numpy as np
 
 from cachedattn import native
 from cachedattn.store import keys
-from cachedattn.store.append import KVAppend
-from cachedattn.store.chunk_file import ChunkHeader, file_name, layer_checksum
 from cachedattn.store.config import StoreConfig
-from cachedattn.store.conversation import Chunk, Conversation, common_prefix
+from cachedattn.store.conversation import Conversation, common_prefix
 from cachedattn.store.disk_tier import DirectoryLock, DiskTier
 from cachedattn.store.eviction import EvictionPolicy, make_policy
 from cachedattn.store.host_tier import HostTier
-from cachedattn.store.load import KVLoad
 from cachedattn.store.recovery import resolve_chain
 from cachedattn.store.spec import ChunkGeometry, KVSpec
 from cachedattn.store.stats import StoreStats
+from cachedattn.store.reads import ReadMixin
 from cachedattn.store.tiering import TieringMixin
+from cachedattn.store.writes import WriteMixin
 
 log = logging.getLogger("cachedattn")
 
 
-def _done(value=None) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
-
-class AttentionStore(TieringMixin):
+class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
     """The tiered KV store. See README.md ("The KV store") for layout and guarantees."""
 
     def __init__(
@@ -147,190 +141,6 @@ class AttentionStore(TieringMixin):
         with self._lock:
             return self._get(conv_id, required=False) is not None
 
-    # ---- reading --------------------------------------------------------------
-
-    def load(self, conv_id: str, n_tokens: int, readahead: int | None = None, _prefetch: bool = False) -> KVLoad:
-        """Starts loading the KV of the first n_tokens; read it per layer from the returned KVLoad."""
-        with self._lock:
-            self._check_ready()
-            conv = self._get(conv_id)
-            if not 0 <= n_tokens <= conv.ntokens:
-                raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
-            C = self._geometry.chunk_tokens
-            chunks = conv.chunks[: -(-n_tokens // C)]
-            from_disk = [i for i, c in enumerate(chunks) if c.host is None]
-            conv.pins += 1
-            try:
-                fresh = self._alloc_blocks(len(from_disk), exclude=conv)
-            except BaseException:
-                conv.pins -= 1
-                raise
-            fresh_iter = iter(fresh)
-            blocks = [c.host.acquire() if c.host is not None else next(fresh_iter) for c in chunks]
-            self.policy.on_access(conv_id)
-            self._stats.add(host_hits=len(chunks) - len(from_disk), host_misses=len(from_disk))
-            if not _prefetch:
-                self._stats.add(tokens_reused=n_tokens)
-        try:
-            ld = KVLoad(self, conv, n_tokens, chunks, blocks, from_disk, readahead)
-        except BaseException:
-            self._finish_blocks(conv, chunks, blocks, from_disk, adopt=False)
-            raise
-        ld._prefetch = _prefetch
-        return ld
-
-    def prefetch(self, conv_id: str) -> Future:
-        """Brings a conversation from disk into host memory in the background; the future gives the chunks read."""
-        with self._lock:
-            self._check_ready()
-            conv = self._get(conv_id)
-            if all(c.host is not None for c in conv.chunks):
-                return _done(0)
-            n = conv.ntokens
-
-        def job() -> int:
-            with self.load(conv_id, n, _prefetch=True) as ld:
-                ld.read_all()
-                return ld.from_disk
-
-        return self._track(self._executor.submit(job))
-
-    def _finish_load(self, ld: KVLoad, whole: bool) -> None:
-        adopted = self._finish_blocks(ld._conv, ld._chunks, ld._blocks, ld._disk_pos, adopt=whole)
-        if whole:
-            self._stats.add(disk_hits=len(ld._disk_pos))
-        if ld._prefetch:
-            self._stats.add(host_prefetches=adopted)
-
-    def _finish_blocks(self, conv, chunks, blocks, from_disk, adopt: bool) -> int:
-        """Chunks read whole from disk stay in host memory; every other reference is let go."""
-        adopted = 0
-        disk_set = set(from_disk)
-        with self._lock:
-            for pos, (c, b) in enumerate(zip(chunks, blocks)):
-                if adopt and pos in disk_set and c.live and c.host is None:
-                    c.host = b  # this load's reference becomes the chunk's own
-                    adopted += 1
-                else:
-                    b.release()
-            conv.pins -= 1
-            self._forget_if_empty(conv)
-        return adopted
-
-    # ---- writing --------------------------------------------------------------
-
-    def begin_append(self, conv_id: str, token_ids, start: int) -> KVAppend:
-        """Starts storing the KV of token_ids[start:]; token_ids[:start] must be stored already.
-
-        Stored tokens from `start` on (a diverged or regenerated tail) are replaced at commit.
-        """
-        toks = keys.as_token_array(token_ids)
-        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= len(toks):
-            raise ValueError(f"start={start!r} must be an integer in [0, {len(toks)}]")
-        start = int(start)
-        with self._lock:
-            self._check_ready()
-            conv = self._get(conv_id, required=False)
-            if conv is None:
-                conv_id = keys.validate_conversation_id(conv_id)
-                conv = Conversation(
-                    conv_id, keys.conversation_dirname(conv_id), keys.root_key(self.spec.fingerprint, conv_id)
-                )
-                self._convs[conv_id] = conv
-                self.policy.on_insert(conv_id)
-            if conv.appending:
-                raise ValueError(f"conversation {conv_id!r} already has an append in progress")
-            stored = common_prefix(conv.tokens(), toks)
-            if start > stored:
-                raise ValueError(
-                    f"start={start}, but only the first {stored} of these tokens are stored for {conv_id!r}: "
-                    f"the KV of tokens [{stored}, {start}) would be missing"
-                )
-            C = self._geometry.chunk_tokens
-            first = start // C
-            conv.appending = True
-            conv.pins += 1
-            blocks = []
-            try:
-                blocks = self._alloc_blocks(-(-len(toks) // C) - first, exclude=conv)
-                if start % C and blocks:
-                    self._copy_chunk(conv, conv.chunks[first], blocks[0])
-                staged = None
-                if self.config.write_through and len(toks) > start:
-                    staged = self._stage_writes(conv, len(blocks))
-            except BaseException:
-                for b in blocks:
-                    b.release()
-                conv.appending = False
-                conv.pins -= 1
-                self._forget_if_empty(conv)
-                raise
-            return KVAppend(self, conv, toks, start, blocks, staged)
-
-    def append(self, conv_id: str, token_ids, kv, start: int = 0) -> Future:
-        """begin_append + put every layer + commit, in one call."""
-        with self.begin_append(conv_id, token_ids, start) as txn:
-            txn.put(kv)
-            return txn.commit()
-
-    def _commit_append(self, txn: KVAppend) -> Future:
-        C, n = self._geometry.chunk_tokens, len(txn.tokens)
-        pieces = []
-        for j, block in enumerate(txn.blocks):
-            i = txn.first_index + j
-            pieces.append((i, txn.tokens[i * C : min(n, (i + 1) * C)].copy(), txn.sums[j], block))
-        with self._lock:
-            conv = txn.conv
-            conv.appending = False
-            conv.pins -= 1
-            if conv.dropped or self._closed:
-                self._drop_staged(txn)
-                for *_, b in pieces:
-                    b.release()
-                return _done()
-            first = txn.first_index
-            parent = conv.chunks[first - 1].key if first else conv.root
-            new = []
-            for i, t, sums, block in pieces:
-                key = keys.chunk_key(parent, t)
-                new.append(Chunk(i, t, key, parent, sums, host=block))
-                parent = key
-            replaced = {c.index: c for c in conv.chunks[first:]}
-            conv.chunks = conv.chunks[:first] + new
-            for c in new:
-                old = replaced.pop(c.index, None)
-                if old is not None:
-                    c.supersedes = self._retire(conv, old, keep_file=True)
-            for old in replaced.values():
-                self._retire(conv, old, keep_file=False)
-            self._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * self.spec.kv_bytes_per_token())
-            self.policy.on_access(conv.id)
-            if txn.staged is not None:
-                for c in new:
-                    c.writing = True
-                refs = [c.host.acquire() for c in new]
-                job = self._executor.submit(self._finish_staged, conv, new, refs, txn.staged, txn.batches)
-                writes = [self._track(job)]
-            elif self.config.write_through:
-                writes = [self._schedule_write(conv, c) for c in new]
-            else:
-                writes = []
-            for c in new:
-                if c.supersedes and not c.writing:
-                    self._delete_file(conv, c.supersedes)
-                    c.supersedes = None
-            self._forget_if_empty(conv)
-        return _all_done([w for w in writes if w is not None])
-
-    def _abort_append(self, txn: KVAppend) -> None:
-        with self._lock:
-            self._drop_staged(txn)
-            for b in txn.blocks:
-                b.release()
-            txn.conv.appending = False
-            txn.conv.pins -= 1
-            self._forget_if_empty(txn.conv)
-
     # ---- management -----------------------------------------------------------
 
     def demote(self, conv_id: str) -> None:
@@ -426,74 +236,4 @@ class AttentionStore(TieringMixin):
         with self._lock:
             self._pending.discard(fut)
 
-    def _write_job(self, conv: Conversation, c: Chunk, header: ChunkHeader, block) -> None:
-        tmp, err = None, None
-        try:
-            tmp = self._disk.write_tmp(conv.dirname, header, block.ptr)  # no lock held during I/O
-        except OSError as e:
-            err = e
-        block.release()
-        with self._lock:
-            self._written(conv, c, tmp, err)
 
-    def _finish_staged(self, conv: Conversation, chunks: list[Chunk], refs, staged, batches) -> None:
-        """Completes layer-by-layer chunk files: waits their layers, writes their headers."""
-        err = None
-        for b in batches:
-            try:
-                b.wait()
-            except OSError as e:
-                err = err or e
-        for c, (tmp, f) in zip(chunks, staged):
-            if err is None:
-                header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
-                try:
-                    self._disk.finish_tmp(f, header)
-                except OSError as e:
-                    err = e
-            else:
-                f.close()
-        for r in refs:
-            r.release()
-        with self._lock:
-            for c, (tmp, _) in zip(chunks, staged):
-                self._written(conv, c, tmp, err)
-
-    def _written(self, conv: Conversation, c: Chunk, tmp: str | None, err: OSError | None) -> None:
-        """Bookkeeping once a chunk file is written (or failed); lock held."""
-        c.writing = False
-        if tmp is None:
-            self._disk.unreserve()
-        elif err is not None or not c.live or conv.dropped:
-            self._disk.discard_tmp(tmp)
-        if not c.live or conv.dropped:
-            self._delete_file(conv, c.supersedes)
-            return
-        if err is not None:
-            self._disk_failed(err)
-            self._after_lost_write(conv, c)
-            return
-        name = file_name(c.index, c.ntokens, c.key)
-        self._disk.publish(tmp, conv.dirname, name)
-        c.file = name
-        self._stats.add(disk_bytes_written=self._disk.file_bytes)
-        self._delete_file(conv, c.supersedes)
-        c.supersedes = None
-
-def _all_done(futures: list[Future]) -> Future:
-    if not futures:
-        return _done()
-    out: Future = Future()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def one(_f):
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            out.set_result(None)
-
-    for f in futures:
-        f.add_done_callback(one)
-    return out

@@ -1,4 +1,3 @@
-import os
 import threading
 from pathlib import Path
 
@@ -6,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachedattn import AttentionStore, KVSpec, StoreConfig
+from cachedattn import AttentionStore, StoreConfig
 
 from .conftest import CHUNK, SPEC, assert_kv_equal, make_kv, read_all
 

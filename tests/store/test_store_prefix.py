@@ -94,7 +94,7 @@ def test_keys_are_deterministic_across_processes(make_store, tokens, tmp_path):
 
     code = (
         "import numpy as np;from cachedattn.store import keys;"
-        f"print(keys.chunk_key(keys.root_key('fp','c/1'), np.arange(40)).hex(), keys.conversation_dirname('c/1'))"
+        "print(keys.chunk_key(keys.root_key('fp','c/1'), np.arange(40)).hex(), keys.conversation_dirname('c/1'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [keys.chunk_key(keys.root_key("fp", "c/1"), np.arange(40)).hex(), keys.conversation_dirname("c/1")]

@@ -4,7 +4,7 @@ import torch
 
 from cachedattn import KVSpec
 
-from .conftest import CHUNK, SPEC, assert_kv_equal, make_kv, read_all
+from .conftest import SPEC, assert_kv_equal, make_kv, read_all
 
 
 def test_host_only_round_trip(make_store, tokens):
