@@ -2,6 +2,7 @@
 
 from cachedattn.store.append import KVAppend
 from cachedattn.store.config import StoreConfig
+from cachedattn.store.fingerprint import model_digest
 from cachedattn.store.eviction import EvictionPolicy, FIFOPolicy, LRUPolicy, register_policy
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.load import ChunkCorruptError, KVLoad
@@ -20,4 +21,5 @@ __all__ = [
     "register_policy",
     "HostMemoryFull",
     "ChunkCorruptError",
+    "model_digest",
 ]

@@ -148,15 +148,17 @@ class DiskTier:
         hb = self.header_bytes
         return self.engine.write([(f, hb + off, b.ptr + off, length) for f, b in zip(files, blocks)])
 
-    def finish_tmp(self, f, header: ChunkHeader) -> None:
-        """Writes the header of a layer-by-layer file, makes it durable if asked, closes it."""
-        head = np.frombuffer(header.encode(), dtype=np.uint8)
+    def finish_tmps(self, files: list, headers: list[ChunkHeader]) -> None:
+        """Writes the headers of layer-by-layer files (one batch), makes them durable if asked, closes them."""
+        heads = [np.frombuffer(h.encode(), dtype=np.uint8) for h in headers]
         try:
-            self.engine.write([(f, 0, head.ctypes.data, head.size)]).wait()
+            self.engine.write([(f, 0, h.ctypes.data, h.size) for f, h in zip(files, heads)]).wait()
             if self.sync:
-                f.sync()
+                for f in files:
+                    f.sync()
         finally:
-            f.close()
+            for f in files:
+                f.close()
 
     def publish(self, tmp: str, dirname: str, name: str) -> None:
         os.replace(tmp, self.root / dirname / name)

@@ -154,14 +154,16 @@ class WriteMixin:
                 b.wait()
             except OSError as e:
                 err = err or e
-        for c, (tmp, f) in zip(chunks, staged):
-            if err is None:
-                header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
-                try:
-                    self._disk.finish_tmp(f, header)
-                except OSError as e:
-                    err = e
-            else:
+        files = [f for _, f in staged]
+        if err is None:
+            C = self._geometry.chunk_tokens
+            headers = [ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, C) for c in chunks]
+            try:
+                self._disk.finish_tmps(files, headers)
+            except OSError as e:
+                err = e
+        else:
+            for f in files:
                 f.close()
         for r in refs:
             r.release()

@@ -103,7 +103,7 @@ def test_full_disk_degrades_to_host_only(make_store, tokens, monkeypatch, caplog
         raise OSError(errno.ENOSPC, "No space left on device", str(self.root))
 
     monkeypatch.setattr(DiskTier, "write_tmp", no_space)
-    monkeypatch.setattr(DiskTier, "finish_tmp", no_space)
+    monkeypatch.setattr(DiskTier, "finish_tmps", no_space)
     kv = make_kv(SPEC, 40, 1)
     with caplog.at_level(logging.WARNING, logger="cachedattn"):
         s.append("a", tokens[:40], kv).result()
