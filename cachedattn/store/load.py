@@ -22,8 +22,9 @@ class ChunkCorruptError(OSError):
 
 
 class KVLoad:
-    def __init__(self, store, conv, n_tokens: int, chunks, blocks, from_disk: list[int], readahead: int | None):
+    def __init__(self, store, conv, n_tokens: int, chunks, blocks, from_disk, readahead=None, prefetch=False):
         self._store = store
+        self._prefetch = prefetch
         self._conv = conv
         self.n_tokens = n_tokens
         self._chunks = chunks

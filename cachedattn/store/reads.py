@@ -35,12 +35,10 @@ class ReadMixin:
             if not _prefetch:
                 self._stats.add(tokens_reused=n_tokens)
         try:
-            ld = KVLoad(self, conv, n_tokens, chunks, blocks, from_disk, readahead)
+            return KVLoad(self, conv, n_tokens, chunks, blocks, from_disk, readahead, _prefetch)
         except BaseException:
             self._finish_blocks(conv, chunks, blocks, from_disk, adopt=False)
             raise
-        ld._prefetch = _prefetch
-        return ld
 
     def prefetch(self, conv_id: str) -> Future:
         """Brings a conversation from disk into host memory in the background; the future gives the chunks read."""

@@ -58,6 +58,7 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
         self._lock = threading.RLock()
         self._convs: dict[str, Conversation] = {}
         self._pending: set[Future] = set()
+        self._writing = 0  # chunks whose disk write is in flight
         self._disk_error: str | None = None
         self._closed = False
         self.spec: KVSpec | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 from cachedattn.store.chunk_file import ChunkHeader, file_name, layer_checksum
 from cachedattn.store.conversation import Chunk, Conversation
@@ -24,18 +25,20 @@ class TieringMixin:
     def _alloc_blocks(self, n: int, exclude: Conversation | None):
         """n host blocks, demoting other conversations (policy order) to make room."""
         blocks = []
+        deadline = time.monotonic() + 60.0
         try:
             while len(blocks) < n:
                 b = self._host.try_alloc()
                 if b is not None:
                     blocks.append(b)
                 elif not self._evict_one_host(exclude):
-                    if not self._pending:
+                    # Blocks under in-flight disk writes come back when the writes end;
+                    # anything else is held by open loads or appends.
+                    if not self._writing or time.monotonic() > deadline:
                         raise HostMemoryFull(
                             f"host memory is full: all {self._host.capacity_blocks} chunk blocks "
                             f"(host_bytes={self.config.host_bytes}) are held by open loads or appends"
                         )
-                    # Blocks under in-flight writes come back when the writes end.
                     self._host.wait_for_free(timeout=0.5)
         except BaseException:
             for b in blocks:
@@ -104,6 +107,7 @@ class TieringMixin:
             self._disk_failed(e)
             return None
         c.writing = True
+        self._writing += 1
         header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
         return self._track(self._executor.submit(self._write_job, conv, c, header, c.host.acquire()))
 

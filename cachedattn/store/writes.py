@@ -113,6 +113,7 @@ class WriteMixin:
             if txn.staged is not None:
                 for c in new:
                     c.writing = True
+                self._writing += len(new)
                 refs = [c.host.acquire() for c in new]
                 job = self._executor.submit(self._finish_staged, conv, new, refs, txn.staged, txn.batches)
                 writes = [self._track(job)]
@@ -174,6 +175,7 @@ class WriteMixin:
     def _written(self, conv: Conversation, c: Chunk, tmp: str | None, err: OSError | None) -> None:
         """Bookkeeping once a chunk file is written (or failed); lock held."""
         c.writing = False
+        self._writing -= 1
         if tmp is None:
             self._disk.unreserve()
         elif err is not None or not c.live or conv.dropped:

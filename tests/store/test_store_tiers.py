@@ -151,3 +151,16 @@ def test_real_full_filesystem(tmp_path, tokens, caplog):
         s.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_prefetch_into_a_pinned_full_host_fails_fast(make_store, tokens):
+    s = make_store(host_chunks=2)
+    kv = make_kv(SPEC, 32, 1)
+    s.append("b", tokens[:32], kv).result()
+    s.demote("b")
+    s.append("a", tokens[:32], kv).result()
+    with s.load("a", 32):
+        fut = s.prefetch("b")
+        with pytest.raises(HostMemoryFull):
+            fut.result(timeout=30)
+    assert s.prefetch("b").result(timeout=30) == 2  # once "a" is free, it makes room
