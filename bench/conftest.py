@@ -17,15 +17,6 @@ from cachedattn import native  # noqa: E402
 _RESULTS: list[dict] = []
 
 
-def pytest_collection_modifyitems(config, items):
-    if native.cuda_available():
-        return
-    skip = pytest.mark.skip(reason=f"no usable GPU: {native.cuda_unavailable_reason()}")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def bench_dir(tmp_path_factory) -> Path:
     """Scratch space on a real disk (not tmpfs): CACHEDATTN_BENCH_DIR or /var/tmp."""

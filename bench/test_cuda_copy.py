@@ -64,29 +64,20 @@ def test_h2d_plain_memcpy_async(benchmark, report, setup, seg):
 
 
 @pytest.mark.parametrize("seg", [8 << 20, SEG], ids=["8M", "256K"])
-def test_h2d_engine_copy_batch(benchmark, report, setup, seg):
+@pytest.mark.parametrize("method", ["copy_batch", "segment_copy"])
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_engine(benchmark, report, setup, direction, method, seg):
+    """The copy engine: cudaMemcpyAsync per piece (copy_batch) or one kernel launch (segment_copy)."""
     _, blocks, _, dev, engine = setup
-    segs = _segments(blocks, dev, seg)
+    segs = _segments(blocks, dev, seg, reverse=direction == "d2h")
+    run_copy = getattr(engine, method)
 
     def run():
-        engine.copy_batch("h2d", segs, 0)
-        engine.synchronize("h2d")
+        run_copy(direction, segs, 0)
+        engine.synchronize(direction)
 
     benchmark(run)
-    _record(report, benchmark, f"H2D engine copy_batch {seg >> 10}K pieces")
-
-
-@pytest.mark.parametrize("seg", [8 << 20, SEG], ids=["8M", "256K"])
-def test_h2d_engine_segment_kernel(benchmark, report, setup, seg):
-    _, blocks, _, dev, engine = setup
-    segs = _segments(blocks, dev, seg)
-
-    def run():
-        engine.segment_copy("h2d", segs, 0)
-        engine.synchronize("h2d")
-
-    benchmark(run)
-    _record(report, benchmark, f"H2D engine segment kernel {seg >> 10}K pieces")
+    _record(report, benchmark, f"{direction.upper()} engine {method} {seg >> 10}K pieces")
 
 
 def test_h2d_pageable(benchmark, report, setup):
@@ -99,32 +90,6 @@ def test_h2d_pageable(benchmark, report, setup):
 
     benchmark(run)
     _record(report, benchmark, "H2D pageable (torch)")
-
-
-@pytest.mark.parametrize("seg", [8 << 20, SEG], ids=["8M", "256K"])
-def test_d2h_engine_copy_batch(benchmark, report, setup, seg):
-    _, blocks, _, dev, engine = setup
-    segs = _segments(blocks, dev, seg, reverse=True)
-
-    def run():
-        engine.copy_batch("d2h", segs, 0)
-        engine.synchronize("d2h")
-
-    benchmark(run)
-    _record(report, benchmark, f"D2H engine copy_batch {seg >> 10}K pieces")
-
-
-@pytest.mark.parametrize("seg", [8 << 20, SEG], ids=["8M", "256K"])
-def test_d2h_engine_segment_kernel(benchmark, report, setup, seg):
-    _, blocks, _, dev, engine = setup
-    segs = _segments(blocks, dev, seg, reverse=True)
-
-    def run():
-        engine.segment_copy("d2h", segs, 0)
-        engine.synchronize("d2h")
-
-    benchmark(run)
-    _record(report, benchmark, f"D2H engine segment kernel {seg >> 10}K pieces")
 
 
 def test_d2h_plain_memcpy_async(benchmark, report, setup):
