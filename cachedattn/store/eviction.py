@@ -17,13 +17,13 @@ class EvictionPolicy(ABC):
     name = "base"
 
     def on_insert(self, conv_id: str) -> None:
-        pass
+        """A conversation was stored for the first time (or found at open)."""
 
     def on_access(self, conv_id: str) -> None:
-        pass
+        """A conversation was looked up, loaded or appended to."""
 
     def on_remove(self, conv_id: str) -> None:
-        pass
+        """A conversation left the store."""
 
     @abstractmethod
     def order(self, candidates: Iterable[str], tier: str) -> list[str]:
