@@ -27,6 +27,7 @@ class KVAppend:
         self.blocks = blocks  # one per chunk from first_index on
         self.first_index = start // store._geometry.chunk_tokens
         self.staged = staged  # [(tmp path, File)] per chunk when writing layer by layer
+        self.parent = b""  # key of the chunk before first_index when the append began
         self.batches = []  # their per-layer write batches
         self.sums = [[0] * store._geometry.spec.num_layers for _ in blocks]
         self._done: set[int] = set()

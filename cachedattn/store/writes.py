@@ -70,7 +70,9 @@ class WriteMixin:
                 conv.pins -= 1
                 self._forget_if_empty(conv)
                 raise
-            return KVAppend(self, conv, toks, start, blocks, staged)
+            txn = KVAppend(self, conv, toks, start, blocks, staged)
+            txn.parent = conv.chunks[first - 1].key if first else conv.root
+            return txn
 
     def append(self, conv_id: str, token_ids, kv, start: int = 0) -> Future:
         """begin_append + put every layer + commit, in one call."""
@@ -88,13 +90,19 @@ class WriteMixin:
             conv = txn.conv
             conv.appending = False
             conv.pins -= 1
-            if conv.dropped or self._closed:
+            first = txn.first_index
+            parent = conv.chunks[first - 1].key if 0 < first <= len(conv.chunks) else conv.root
+            cut = len(conv.chunks) < first or parent != txn.parent
+            if conv.dropped or self._closed or cut:
                 self._drop_staged(txn)
                 for *_, b in pieces:
                     b.release()
+                if cut and not conv.dropped:
+                    # A damaged chunk before `start` was removed meanwhile: this KV no longer has its history.
+                    f: Future = Future()
+                    f.set_exception(ValueError(f"the stored history of {conv.id!r} was cut during this append; nothing was stored"))
+                    return f
                 return done_future()
-            first = txn.first_index
-            parent = conv.chunks[first - 1].key if first else conv.root
             new = []
             for i, t, sums, block in pieces:
                 key = keys.chunk_key(parent, t)

@@ -153,3 +153,17 @@ def test_chunk_file_deleted_behind_the_stores_back(make_store, tokens):
     assert ei.value.errno == errno.ENOENT
     assert s.lookup("a", tokens) == 16
     assert_kv_equal(read_all(s, "a", 16), kv, upto=16)
+
+
+def test_history_cut_during_an_append_stores_nothing(make_store, tokens):
+    s = make_store()
+    kv = make_kv(SPEC, 64, 1)
+    s.append("a", tokens[:64], kv).result()
+    txn = s.begin_append("a", tokens[:80], 64)
+    txn.put(make_kv(SPEC, 16, 2))
+    with s._lock:  # what a load finding chunk 1 damaged does
+        s._on_bad_chunk(s._convs["a"], s._convs["a"].chunks[1], "test")
+    with pytest.raises(ValueError, match="was cut"):
+        txn.commit().result()
+    assert s.lookup("a", tokens) == 16
+    assert_kv_equal(read_all(s, "a", 16), kv, upto=16)
