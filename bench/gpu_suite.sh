@@ -4,6 +4,12 @@
 # and print a short table last. Everything lands under $OUT (default ./out).
 #
 #   OUT=/tmp/out bash bench/gpu_suite.sh
+#
+# The GPU image has no network and lacks xxhash (a runtime dependency). On the
+# CPU machine first run
+#   pip download xxhash --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu-wheels
+# and name .gpu-wheels in the device call's `carry`; this script installs from it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -15,6 +21,12 @@ step "card"
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current \
   --format=csv | tee "$OUT/card.csv"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/card.csv"
+
+step "offline wheels"
+if [ -d .gpu-wheels ]; then
+  python3 -m pip install -q --no-index --find-links .gpu-wheels xxhash 2>&1 | tail -2
+fi
+python3 -c "import xxhash" || { echo "xxhash missing: see the header of this script"; exit 1; }
 
 step "build (CUDA required)"
 export CACHEDATTN_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
