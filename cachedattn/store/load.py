@@ -148,7 +148,7 @@ class KVLoad:
             try:
                 b.wait()
             except OSError:
-                pass
+                pass  # already reported by read_layer, or irrelevant: this load is ending either way
         for f in self._files:
             f.close()
         self._store._finish_load(self, whole)
@@ -165,4 +165,4 @@ class KVLoad:
             try:
                 self.close()
             except Exception:
-                pass
+                pass  # nothing can be raised from a finalizer

@@ -145,7 +145,7 @@ class TieringMixin:
             try:
                 b.wait()
             except OSError:
-                pass
+                pass  # the files are being thrown away; only their end matters
         for tmp, f in txn.staged:
             f.close()
             self._disk.discard_tmp(tmp)
