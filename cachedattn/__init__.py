@@ -6,7 +6,22 @@ from cachedattn.store import AttentionStore, ChunkCorruptError, KVSpec, StoreCon
 
 __version__ = "0.1.0"
 
+_HF = {"patch", "unpatch", "session", "UnsupportedModel"}
+
+
+def __getattr__(name):
+    # transformers is imported only when the integration is used.
+    if name in _HF:
+        from cachedattn import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'cachedattn' has no attribute {name!r}")
+
 __all__ = [
+    "patch",
+    "unpatch",
+    "session",
+    "UnsupportedModel",
     "AttentionStore",
     "StoreConfig",
     "KVSpec",

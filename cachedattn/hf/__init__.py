@@ -1,0 +1,6 @@
+"""The HuggingFace transformers integration (the only place transformers is imported)."""
+
+from cachedattn.hf.patch import patch, session, unpatch
+from cachedattn.hf.probe import UnsupportedModel
+
+__all__ = ["patch", "unpatch", "session", "UnsupportedModel"]

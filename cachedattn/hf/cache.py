@@ -1,0 +1,69 @@
+"""StoreBackedCache: a DynamicCache whose history comes from the store, one
+layer at a time, exactly when that layer's attention asks for it.
+
+Before the forward pass it already reports the restored length (positions and
+masks come from get_seq_length / get_mask_sizes), while the store's load reads
+layers ahead. update(layer i) is the one call every attention makes: it waits
+for layer i's history only, installs it, and records the new tokens' KV so the
+session can save it after the turn. Sliding-window layers get the last
+window-1 tokens and their cumulative length, as DynamicSlidingWindowLayer
+keeps them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class StoreBackedCache(DynamicCache):
+    def __init__(self, config, load, n_history: int, sliding: list[int | None]):
+        super().__init__(config=config)
+        self._load = load
+        self._n = n_history
+        self._sliding = sliding
+        self._pending = set(range(len(sliding))) if n_history else set()
+        self.new_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for i, window in enumerate(sliding):
+            if window is not None and n_history and i < len(self.layers):
+                self.layers[i].cumulative_length = n_history
+
+    def _restore(self, layer_idx: int, like: torch.Tensor) -> None:
+        k, v = self._load.read_layer(layer_idx)
+        k = k.unsqueeze(0).to(like.device, non_blocking=True)
+        v = v.unsqueeze(0).to(like.device, non_blocking=True)
+        layer = self.layers[layer_idx]
+        layer.lazy_initialization(k, v)
+        window = self._sliding[layer_idx]
+        if window is not None:
+            k, v = k[:, :, -(window - 1) :], v[:, :, -(window - 1) :]
+            layer.cumulative_length = self._n
+        layer.keys, layer.values = k, v
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self._pending:
+            self._pending.discard(layer_idx)
+            self._restore(layer_idx, key_states)
+        self.new_kv.setdefault(layer_idx, []).append((key_states, value_states))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx in self._pending:
+            return self._n
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        if layer_idx in self._pending and self._sliding[layer_idx] is None:
+            return self._n + query_length, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def new_tokens(self) -> int:
+        """Tokens whose KV this cache computed (prefill and decode), same for every layer."""
+        parts = self.new_kv.get(0, [])
+        return sum(k.shape[-2] for k, _ in parts)
+
+    def layer_new_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.new_kv[layer_idx]
+        k = torch.cat([p[0] for p in parts], dim=-2)[0]
+        v = torch.cat([p[1] for p in parts], dim=-2)[0]
+        return k, v

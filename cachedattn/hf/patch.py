@@ -1,0 +1,81 @@
+"""patch(model, store) / unpatch(model): route a HuggingFace causal LM's
+forward and generate through sessions, leaving it untouched outside them."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from cachedattn.hf.probe import ModelKV, probe
+from cachedattn.hf.session import Session, current_session
+
+
+@dataclass
+class PatchState:
+    store: object
+    kv: ModelKV
+    readahead: int | None
+
+
+def patch(model, store, readahead: int | None = None):
+    """Binds `store` to `model` (in place; returns the model).
+
+    Probes the model's KV layout (refusing models a per-token store cannot
+    serve, with the reason) and attaches the store to it. ``readahead``: how
+    many layers ahead of the one computing the store reads (None: all).
+    """
+    state = getattr(model, "_cachedattn", None)
+    if state is not None:
+        if state.store is store:
+            return model
+        raise ValueError("this model is already patched with another store: unpatch(model) first")
+    kv = probe(model)
+    store.attach(kv.spec)
+    model._cachedattn = PatchState(store, kv, readahead)
+    forward, generate = model.forward, model.generate
+
+    @functools.wraps(forward)
+    def patched_forward(*args, **kwargs):
+        s = current_session()
+        if s is None or s.model is not model:
+            return forward(*args, **kwargs)
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            out = forward(*args, **kwargs)  # a step of generate(), or the caller's own cache
+            s._first_forward_done()
+            return out
+        input_ids = kwargs.pop("input_ids", None)
+        if args:
+            if input_ids is not None:
+                raise TypeError("input_ids given twice")
+            input_ids, args = args[0], args[1:]
+        if args:
+            raise TypeError("inside a session, pass everything but input_ids by keyword")
+        return s.run_forward(forward, input_ids, kwargs)
+
+    @functools.wraps(generate)
+    def patched_generate(input_ids=None, **kwargs):
+        s = current_session()
+        if s is None or s.model is not model:
+            return generate(input_ids, **kwargs)
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("inside a session the store provides the cache: do not pass one")
+        return s.run_generate(generate, input_ids, kwargs)
+
+    model.forward = patched_forward
+    model.generate = patched_generate
+    return model
+
+
+def unpatch(model):
+    """Restores the model's own forward and generate."""
+    if getattr(model, "_cachedattn", None) is None:
+        return model
+    del model.forward
+    del model.generate
+    del model._cachedattn
+    return model
+
+
+def session(model, conv_id: str, readahead: int | None = None) -> Session:
+    """A context manager for one conversation's turns through a patched model."""
+    return Session(model, conv_id, readahead)

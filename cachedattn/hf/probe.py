@@ -1,0 +1,92 @@
+"""What a model's KV cache looks like, found by running it, not from a list.
+
+patch() runs the model once on a few random tokens with a fresh DynamicCache
+built from its config and reads what every layer stored: shape and dtype of
+keys and values, which layers are sliding windows, and whether any layer
+holds something a per-token KV store cannot serve (recurrent or linear
+attention state, keys and values of different shapes as in multi-latent
+attention, layers sharing another layer's KV). Such models are refused with
+the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from cachedattn.store import KVSpec, model_digest
+
+PROBE_TOKENS = 5
+
+
+class UnsupportedModel(ValueError):
+    """A model whose cached state a per-token KV store cannot reproduce."""
+
+
+@dataclass
+class ModelKV:
+    spec: KVSpec
+    sliding: list[int | None]  # window per layer, None for full attention
+    devices: list[torch.device]
+    cache_kwarg: str  # "cache" (transformers >= 5.24) or "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def probe(model) -> ModelKV:
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModel(f"{cfg.model_type}: encoder-decoder models are not served (decoder-only causal LMs only)")
+    for attr in ("kv_lora_rank", "q_lora_rank"):
+        if getattr(cfg, attr, None):
+            raise UnsupportedModel(f"{cfg.model_type}: multi-latent attention ({attr}) caches a compressed latent")
+    kwarg = cache_kwarg(model)
+    cache = DynamicCache(config=cfg)
+    vocab = getattr(cfg.get_text_config(decoder=True), "vocab_size", None) or 100
+    # A private generator: probing must not move the caller's random state.
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(vocab, 1000), (1, PROBE_TOKENS), generator=gen).to(model.device)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{kwarg: cache})
+    except Exception as e:  # any failure here means we cannot serve it
+        raise UnsupportedModel(f"{cfg.model_type}: running it with a DynamicCache failed: {type(e).__name__}: {e}") from e
+    layers = getattr(cache, "layers", [])
+    if not layers:
+        raise UnsupportedModel(f"{cfg.model_type}: the model stored nothing in the KV cache")
+    shapes, sliding, devices, dtype = [], [], [], None
+    for i, layer in enumerate(layers):
+        name = type(layer).__name__
+        if "Linear" in name or hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states"):
+            raise UnsupportedModel(f"{cfg.model_type}: layer {i} keeps recurrent/linear-attention state ({name})")
+        if "Dummy" in name or getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            raise UnsupportedModel(f"{cfg.model_type}: layer {i} stores no KV of its own (KV shared between layers)")
+        if "Static" in name or "Quantized" in name or "Indexed" in name:
+            raise UnsupportedModel(f"{cfg.model_type}: layer {i} uses an unsupported cache layer ({name})")
+        k, v = layer.keys, layer.values
+        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        kept = PROBE_TOKENS if window is None else min(PROBE_TOKENS, window - 1)
+        if k.dim() != 4 or k.shape[0] != 1 or k.shape[-2] != kept or k.shape != v.shape:
+            raise UnsupportedModel(
+                f"{cfg.model_type}: layer {i} caches keys {tuple(k.shape)} and values {tuple(v.shape)}; a per-token "
+                "store needs [1, heads, tokens, head_dim] for both (multi-latent or compressed attention?)"
+            )
+        if dtype is not None and k.dtype != dtype:
+            raise UnsupportedModel(f"{cfg.model_type}: layers cache different dtypes")
+        dtype = k.dtype
+        shapes.append((k.shape[1], k.shape[3]))
+        sliding.append(window)
+        devices.append(k.device)
+    n_layers = getattr(cfg.get_text_config(decoder=True), "num_hidden_layers", len(layers))
+    if len(layers) != n_layers:
+        raise UnsupportedModel(f"{cfg.model_type}: {len(layers)} cache layers for {n_layers} decoder layers")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UnsupportedModel(f"{cfg.model_type}: KV dtype {dtype} is not supported")
+    digest = model_digest(cfg.to_dict(), model)
+    return ModelKV(KVSpec(tuple(shapes), dtype, digest), sliding, devices, kwarg)

@@ -1,0 +1,137 @@
+"""One conversation's turns through a patched model.
+
+Inside `with cachedattn.session(model, conv_id) as s:` a generate() or a plain
+forward given the full conversation (history + new message) reuses the longest
+stored prefix of it, computes only the rest, and stores the new KV (prompt and
+generated tokens) for the next turn. s.reused_tokens, s.computed_tokens,
+s.generated_tokens and s.ttft describe the last turn.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+
+import torch
+
+from cachedattn.hf.cache import StoreBackedCache
+from cachedattn.store import keys
+
+log = logging.getLogger("cachedattn")
+_current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("cachedattn_session", default=None)
+
+
+def current_session():
+    return _current.get()
+
+
+class Session:
+    def __init__(self, model, conv_id: str, readahead: int | None = None):
+        state = getattr(model, "_cachedattn", None)
+        if state is None:
+            raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
+        self.model = model
+        self.conv_id = keys.validate_conversation_id(conv_id)
+        self.readahead = state.readahead if readahead is None else readahead
+        self._state = state
+        self.reused_tokens = 0
+        self.computed_tokens = 0
+        self.generated_tokens = 0
+        self.ttft: float | None = None
+        self.turns = 0
+        self.last_save = None  # Future: the last turn's KV is on disk
+        self._t0 = None
+        self._token = None
+
+    def __enter__(self) -> Session:
+        if _current.get() is not None:
+            raise RuntimeError("sessions do not nest: one conversation at a time in this context")
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _current.reset(self._token)
+
+    # ---- one turn ---------------------------------------------------------------
+
+    def _begin(self, input_ids: torch.Tensor) -> tuple[StoreBackedCache, int]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("inside a session, pass input_ids as a [1, tokens] tensor (inputs_embeds is not supported)")
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"a session serves batch size 1; got a batch of {input_ids.shape[0]}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty")
+        st = self._state
+        self._t0 = time.perf_counter()
+        self.ttft = None
+        # At least one token must go through the model to produce logits.
+        n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1)
+        load = st.store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
+        cache = StoreBackedCache(self.model.config, load, n, st.kv.sliding)
+        self.reused_tokens = n
+        self.computed_tokens = input_ids.shape[1] - n
+        self.generated_tokens = 0
+        self.turns += 1
+        return cache, n
+
+    def _first_forward_done(self) -> None:
+        if self.ttft is None and self._t0 is not None:
+            self.ttft = time.perf_counter() - self._t0
+
+    def _end(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, ok: bool) -> None:
+        load = cache._load
+        try:
+            if ok:
+                self._save(cache, token_ids, n)
+        finally:
+            if load is not None:
+                load.close()
+
+    def _save(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> None:
+        m = n + cache.new_tokens()
+        if m <= n:
+            return
+        st = self._state
+        try:
+            txn = st.store.begin_append(self.conv_id, token_ids[:m], start=n)
+        except ValueError as e:  # another writer changed this conversation meanwhile
+            log.warning("cachedattn: not saving turn of %r: %s", self.conv_id, e)
+            return
+        with txn:
+            for layer in range(st.kv.spec.num_layers):
+                k, v = cache.layer_new_kv(layer)
+                txn.put_layer(layer, k.detach(), v.detach())
+            self.last_save = txn.commit()
+
+    def run_forward(self, forward, input_ids, kwargs):
+        cache, n = self._begin(input_ids)
+        kwargs = dict(kwargs)
+        kwargs[self._state.kv.cache_kwarg] = cache
+        kwargs["use_cache"] = True
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., n:]
+        ok = False
+        try:
+            out = forward(input_ids=input_ids[:, n:], **kwargs)
+            self._first_forward_done()
+            ok = True
+        finally:
+            self._end(cache, input_ids[0], n, ok)
+        return out
+
+    def run_generate(self, generate, input_ids, kwargs):
+        cache, n = self._begin(input_ids)
+        kwargs = dict(kwargs)
+        kwargs[self._state.kv.cache_kwarg] = cache
+        kwargs["use_cache"] = True
+        ok = False
+        try:
+            out = generate(input_ids, **kwargs)
+            ok = True
+        finally:
+            seqs = getattr(out, "sequences", out) if ok else None
+            if ok:
+                self.generated_tokens = seqs.shape[1] - input_ids.shape[1]
+            self._end(cache, seqs[0] if ok else None, n, ok)
+        return out
