@@ -12,7 +12,13 @@ from cachedattn import native
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachedattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo_args = sub.add_parser("demo", help="run the native core end to end (pool, disk I/O, checks)")
+    conv = sub.add_parser("demo", help="a multi-turn conversation with cachedattn vs recompute (small model, no download)")
+    conv.add_argument("--turns", type=int, default=6)
+    conv.add_argument("--user-tokens", type=int, default=300, help="new user tokens per turn")
+    conv.add_argument("--answer-tokens", type=int, default=32, help="generated tokens per turn")
+    conv.add_argument("--dir", default=None, help="where the disk tier lives (default: a temporary directory)")
+    conv.add_argument("--host-mb", type=int, default=256, help="host-memory tier size (MiB)")
+    demo_args = sub.add_parser("native-demo", help="run the native core end to end (pool, disk I/O, checks)")
     demo_args.add_argument("--total-mb", type=int, default=256, help="bytes to write and read back (MiB)")
     demo_args.add_argument("--block-kb", type=int, default=1024, help="block size (KiB, multiple of 4)")
     demo_args.add_argument("--dir", default=None, help="directory for the scratch file (default: the system temp dir)")
@@ -21,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
+        from cachedattn.hf import demo as conv_demo  # imports transformers and rich
+
+        conv_demo.run(args.turns, args.user_tokens, args.answer_tokens, args.dir, args.host_mb)
+    elif args.command == "native-demo":
         from cachedattn import demo  # imports rich, which `info` does not need
 
         demo.main(args)

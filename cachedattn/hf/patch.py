@@ -76,6 +76,10 @@ def unpatch(model):
     return model
 
 
-def session(model, conv_id: str, readahead: int | None = None) -> Session:
-    """A context manager for one conversation's turns through a patched model."""
-    return Session(model, conv_id, readahead)
+def session(model, conv_id: str, readahead: int | None = None, save: bool = True) -> Session:
+    """A context manager for one conversation's turns through a patched model.
+
+    ``readahead`` overrides the patch's read-ahead depth (layers); ``save=False``
+    reuses stored KV without storing the turn's new KV.
+    """
+    return Session(model, conv_id, readahead, save)

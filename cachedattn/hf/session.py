@@ -27,13 +27,14 @@ def current_session():
 
 
 class Session:
-    def __init__(self, model, conv_id: str, readahead: int | None = None):
+    def __init__(self, model, conv_id: str, readahead: int | None = None, save: bool = True):
         state = getattr(model, "_cachedattn", None)
         if state is None:
             raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
         self.model = model
         self.conv_id = keys.validate_conversation_id(conv_id)
         self.readahead = state.readahead if readahead is None else readahead
+        self.save = save  # False: reuse stored KV but store nothing new (evaluation, benchmarks)
         self._state = state
         self.reused_tokens = 0
         self.computed_tokens = 0
@@ -82,7 +83,7 @@ class Session:
     def _end(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, ok: bool) -> None:
         load = cache._load
         try:
-            if ok:
+            if ok and self.save:
                 self._save(cache, token_ids, n)
         finally:
             if load is not None:

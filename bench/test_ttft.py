@@ -1,0 +1,81 @@
+"""Time to first token of one turn with H history tokens and N new ones.
+
+Systems, measured side by side on the same model in one run:
+- recompute: the plain model on all H + N tokens;
+- ideal: the history's DynamicCache kept alive in memory, N tokens computed;
+- host: cachedattn, history in the host-memory tier;
+- disk: cachedattn, history demoted to the disk tier before each round.
+Model: the demo's small llama (6 layers, hidden 256, 8 heads, 2 KV heads, fp32).
+Grid: CACHEDATTN_BENCH_TTFT="H:N,H:N,..." (default below).
+
+    python3 -m pytest bench/test_ttft.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import cachedattn
+from cachedattn.hf.demo import small_model
+
+GRID = [tuple(map(int, p.split(":"))) for p in os.environ.get(
+    "CACHEDATTN_BENCH_TTFT", "512:64,2048:64,4096:32,4096:64,4096:512,8192:64").split(",")]
+SYSTEMS = ["recompute", "ideal", "host", "disk"]
+_TIMES: dict[tuple[int, int, str], float] = {}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = small_model()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("CACHEDATTN_BENCH_DIR", "/var/tmp")) as d:
+        store = cachedattn.AttentionStore(host_bytes=1 << 30, disk_dir=d, disk_bytes=8 << 30, chunk_tokens=256)
+        cachedattn.patch(model, store)
+        yield model, store
+        store.close()
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("h,n", GRID, ids=[f"H{h}-N{n}" for h, n in GRID])
+def test_ttft(benchmark, report, setup, h, n, system):
+    model, store = setup
+    g = torch.Generator().manual_seed(h * 7 + n)
+    ids = torch.randint(1, model.config.vocab_size, (1, h + n), generator=g)
+    conv = f"H{h}"
+    kwarg = model._cachedattn.kv.cache_kwarg
+    with torch.no_grad():
+        if conv not in store:
+            with cachedattn.session(model, conv):
+                model(ids[:, :h])  # stores the history
+            store.flush()
+        if system == "recompute":
+            benchmark.pedantic(lambda: model(ids), rounds=3, warmup_rounds=1)
+        elif system == "ideal":
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :h], use_cache=True, **{kwarg: cache})
+
+            def ideal():
+                model(ids[:, h:], use_cache=True, **{kwarg: cache})
+                cache.crop(-n)
+
+            benchmark.pedantic(ideal, rounds=3, warmup_rounds=1)
+        else:
+            def turn():
+                with cachedattn.session(model, conv, save=False) as s:
+                    model(ids)
+                assert s.reused_tokens == h
+
+            setup_round = (lambda: store.demote(conv)) if system == "disk" else (lambda: store.prefetch(conv).result())
+            benchmark.pedantic(turn, setup=setup_round, rounds=3, warmup_rounds=1)
+    secs = benchmark.stats.stats.median
+    _TIMES[(h, n, system)] = secs
+    row = {"suite": "ttft", "case": f"H={h} N={n} {system}", "ms": secs * 1e3}
+    if system in ("host", "disk") and (h, n, "ideal") in _TIMES:
+        row["vs ideal"] = secs / _TIMES[(h, n, "ideal")]
+        row["below recompute"] = 1 - secs / _TIMES[(h, n, "recompute")]
+    report.append(row)
