@@ -24,7 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     demo_args.add_argument("--dir", default=None, help="directory for the scratch file (default: the system temp dir)")
     demo_args.add_argument("--backend", choices=["auto", "io_uring", "threads"], default=None)
     sub.add_parser("info", help="print what this build and machine offer, as JSON")
-    args = parser.parse_args(argv)
+    sub.add_parser("compat", help="check every causal-LM architecture of transformers (see --help there)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "compat":
+        from cachedattn.hf import compat
+
+        return compat.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
         from cachedattn.hf import demo as conv_demo  # imports transformers and rich
