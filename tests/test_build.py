@@ -85,3 +85,13 @@ def test_only_native_imports_the_extension():
 
 def test_version():
     assert cachedattn.__version__
+
+
+def test_transformers_imported_only_under_hf():
+    pkg = ROOT / "cachedattn"
+    users = sorted(
+        p.relative_to(pkg).as_posix()
+        for p in pkg.rglob("*.py")
+        if re.search(r"^\s*(from|import) transformers", p.read_text(), re.M)
+    )
+    assert users and all(u.startswith("hf/") for u in users), users

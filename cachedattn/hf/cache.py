@@ -40,11 +40,28 @@ class StoreBackedCache(DynamicCache):
             layer.cumulative_length = self._n
         layer.keys, layer.values = k, v
 
+    def _restore_full(self, layer_idx: int, key_states, value_states):
+        """Full-attention layer on the CPU: the history is read straight into the
+        front of the tensors the layer will hold, the new tokens copied behind it
+        (one copy of the history instead of read-then-concatenate)."""
+        b, h, q, d = key_states.shape
+        k = key_states.new_empty(b, h, self._n + q, d)
+        v = value_states.new_empty(b, h, self._n + q, d)
+        self._load.read_layer(layer_idx, k[0, :, : self._n], v[0, :, : self._n])
+        k[:, :, self._n :] = key_states
+        v[:, :, self._n :] = value_states
+        layer = self.layers[layer_idx]
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        return k, v
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.new_kv.setdefault(layer_idx, []).append((key_states, value_states))
         if layer_idx in self._pending:
             self._pending.discard(layer_idx)
+            if self._sliding[layer_idx] is None and key_states.device.type == "cpu" and key_states.shape[0] == 1:
+                return self._restore_full(layer_idx, key_states, value_states)
             self._restore(layer_idx, key_states)
-        self.new_kv.setdefault(layer_idx, []).append((key_states, value_states))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -36,6 +36,7 @@ SHRINK = {
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "decoder_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_intermediate_size": 32,
+    "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1,
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 16,
     "vocab_size": 512,
 }

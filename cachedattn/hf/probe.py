@@ -39,6 +39,24 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _check_incremental(model, ids, kwarg: str, dtype) -> None:
+    """Refuses models whose cached decoding does not reproduce a full forward:
+    serving them from a KV store would silently change their output."""
+    split = PROBE_TOKENS - 2
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits[0, split:].float()
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :split], use_cache=True, **{kwarg: cache})
+        inc = model(input_ids=ids[:, split:], use_cache=True, **{kwarg: cache}).logits[0].float()
+    tol = (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, full.abs().max().item())
+    diff = (full - inc).abs().max().item()
+    if not diff <= tol:
+        raise UnsupportedModel(
+            f"{model.config.model_type}: decoding with a KV cache does not reproduce a full forward "
+            f"(logits differ by {diff:.2e}), so stored KV could not be served exactly"
+        )
+
+
 def probe(model) -> ModelKV:
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
@@ -88,5 +106,6 @@ def probe(model) -> ModelKV:
         raise UnsupportedModel(f"{cfg.model_type}: {len(layers)} cache layers for {n_layers} decoder layers")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModel(f"{cfg.model_type}: KV dtype {dtype} is not supported")
+    _check_incremental(model, ids, kwarg, dtype)
     digest = model_digest(cfg.to_dict(), model)
     return ModelKV(KVSpec(tuple(shapes), dtype, digest), sliding, devices, kwarg)
