@@ -24,6 +24,7 @@ class Chunk:
     file: str | None = None  # chunk file name once published on disk
     writing: bool = False  # a write to disk is in flight
     supersedes: str | None = None  # older file of the same index, deleted once this one is on disk
+    evict_after_write: bool = False  # demoted while its write was in flight: leave host memory once on disk
     live: bool = True  # False once replaced, dropped or evicted from both tiers
 
     @property
@@ -54,6 +55,10 @@ class Conversation:
 
     def host_chunks(self) -> list[Chunk]:
         return [c for c in self.chunks if c.host is not None]
+
+    def evictable_host_chunks(self) -> list[Chunk]:
+        """Host copies that may go now: a chunk still being written keeps its copy until it is on disk."""
+        return [c for c in self.chunks if c.host is not None and not c.writing]
 
     def disk_chunks(self) -> list[Chunk]:
         return [c for c in self.chunks if c.file is not None]

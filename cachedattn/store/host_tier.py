@@ -74,12 +74,5 @@ class HostTier:
             b = self.pool.alloc()
         return None if b is None else HostBlock(self, b)
 
-    def wait_for_free(self, timeout: float) -> bool:
-        """Waits until some block is returned to the pool (or timeout)."""
-        with self.cond:
-            if self.pool.num_free:
-                return True
-            return self.cond.wait(timeout)
-
     def close(self) -> None:
         self.pool.close()

@@ -23,13 +23,17 @@ class ReadMixin:
             chunks = conv.chunks[: -(-n_tokens // C)]
             from_disk = [i for i, c in enumerate(chunks) if c.host is None]
             conv.pins += 1
+            # Host copies are held before allocating: allocation may wait, releasing the lock.
+            held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.host is not None}
             try:
                 fresh = self._alloc_blocks(len(from_disk), exclude=conv)
             except BaseException:
+                for b in held.values():
+                    b.release()
                 conv.pins -= 1
                 raise
             fresh_iter = iter(fresh)
-            blocks = [c.host.acquire() if c.host is not None else next(fresh_iter) for c in chunks]
+            blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
             self.policy.on_access(conv_id)
             self._stats.add(host_hits=len(chunks) - len(from_disk), host_misses=len(from_disk))
             if not _prefetch:

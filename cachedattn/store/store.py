@@ -56,6 +56,7 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
         self.policy = make_policy(eviction if eviction is not None else self.config.eviction)
         self._stats = StoreStats()
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # signalled whenever host blocks come free
         self._convs: dict[str, Conversation] = {}
         self._pending: set[Future] = set()
         self._writing = 0  # chunks whose disk write is in flight

@@ -39,7 +39,8 @@ class TieringMixin:
                             f"host memory is full: all {self._host.capacity_blocks} chunk blocks "
                             f"(host_bytes={self.config.host_bytes}) are held by open loads or appends"
                         )
-                    self._host.wait_for_free(timeout=0.5)
+                    # Waiting releases the store lock, so those writes can finish their bookkeeping.
+                    self._cond.wait(timeout=0.05)
         except BaseException:
             for b in blocks:
                 b.release()
@@ -50,7 +51,7 @@ class TieringMixin:
         cands = [
             cid
             for cid, c in self._convs.items()
-            if c is not exclude and c.pins == 0 and not c.appending and c.host_chunks()
+            if c is not exclude and c.pins == 0 and not c.appending and c.evictable_host_chunks()
         ]
         if not cands:
             return False
@@ -58,14 +59,23 @@ class TieringMixin:
         return True
 
     def _demote(self, conv: Conversation) -> None:
-        """Host copies go; chunks not yet on disk are written first where the disk allows."""
+        """Host copies go; chunks not yet on disk are written first where the disk allows.
+        A chunk whose write is in flight leaves host memory when the write completes."""
         for c in conv.host_chunks():
-            if c.file is None and not c.writing:
+            if c.writing:
+                c.evict_after_write = True
+                continue
+            if c.file is None:
                 self._write_now(conv, c)
-            c.host.release()
-            c.host = None
-            self._stats.add(host_evictions=1)
+            self._drop_host_copy(c)
         self._truncate_at_lost(conv)
+
+    def _drop_host_copy(self, c: Chunk) -> None:
+        c.host.release()
+        c.host = None
+        c.evict_after_write = False
+        self._stats.add(host_evictions=1)
+        self._cond.notify_all()
 
     def _copy_chunk(self, conv: Conversation, old: Chunk, block) -> None:
         """Fills a fresh block with an existing chunk (copy on write of a partial chunk)."""

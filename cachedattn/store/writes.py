@@ -58,6 +58,9 @@ class WriteMixin:
             blocks = []
             try:
                 blocks = self._alloc_blocks(-(-len(toks) // C) - first, exclude=conv)
+                if start % C and blocks and len(conv.chunks) <= first:
+                    # A damaged chunk was removed while waiting for memory.
+                    raise ValueError(f"the stored history of {conv_id!r} was cut; nothing to append to at {start}")
                 if start % C and blocks:
                     self._copy_chunk(conv, conv.chunks[first], blocks[0])
                 staged = None
@@ -192,6 +195,7 @@ class WriteMixin:
             self._delete_file(conv, c.supersedes)
             return
         if err is not None:
+            c.evict_after_write = False  # the host copy is now the only one: it stays
             self._disk_failed(err)
             self._after_lost_write(conv, c)
             return
@@ -201,6 +205,9 @@ class WriteMixin:
         self._stats.add(disk_bytes_written=self._disk.file_bytes)
         self._delete_file(conv, c.supersedes)
         c.supersedes = None
+        if c.evict_after_write and c.host is not None:
+            self._drop_host_copy(c)
+        self._cond.notify_all()
 
 
 def _all_done(futures: list[Future]) -> Future:

@@ -113,3 +113,28 @@ def test_many_back_to_back_turns_stay_exact(make_store):
             _check_same(out, _gen(model, full))
             hist[c] = out.sequences
     assert store.stats()["disk"]["hits"] > 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("readahead", [1, None])
+def test_attention_implementations_and_readahead(impl, readahead, make_store):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import CONFIGS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **CONFIGS["llama"]), attn_implementation=impl)
+    model.eval()
+    store = make_store()
+    cachedattn.patch(model, store, readahead=readahead)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, VOCAB, (1, 70), generator=g)
+    with torch.no_grad():
+        with cachedattn.session(model, "r"):
+            model(ids)
+        store.demote("r")  # the history comes back from disk, layer by layer
+        full = torch.cat([ids, torch.randint(1, VOCAB, (1, 30), generator=g)], 1)
+        with cachedattn.session(model, "r") as s:
+            out = _gen(model, full)
+        assert s.reused_tokens == 70
+        _check_same(out, _gen(model, full))

@@ -164,3 +164,16 @@ def test_prefetch_into_a_pinned_full_host_fails_fast(make_store, tokens):
         with pytest.raises(HostMemoryFull):
             fut.result(timeout=30)
     assert s.prefetch("b").result(timeout=30) == 2  # once "a" is free, it makes room
+
+
+def test_demote_while_writes_are_in_flight(make_store, tokens):
+    s = make_store()
+    for i in range(5):
+        kv = make_kv(SPEC, 200, 10 + i)
+        s.append(f"w{i}", tokens, kv)  # not waited for: its chunk writes may still be running
+        s.demote(f"w{i}")  # host copies of chunks still being written stay until they are on disk
+        assert_kv_equal(read_all(s, f"w{i}", 200), kv)
+    s.flush()
+    for i in range(5):
+        s.demote(f"w{i}")
+        assert_kv_equal(read_all(s, f"w{i}", 200), make_kv(SPEC, 200, 10 + i))
