@@ -76,8 +76,8 @@ def probe(model) -> ModelKV:
     except Exception as e:  # any failure here means we cannot serve it
         raise UnsupportedModel(f"{cfg.model_type}: running it with a DynamicCache failed: {type(e).__name__}: {e}") from e
     layers = getattr(cache, "layers", [])
-    if not layers:
-        raise UnsupportedModel(f"{cfg.model_type}: the model stored nothing in the KV cache")
+    if not layers or all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in layers):
+        raise UnsupportedModel(f"{cfg.model_type}: the model does not use a KV cache (it stored nothing in one)")
     shapes, sliding, devices, dtype = [], [], [], None
     for i, layer in enumerate(layers):
         name = type(layer).__name__
