@@ -76,13 +76,15 @@ def probe(model) -> ModelKV:
     except Exception as e:  # any failure here means we cannot serve it
         raise UnsupportedModel(f"{cfg.model_type}: running it with a DynamicCache failed: {type(e).__name__}: {e}") from e
     layers = getattr(cache, "layers", [])
+    for i, layer in enumerate(layers):
+        name = type(layer).__name__
+        if "Linear" in name or hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states"):
+            raise UnsupportedModel(f"{cfg.model_type}: layer {i} keeps recurrent/linear-attention state ({name})")
     if not layers or all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in layers):
         raise UnsupportedModel(f"{cfg.model_type}: the model does not use a KV cache (it stored nothing in one)")
     shapes, sliding, devices, dtype = [], [], [], None
     for i, layer in enumerate(layers):
         name = type(layer).__name__
-        if "Linear" in name or hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states"):
-            raise UnsupportedModel(f"{cfg.model_type}: layer {i} keeps recurrent/linear-attention state ({name})")
         if "Dummy" in name or getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             raise UnsupportedModel(f"{cfg.model_type}: layer {i} stores no KV of its own (KV shared between layers)")
         if "Static" in name or "Quantized" in name or "Indexed" in name:
