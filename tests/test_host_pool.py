@@ -96,6 +96,7 @@ def test_hugepages_on_without_reserved_pages_is_a_clear_error():
 
 
 def test_closed_pool_refuses_work_and_views_outlive_it():
+    gc.collect()  # regions of earlier tests' objects still awaiting collection
     base = native.live_regions()
     p = native.HostPool(4 * BLOCK, BLOCK, hugepages="off")
     b = p.alloc()
@@ -116,6 +117,7 @@ def test_closed_pool_refuses_work_and_views_outlive_it():
 
 
 def test_no_leak_across_create_destroy_cycles():
+    gc.collect()
     base_regions = native.live_regions()
 
     def cycle():
