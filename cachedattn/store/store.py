@@ -196,6 +196,13 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
             self._closed = True
         self._executor.shutdown(wait=True)
         with self._lock:
+            # Let go of every host block now, so the pinned region is unmapped as soon as
+            # no open load holds a block, not whenever this object is collected.
+            for conv in self._convs.values():
+                for c in conv.chunks:
+                    if c.host is not None:
+                        c.host.release()
+                        c.host = None
             if self._host is not None:
                 self._host.close()
             if self._dirlock is not None:

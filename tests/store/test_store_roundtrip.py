@@ -110,3 +110,13 @@ def test_empty_append_and_load(make_store, tokens):
     with s.load("e", 0) as ld:
         k, v = ld.read_layer(0)
         assert k.shape == (2, 0, 8)
+
+
+def test_close_releases_the_pinned_region(make_store, tokens):
+    from cachedattn import native
+
+    s = make_store()
+    base = native.live_regions()
+    s.append("a", tokens, make_kv(SPEC, 200, 9)).result()
+    s.close()
+    assert native.live_regions() == base - 1  # at once, while `s` is still referenced
