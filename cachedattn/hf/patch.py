@@ -59,6 +59,8 @@ def patch(model, store, readahead: int | None = None):
             return generate(input_ids, **kwargs)
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise ValueError("inside a session the store provides the cache: do not pass one")
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # generate's other name for it
         return s.run_generate(generate, input_ids, kwargs)
 
     model.forward = patched_forward
