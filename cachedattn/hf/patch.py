@@ -6,32 +6,54 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from cachedattn.hf.positions import PositionScheme, probe_positions
 from cachedattn.hf.probe import ModelKV, probe
-from cachedattn.hf.session import Session, current_session
+from cachedattn.hf.session import Session, current_session, validate_options
 
 
 @dataclass
 class PatchState:
     store: object
     kv: ModelKV
+    positions: PositionScheme
     readahead: int | None
+    options: dict
 
 
-def patch(model, store, readahead: int | None = None):
+def patch(
+    model,
+    store,
+    readahead: int | None = None,
+    max_context: int | None = None,
+    truncate_ratio: float = 0.5,
+    keep_first: int = 0,
+    position_policy: str = "reapply",
+):
     """Binds `store` to `model` (in place; returns the model).
 
     Probes the model's KV layout (refusing models a per-token store cannot
-    serve, with the reason) and attaches the store to it. ``readahead``: how
-    many layers ahead of the one computing the store reads (None: all).
+    serve, with the reason) and how positions enter its keys, and attaches the
+    store to it. ``readahead``: how many layers ahead of the one computing the
+    store reads (None: all). ``max_context`` (default: the model's
+    max_position_embeddings), ``truncate_ratio``, ``keep_first`` and
+    ``position_policy`` govern context-window overflow (see
+    cachedattn.hf.truncation); each can be overridden per session.
     """
     state = getattr(model, "_cachedattn", None)
     if state is not None:
         if state.store is store:
             return model
         raise ValueError("this model is already patched with another store: unpatch(model) first")
+    cfg = model.config.get_text_config(decoder=True)
+    if max_context is None:
+        max_context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    options = validate_options(
+        dict(max_context=max_context, truncate_ratio=truncate_ratio, keep_first=keep_first, position_policy=position_policy)
+    )
     kv = probe(model)
+    positions = probe_positions(model, kv.cache_kwarg, kv.spec.num_layers)
     store.attach(kv.spec)
-    model._cachedattn = PatchState(store, kv, readahead)
+    model._cachedattn = PatchState(store, kv, positions, readahead, options)
     forward, generate = model.forward, model.generate
 
     @functools.wraps(forward)
@@ -78,10 +100,12 @@ def unpatch(model):
     return model
 
 
-def session(model, conv_id: str, readahead: int | None = None, save: bool = True) -> Session:
+def session(model, conv_id: str, readahead: int | None = None, save: bool = True, **overrides) -> Session:
     """A context manager for one conversation's turns through a patched model.
 
     ``readahead`` overrides the patch's read-ahead depth (layers); ``save=False``
-    reuses stored KV without storing the turn's new KV.
+    reuses stored KV without storing the turn's new KV; ``max_context``,
+    ``truncate_ratio``, ``keep_first`` and ``position_policy`` override the
+    patch's overflow options for this conversation.
     """
-    return Session(model, conv_id, readahead, save)
+    return Session(model, conv_id, readahead, save, **overrides)

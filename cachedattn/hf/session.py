@@ -16,6 +16,7 @@ import time
 import torch
 
 from cachedattn.hf.cache import StoreBackedCache
+from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.store import keys
 
 log = logging.getLogger("cachedattn")
@@ -26,8 +27,20 @@ def current_session():
     return _current.get()
 
 
+def validate_options(o: dict) -> dict:
+    if o["max_context"] is not None and (not isinstance(o["max_context"], int) or o["max_context"] < 2):
+        raise ValueError(f"max_context must be an integer >= 2 or None, got {o['max_context']!r}")
+    if not 0 < float(o["truncate_ratio"]) <= 1:
+        raise ValueError(f"truncate_ratio must be in (0, 1], got {o['truncate_ratio']!r}")
+    if not isinstance(o["keep_first"], int) or o["keep_first"] < 0:
+        raise ValueError(f"keep_first must be an integer >= 0, got {o['keep_first']!r}")
+    if o["position_policy"] not in POLICIES:
+        raise ValueError(f"position_policy must be one of {POLICIES}, got {o['position_policy']!r}")
+    return o
+
+
 class Session:
-    def __init__(self, model, conv_id: str, readahead: int | None = None, save: bool = True):
+    def __init__(self, model, conv_id: str, readahead: int | None = None, save: bool = True, **overrides):
         state = getattr(model, "_cachedattn", None)
         if state is None:
             raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
@@ -36,6 +49,13 @@ class Session:
         self.readahead = state.readahead if readahead is None else readahead
         self.save = save  # False: reuse stored KV but store nothing new (evaluation, benchmarks)
         self._state = state
+        unknown = set(overrides) - set(state.options)
+        if unknown:
+            raise TypeError(f"unknown session options {sorted(unknown)}; known: {sorted(state.options)}")
+        self.options = validate_options({**state.options, **{k: v for k, v in overrides.items() if v is not None}})
+        self.dropped_tokens = 0  # this turn
+        self.total_dropped = 0  # over the session
+        self.position_note = ""  # what happened to stored keys at the last overflow
         self.reused_tokens = 0
         self.computed_tokens = 0
         self.generated_tokens = 0
@@ -56,7 +76,7 @@ class Session:
 
     # ---- one turn ---------------------------------------------------------------
 
-    def _begin(self, input_ids: torch.Tensor) -> tuple[StoreBackedCache, int]:
+    def _begin(self, input_ids: torch.Tensor, extra: int = 0) -> tuple[StoreBackedCache, int, torch.Tensor]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("inside a session, pass input_ids as a [1, tokens] tensor (inputs_embeds is not supported)")
         if input_ids.shape[0] != 1:
@@ -66,6 +86,10 @@ class Session:
         st = self._state
         self._t0 = time.perf_counter()
         self.ttft = None
+        self.dropped_tokens = 0
+        if self.options["max_context"] is not None and input_ids.shape[1] + extra > self.options["max_context"]:
+            input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
+            self.total_dropped += self.dropped_tokens
         # At least one token must go through the model to produce logits.
         n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1)
         load = st.store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
@@ -74,7 +98,26 @@ class Session:
         self.computed_tokens = input_ids.shape[1] - n
         self.generated_tokens = 0
         self.turns += 1
-        return cache, n
+        return cache, n, input_ids
+
+    def _fit_to_window(self, kwargs) -> dict:
+        """After truncation, masks and positions given for the full ids no longer apply (batch 1: rebuilt)."""
+        kwargs = dict(kwargs)
+        if self.dropped_tokens:
+            for name in ("attention_mask", "position_ids"):
+                kwargs.pop(name, None)
+        return kwargs
+
+    def _new_tokens_bound(self, input_ids, kwargs) -> int:
+        """How many tokens this generate() may add (room to leave in the window)."""
+        if kwargs.get("max_new_tokens") is not None:
+            return int(kwargs["max_new_tokens"])
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        if kwargs.get("max_length") is not None:
+            return max(0, int(kwargs["max_length"]) - input_ids.shape[1])
+        if getattr(gc, "max_new_tokens", None) is not None:
+            return int(gc.max_new_tokens)
+        return max(0, int(getattr(gc, "max_length", 20) or 20) - input_ids.shape[1])
 
     def _first_forward_done(self) -> None:
         if self.ttft is None and self._t0 is not None:
@@ -106,8 +149,8 @@ class Session:
             self.last_save = txn.commit()
 
     def run_forward(self, forward, input_ids, kwargs):
-        cache, n = self._begin(input_ids)
-        kwargs = dict(kwargs)
+        cache, n, input_ids = self._begin(input_ids)
+        kwargs = self._fit_to_window(kwargs)
         kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
         if kwargs.get("position_ids") is not None:
@@ -122,8 +165,8 @@ class Session:
         return out
 
     def run_generate(self, generate, input_ids, kwargs):
-        cache, n = self._begin(input_ids)
-        kwargs = dict(kwargs)
+        cache, n, input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs))
+        kwargs = self._fit_to_window(kwargs)
         kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
         ok = False

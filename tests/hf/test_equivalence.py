@@ -108,7 +108,7 @@ def test_many_back_to_back_turns_stay_exact(make_store):
         for i in range(15):
             c = "xyz"[i % 3]
             full = torch.cat([hist[c], torch.randint(1, VOCAB, (1, 11), generator=g)], 1)
-            with cachedattn.session(model, c) as s:
+            with cachedattn.session(model, c):
                 out = _gen(model, full)
             _check_same(out, _gen(model, full))
             hist[c] = out.sequences

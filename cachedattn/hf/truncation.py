@@ -1,0 +1,97 @@
+"""Context-window overflow without recompute (the paper's decoupled positional
+encoding).
+
+When a turn's history + new tokens would exceed `max_context`, the oldest
+tokens are dropped: `truncate_ratio` of the window at a time, rounded up to
+whole chunks, starting right after the first `keep_first` tokens (attention
+sinks or a system prompt), as often as needed. The stored KV of what is kept is
+then rewritten in the store for its new positions:
+
+- policy "reapply" (default, CA in the paper): keys after the dropped span are
+  rotated by -dropped with the model's own RoPE (PositionScheme); the first
+  `keep_first` tokens keep theirs. Only layer 0 is exact: deeper layers still
+  carry context of the dropped tokens, which is the paper's trade-off. Models
+  whose keys do not hold positions (ALiBi) reuse the keys as they are; models
+  where rotation cannot be exact (learned absolute positions, dynamic or
+  longrope scaling) recompute the window instead, and say so.
+- policy "recompute" (TT): the kept window is computed from scratch.
+- policy "keep" (NKVT, for experiments): the stored keys are reused without
+  re-applying positions, which is wrong; it exists to measure how wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from cachedattn.hf.positions import RECOMPUTE, ROTATE, UNCHANGED
+
+log = logging.getLogger("cachedattn")
+POLICIES = ("reapply", "recompute", "keep")
+
+
+def plan_drop(length: int, extra: int, window: int, ratio: float, keep_first: int, chunk: int) -> int:
+    """Tokens to drop after the first keep_first so that length - drop + extra fits the window."""
+    if length + extra <= window:
+        return 0
+    step = max(chunk, math.ceil(ratio * window / chunk) * chunk)
+    drop = math.ceil((length + extra - window) / step) * step
+    # Keep at least one token after the sinks, so the turn has something to compute.
+    return min(drop, max(0, length - keep_first - 1))
+
+
+def truncate_turn(session, input_ids: torch.Tensor, extra: int) -> tuple[torch.Tensor, int, str]:
+    """(kept ids, tokens dropped, what happened to the stored KV)."""
+    o = session.options
+    st = session._state
+    window = o["max_context"]
+    chunk = st.store.config.chunk_tokens
+    if o["keep_first"] + extra >= window:
+        raise ValueError(f"keep_first={o['keep_first']} plus {extra} new tokens leave no room in max_context={window}")
+    drop = plan_drop(input_ids.shape[1], extra, window, o["truncate_ratio"], o["keep_first"], chunk)
+    if drop == 0:
+        return input_ids, 0, ""
+    k = o["keep_first"]
+    kept = torch.cat([input_ids[:, :k], input_ids[:, k + drop :]], 1)
+    stored = st.store.lookup(session.conv_id, input_ids[0])
+    scheme = st.positions
+    policy = o["position_policy"]
+    if policy == "reapply" and scheme.kind == RECOMPUTE:
+        policy, note = "recompute", f"recomputed the kept window: {scheme.reason}"
+    elif policy == "recompute":
+        note = "recomputed the kept window (policy)"
+    elif policy == "keep":
+        note = "reused keys WITHOUT re-applying positions (policy 'keep', experiments only)"
+    else:
+        note = "reused keys as they are (" + scheme.reason + ")" if scheme.kind == UNCHANGED else "re-rotated stored keys"
+    if policy == "recompute" or stored <= k + drop:
+        if session.conv_id in st.store:
+            st.store.drop(session.conv_id)
+        if policy != "recompute":
+            note = "nothing stored after the dropped span: the window is computed"
+    else:
+        _rewrite(session, input_ids, kept, stored, drop, rotate=policy == "reapply" and scheme.kind == ROTATE)
+    log.info("cachedattn: %r overflowed max_context=%d: dropped %d tokens; %s", session.conv_id, window, drop, note)
+    return kept, drop, note
+
+
+def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> None:
+    """Replaces the stored conversation by the kept window's KV at its new positions."""
+    st = session._state
+    store, spec, k = st.store, st.kv.spec, session.options["keep_first"]
+    n_kept = stored - drop  # tokens of the kept window that have stored KV
+    with store.load(session.conv_id, stored) as ld:
+        layers = []
+        for layer in range(spec.num_layers):
+            keys, values = ld.read_layer(layer)
+            keys = torch.cat([keys[:, :k], keys[:, k + drop :]], 1)
+            values = torch.cat([values[:, :k], values[:, k + drop :]], 1)
+            if rotate:
+                st.positions.rotate_(keys[:, k:], layer, -drop)
+            layers.append((keys, values))
+    with store.begin_append(session.conv_id, kept[0, :n_kept], start=0) as txn:
+        for layer, (keys, values) in enumerate(layers):
+            txn.put_layer(layer, keys, values)
+        txn.commit()
