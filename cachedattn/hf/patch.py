@@ -104,7 +104,8 @@ def session(model, conv_id: str, readahead: int | None = None, save: bool = True
     """A context manager for one conversation's turns through a patched model.
 
     ``readahead`` overrides the patch's read-ahead depth (layers); ``save=False``
-    reuses stored KV without storing the turn's new KV; ``max_context``,
+    reuses stored KV without storing the turn's new KV (an overflow still
+    rewrites the stored kept window at its new positions); ``max_context``,
     ``truncate_ratio``, ``keep_first`` and ``position_policy`` override the
     patch's overflow options for this conversation.
     """
