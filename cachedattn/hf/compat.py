@@ -47,7 +47,7 @@ log = logging.getLogger("cachedattn")
 
 
 class _Timeout(Exception):
-    pass
+    """One architecture's check ran past TIMEOUT_S."""
 
 
 def _shrink(cfg) -> None:
