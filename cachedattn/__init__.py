@@ -7,6 +7,7 @@ from cachedattn.store import AttentionStore, ChunkCorruptError, KVSpec, StoreCon
 __version__ = "0.1.0"
 
 _HF = {"patch", "unpatch", "session", "UnsupportedModel"}
+_SERVING = {"Engine", "Job", "QueueAwarePolicy"}
 
 
 def __getattr__(name):
@@ -15,6 +16,10 @@ def __getattr__(name):
         from cachedattn import hf
 
         return getattr(hf, name)
+    if name in _SERVING:
+        from cachedattn import serving
+
+        return getattr(serving, name)
     raise AttributeError(f"module 'cachedattn' has no attribute {name!r}")
 
 __all__ = [
@@ -22,6 +27,9 @@ __all__ = [
     "unpatch",
     "session",
     "UnsupportedModel",
+    "Engine",
+    "Job",
+    "QueueAwarePolicy",
     "AttentionStore",
     "StoreConfig",
     "KVSpec",

@@ -205,6 +205,10 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
                         c.host = None
             if self._host is not None:
                 self._host.close()
+            # The io_uring engine keeps the region registered as fixed buffers: let it go too.
+            self._engine = None
+            if self._disk is not None:
+                self._disk.engine = None
             if self._dirlock is not None:
                 self._dirlock.release()
 
