@@ -7,7 +7,7 @@ from cachedattn.store import AttentionStore, ChunkCorruptError, KVSpec, StoreCon
 __version__ = "0.1.0"
 
 _HF = {"patch", "unpatch", "session", "UnsupportedModel"}
-_SERVING = {"Engine", "Job", "QueueAwarePolicy"}
+_SERVING = {"Engine", "Job", "QueueAwarePolicy", "PredictivePolicy"}
 
 
 def __getattr__(name):
@@ -30,6 +30,7 @@ __all__ = [
     "Engine",
     "Job",
     "QueueAwarePolicy",
+    "PredictivePolicy",
     "AttentionStore",
     "StoreConfig",
     "KVSpec",

@@ -17,9 +17,11 @@ from transformers import DynamicCache
 
 
 class StoreBackedCache(DynamicCache):
-    def __init__(self, config, load, n_history: int, sliding: list[int | None]):
+    def __init__(self, config, load, n_history: int, sliding: list[int | None], layerwise: bool = True):
         super().__init__(config=config)
         self._load = load
+        # layerwise=False: every layer's history is read before the forward starts (load, then compute).
+        self._loaded = {i: load.read_layer(i) for i in range(len(sliding))} if load and not layerwise else {}
         self._n = n_history
         self._sliding = sliding
         self._pending = set(range(len(sliding))) if n_history else set()
@@ -29,7 +31,7 @@ class StoreBackedCache(DynamicCache):
                 self.layers[i].cumulative_length = n_history
 
     def _restore(self, layer_idx: int, like: torch.Tensor) -> None:
-        k, v = self._load.read_layer(layer_idx)
+        k, v = self._loaded.pop(layer_idx) if self._loaded else self._load.read_layer(layer_idx)
         k = k.unsqueeze(0).to(like.device, non_blocking=True)
         v = v.unsqueeze(0).to(like.device, non_blocking=True)
         layer = self.layers[layer_idx]
@@ -47,7 +49,11 @@ class StoreBackedCache(DynamicCache):
         b, h, q, d = key_states.shape
         k = key_states.new_empty(b, h, self._n + q, d)
         v = value_states.new_empty(b, h, self._n + q, d)
-        self._load.read_layer(layer_idx, k[0, :, : self._n], v[0, :, : self._n])
+        if self._loaded:
+            hk, hv = self._loaded.pop(layer_idx)
+            k[0, :, : self._n], v[0, :, : self._n] = hk, hv
+        else:
+            self._load.read_layer(layer_idx, k[0, :, : self._n], v[0, :, : self._n])
         k[:, :, self._n :] = key_states
         v[:, :, self._n :] = value_states
         layer = self.layers[layer_idx]
@@ -79,8 +85,9 @@ class StoreBackedCache(DynamicCache):
         parts = self.new_kv.get(0, [])
         return sum(k.shape[-2] for k, _ in parts)
 
-    def layer_new_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_new_kv(self, layer_idx: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV of the tokens this cache computed for one layer, leaving out the first `skip`."""
         parts = self.new_kv[layer_idx]
-        k = torch.cat([p[0] for p in parts], dim=-2)[0]
-        v = torch.cat([p[1] for p in parts], dim=-2)[0]
+        k = torch.cat([p[0] for p in parts], dim=-2)[0, :, skip:]
+        v = torch.cat([p[1] for p in parts], dim=-2)[0, :, skip:]
         return k, v

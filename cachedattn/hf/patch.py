@@ -100,13 +100,24 @@ def unpatch(model):
     return model
 
 
-def session(model, conv_id: str, readahead: int | None = None, save: bool = True, **overrides) -> Session:
+def session(
+    model,
+    conv_id: str,
+    readahead: int | None = None,
+    save: bool = True,
+    reserve: int = 0,
+    layerwise: bool = True,
+    **overrides,
+) -> Session:
     """A context manager for one conversation's turns through a patched model.
 
     ``readahead`` overrides the patch's read-ahead depth (layers); ``save=False``
     reuses stored KV without storing the turn's new KV (an overflow still
-    rewrites the stored kept window at its new positions); ``max_context``,
+    rewrites the stored kept window at its new positions); ``reserve``: tokens a
+    plain forward leaves room for in the context window, for a continue_turn()
+    to come; ``layerwise=False`` loads all history before computing (the
+    no-pre-loading baseline); ``max_context``,
     ``truncate_ratio``, ``keep_first`` and ``position_policy`` override the
     patch's overflow options for this conversation.
     """
-    return Session(model, conv_id, readahead, save, **overrides)
+    return Session(model, conv_id, readahead, save, reserve, layerwise, **overrides)

@@ -4,7 +4,9 @@ Inside `with cachedattn.session(model, conv_id) as s:` a generate() or a plain
 forward given the full conversation (history + new message) reuses the longest
 stored prefix of it, computes only the rest, and stores the new KV (prompt and
 generated tokens) for the next turn. s.reused_tokens, s.computed_tokens,
-s.generated_tokens and s.ttft describe the last turn.
+s.generated_tokens, s.tier_tokens and s.ttft describe the last turn.
+s.continue_turn(ids) feeds more tokens (a known answer, say) through the same
+turn's cache and stores their KV too.
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ def validate_options(o: dict) -> dict:
 
 
 class Session:
-    def __init__(self, model, conv_id: str, readahead: int | None = None, save: bool = True, **overrides):
+    def __init__(
+        self,
+        model,
+        conv_id: str,
+        readahead: int | None = None,
+        save: bool = True,
+        reserve: int = 0,
+        layerwise: bool = True,
+        **overrides,
+    ):
         state = getattr(model, "_cachedattn", None)
         if state is None:
             raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
@@ -48,6 +59,10 @@ class Session:
         self.conv_id = keys.validate_conversation_id(conv_id)
         self.readahead = state.readahead if readahead is None else readahead
         self.save = save  # False: reuse stored KV but store nothing new (evaluation, benchmarks)
+        if not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"reserve must be an integer >= 0, got {reserve!r}")
+        self.reserve = reserve  # tokens a plain forward leaves room for in the window (a continue_turn to come)
+        self.layerwise = bool(layerwise)  # False: load all history before computing (a baseline)
         self._state = state
         unknown = set(overrides) - set(state.options)
         if unknown:
@@ -59,8 +74,11 @@ class Session:
         self.reused_tokens = 0
         self.computed_tokens = 0
         self.generated_tokens = 0
+        self.tier_tokens = {"host": 0, "disk": 0}  # where the reused tokens came from
         self.ttft: float | None = None
         self.turns = 0
+        self._last: tuple[StoreBackedCache, torch.Tensor, int] | None = None  # cache, kept ids, history
+        self.on_first_token = None  # called once per turn when its first token exists (the engine's read buffer)
         self.last_save = None  # Future: the last turn's KV is on disk
         self._t0 = None
         self._token = None
@@ -87,13 +105,15 @@ class Session:
         self._t0 = time.perf_counter()
         self.ttft = None
         self.dropped_tokens = 0
+        self._last = None
         if self.options["max_context"] is not None and input_ids.shape[1] + extra > self.options["max_context"]:
             input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
             self.total_dropped += self.dropped_tokens
         # At least one token must go through the model to produce logits.
         n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1)
         load = st.store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
-        cache = StoreBackedCache(self.model.config, load, n, st.kv.sliding)
+        cache = StoreBackedCache(self.model.config, load, n, st.kv.sliding, layerwise=self.layerwise)
+        self.tier_tokens = load.tier_tokens() if load is not None else {"host": 0, "disk": 0}
         self.reused_tokens = n
         self.computed_tokens = input_ids.shape[1] - n
         self.generated_tokens = 0
@@ -122,6 +142,8 @@ class Session:
     def _first_forward_done(self) -> None:
         if self.ttft is None and self._t0 is not None:
             self.ttft = time.perf_counter() - self._t0
+            if self.on_first_token is not None:
+                self.on_first_token()
 
     def _end(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, ok: bool) -> None:
         load = cache._load
@@ -132,24 +154,27 @@ class Session:
             if load is not None:
                 load.close()
 
-    def _save(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> None:
+    def _save(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, start: int | None = None) -> int:
+        """Stores the KV of tokens [start, n + new) (start defaults to n); returns the new end."""
+        start = n if start is None else start
         m = n + cache.new_tokens()
-        if m <= n:
-            return
+        if m <= start:
+            return m
         st = self._state
         try:
-            txn = st.store.begin_append(self.conv_id, token_ids[:m], start=n)
+            txn = st.store.begin_append(self.conv_id, token_ids[:m], start=start)
         except ValueError as e:  # another writer changed this conversation meanwhile
             log.warning("cachedattn: not saving turn of %r: %s", self.conv_id, e)
-            return
+            return m
         with txn:
             for layer in range(st.kv.spec.num_layers):
-                k, v = cache.layer_new_kv(layer)
+                k, v = cache.layer_new_kv(layer, skip=start - n)
                 txn.put_layer(layer, k.detach(), v.detach())
             self.last_save = txn.commit()
+        return m
 
     def run_forward(self, forward, input_ids, kwargs):
-        cache, n, input_ids = self._begin(input_ids)
+        cache, n, input_ids = self._begin(input_ids, self.reserve)
         kwargs = self._fit_to_window(kwargs)
         kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
@@ -162,6 +187,34 @@ class Session:
             ok = True
         finally:
             self._end(cache, input_ids[0], n, ok)
+        if ok:
+            self._last = (cache, input_ids[0], n)
+        return out
+
+    def continue_turn(self, new_ids: torch.Tensor, **kwargs):
+        """Runs more tokens of the current turn (e.g. an answer known in advance)
+        through the cache of the last plain forward, and stores their KV too.
+        Returns the model's output for them."""
+        if self._last is None:
+            raise ValueError("continue_turn follows a plain forward of this session (not generate, not another turn)")
+        cache, ids, n = self._last
+        if not isinstance(new_ids, torch.Tensor) or new_ids.dim() != 2 or new_ids.shape[0] != 1:
+            raise ValueError("continue_turn takes a [1, tokens] tensor of new token ids")
+        total = ids.shape[0] + new_ids.shape[1]
+        limit = self.options["max_context"]
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"continuing this turn to {total} tokens would exceed max_context={limit}; "
+                "open the session with reserve= the tokens to come, so the prompt is truncated to leave room"
+            )
+        kwargs[self._state.kv.cache_kwarg] = cache
+        kwargs["use_cache"] = True
+        out = self.model(input_ids=new_ids.to(ids.device), **kwargs)
+        ids = torch.cat([ids, new_ids[0].to(ids.device)])
+        self.generated_tokens += new_ids.shape[1]
+        if self.save:
+            self._save(cache, ids, n, start=n + cache.new_tokens() - new_ids.shape[1])
+        self._last = (cache, ids, n)
         return out
 
     def run_generate(self, generate, input_ids, kwargs):

@@ -1,10 +1,17 @@
-"""Engine: a FCFS job queue and one worker running turns through a patched model.
+"""Engine: a FCFS job queue and a worker running turns through a patched model.
 
-submit() returns at once; the worker runs jobs in arrival order, one at a time
-(batch size 1 per job). Before each job it prefetches, from disk into host
-memory, the conversations of the next jobs in the queue, as many as the host
-tier can hold at the mean size of a conversation's KV (the paper's look-ahead
-window C_mem / S_kv), so their loads find them in memory.
+submit() returns at once; jobs run in arrival order, one at a time (batch
+size 1 per job). Around each job the engine drives the store from the queue:
+
+    step():
+        job = next in the queue
+        prefetch the look-ahead window's disk-resident KV      (fetching.py)
+        run the job: prefill (layer-wise loading), then the answer;
+            while it decodes, pre-load the next job's KV         (read buffer)
+        keep `reserve` of host memory free for the next job     (policy order)
+
+A background worker calls step() as jobs come (background=True), or the
+caller does (background=False: replays driving a virtual clock).
 """
 
 from __future__ import annotations
@@ -12,92 +19,123 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 
 import torch
 
 import cachedattn
+from cachedattn.serving import fetching
+from cachedattn.serving.job import Job
 from cachedattn.serving.policies import QueueAwarePolicy
 
 
-class Job:
-    def __init__(self, conv_id: str, input_ids: torch.Tensor, max_new_tokens: int, gen_kwargs: dict):
-        self.conv_id = conv_id
-        self.input_ids = input_ids
-        self.max_new_tokens = max_new_tokens
-        self.gen_kwargs = gen_kwargs
-        self.future: Future = Future()
-        self.submitted = time.perf_counter()
-        self.started: float | None = None
-        self.ttft: float | None = None  # from start of the turn to its first token
-        self.queue_wait: float | None = None
-        self.reused_tokens = self.computed_tokens = self.dropped_tokens = 0
-        self.tier_hits: dict[str, int] = {}
-
-    def result(self, timeout: float | None = None) -> torch.Tensor:
-        """The generated sequence (the kept window plus the answer), as [1, tokens]."""
-        return self.future.result(timeout)
-
-    def done(self) -> bool:
-        return self.future.done()
-
-
 class Engine:
-    def __init__(self, model, store, prefetch: bool = True, **patch_options):
+    """Options: ``prefetch`` (scheduler-aware fetching), ``read_buffer`` (pre-load
+    the next job while this one decodes), ``layerwise`` (False: load all history,
+    then compute), ``save`` (False: store nothing, i.e. recompute every turn),
+    ``reserve`` (fraction of host memory kept free after each job), ``clock``
+    (a callable; one with a ``charge(job)`` method is a virtual clock, advanced
+    by it after each job), ``background`` (run a worker thread)."""
+
+    def __init__(
+        self,
+        model,
+        store,
+        prefetch: bool = True,
+        read_buffer: bool = True,
+        layerwise: bool = True,
+        save: bool = True,
+        reserve: float = 0.1,
+        clock=time.monotonic,
+        background: bool = True,
+        **patch_options,
+    ):
+        if not 0 <= reserve < 1:
+            raise ValueError(f"reserve must be a fraction of host memory in [0, 1), got {reserve!r}")
         if getattr(model, "_cachedattn", None) is None:
             cachedattn.patch(model, store, **patch_options)
         elif model._cachedattn.store is not store:
             raise ValueError("the model is patched with another store")
-        self.model, self.store, self.prefetch = model, store, prefetch
-        if isinstance(store.policy, QueueAwarePolicy):
-            store.policy.bind(self.queued_conversations, self.disk_window)
+        self.model, self.store, self.clock = model, store, clock
+        self.prefetch, self.read_buffer, self.layerwise, self.save = prefetch, read_buffer, layerwise, save
+        self.reserve = reserve
+        self._bytes_per_token = store.spec.kv_bytes_per_token()
+        self._policy = store.policy if isinstance(store.policy, QueueAwarePolicy) else None
+        if self._policy is not None:
+            self._policy.bind(self)
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stop = False
-        self._worker = threading.Thread(target=self._run, name="cachedattn-engine", daemon=True)
-        self._worker.start()
+        self._pending_prefetch: list = []
+        self._worker = None
+        if background:
+            self._worker = threading.Thread(target=self._run, name="cachedattn-engine", daemon=True)
+            self._worker.start()
 
     # ---- the queue --------------------------------------------------------------
 
-    def submit(self, conv_id: str, input_ids, max_new_tokens: int = 128, **gen_kwargs) -> Job:
-        """Queues one turn (full history + new message); returns its Job at once."""
+    def submit(self, conv_id: str, input_ids, max_new_tokens: int = 128, answer=None, **gen_kwargs) -> Job:
+        """Queues one turn (full history + new message); returns its Job at once.
+        ``answer``: token ids to feed as the answer instead of generating one."""
         ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids[None]
-        job = Job(conv_id, ids, int(max_new_tokens), gen_kwargs)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if answer is not None:
+            answer = torch.as_tensor(answer)
+            answer = answer[None] if answer.dim() == 1 else answer
+        job = Job(conv_id, ids, int(max_new_tokens), answer, gen_kwargs)
+        job.submitted = self.clock()
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is closed")
             self._queue.append(job)
             self._cv.notify()
+        if self._policy is not None:
+            self._policy.on_submit(conv_id, job.submitted)
         return job
 
     def queued_conversations(self) -> list[str]:
         with self._cv:
             return [j.conv_id for j in self._queue]
 
-    def _mean_kv_bytes(self) -> float:
-        convs = self.store.conversations()
-        if not convs:
-            return 0.0
-        per_token = self.store.spec.kv_bytes_per_token() if self.store.spec else 0
-        st = self.store.stats()
-        return max(1.0, st["tokens_stored"] / max(1, len(convs))) * per_token
-
     def prefetch_window(self) -> int:
-        """C_mem / S_kv: how many queued jobs' conversations host memory can hold."""
-        s_kv = self._mean_kv_bytes()
-        cap = self.store.stats()["host"].get("capacity_bytes", 0)
-        return int(cap // s_kv) if s_kv else 0
+        """L_pw = C_mem / S_kv: how many queued jobs' conversations host memory can hold."""
+        cap = self.store.stats()["host"]["capacity_bytes"]
+        return fetching.window_size(cap, self.store.mean_conversation_bytes())
 
     def disk_window(self) -> int:
         """(C_mem + C_disk) / S_kv: queued jobs whose KV is never dropped from disk."""
-        s_kv = self._mean_kv_bytes()
         st = self.store.stats()
-        cap = st["host"].get("capacity_bytes", 0) + st["disk"].get("capacity_bytes", 0)
-        return int(cap // s_kv) if s_kv else 0
+        cap = st["host"]["capacity_bytes"] + st["disk"].get("capacity_bytes", 0)
+        return fetching.window_size(cap, self.store.mean_conversation_bytes())
 
     # ---- the worker -------------------------------------------------------------
+
+    def step(self) -> Job | None:
+        """Runs the next queued job to its end; None when the queue is empty."""
+        with self._cv:
+            if not self._queue:
+                return None
+            job = self._queue.popleft()
+        self._pending_prefetch = []
+        if self.prefetch and self.save:
+            window = self.queued_conversations()[: self.prefetch_window()]
+            need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
+            self._pending_prefetch = fetching.prefetch_window(self.store, window, job.conv_id, need)
+        self._execute(job)
+        if hasattr(self.clock, "charge"):
+            self.clock.charge(job)
+        job.finished = self.clock()
+        if self._policy is not None:
+            self._policy.on_finish(job.conv_id, job.finished, job.answer_tokens)
+        if self.save and self.reserve:
+            cap = self.store.stats()["host"]["capacity_bytes"]
+            self.store.make_host_room(int(self.reserve * cap))
+        return job
+
+    def wait_background_io(self) -> None:
+        """Waits for prefetches and disk writes started so far (a virtual clock's idea of time passing)."""
+        for f in self._pending_prefetch:
+            f.exception()
+        self.store.flush()
 
     def _run(self) -> None:
         while True:
@@ -106,38 +144,51 @@ class Engine:
                     self._cv.wait()
                 if not self._queue:
                     return
-                job = self._queue.popleft()
-                ahead = [j.conv_id for j in list(self._queue)[: self.prefetch_window()]] if self.prefetch else []
-            for conv in dict.fromkeys(ahead):
-                if conv in self.store and conv != job.conv_id:
-                    self.store.prefetch(conv)  # background: overlaps with this job
-            self._execute(job)
+            self.step()
+
+    def _read_ahead(self, current: Job) -> None:
+        """Read buffer: while `current` decodes, bring the next job's disk-resident KV into host memory."""
+        with self._cv:
+            nxt = next((j for j in self._queue if j.conv_id != current.conv_id), None)
+        if nxt is None or not self.store.residency(nxt.conv_id)["disk_only_bytes"]:
+            return
+        self._pending_prefetch += fetching.prefetch_window(self.store, [nxt.conv_id], current.conv_id, 0)
 
     def _execute(self, job: Job) -> None:
-        job.started = time.perf_counter()
-        job.queue_wait = job.started - job.submitted
-        before = self.store.stats()
+        job.started = self.clock()
+        reserve = 0 if job.answer is None else job.answer.shape[1]
         try:
-            with torch.no_grad(), cachedattn.session(self.model, job.conv_id) as s:
-                out = self.model.generate(job.input_ids, max_new_tokens=job.max_new_tokens, **job.gen_kwargs)
+            with torch.no_grad(), cachedattn.session(
+                self.model, job.conv_id, save=self.save, reserve=reserve, layerwise=self.layerwise
+            ) as s:
+                if self.read_buffer and self.save:
+                    s.on_first_token = lambda: self._read_ahead(job)
+                if job.answer is None:
+                    out = self.model.generate(job.input_ids, max_new_tokens=job.max_new_tokens, **job.gen_kwargs)
+                    out = getattr(out, "sequences", out)
+                    job.answer_tokens = s.generated_tokens
+                else:
+                    self.model(job.input_ids)
+                    kept = s._last[1][None] if s._last is not None else job.input_ids
+                    if self.save:
+                        s.continue_turn(job.answer)
+                    out = torch.cat([kept, job.answer.to(kept.device)], 1)
+                    job.answer_tokens = job.answer.shape[1]
         except BaseException as e:
             job.future.set_exception(e)
             return
-        after = self.store.stats()
         job.ttft, job.reused_tokens, job.computed_tokens = s.ttft, s.reused_tokens, s.computed_tokens
-        job.dropped_tokens = s.dropped_tokens
-        job.tier_hits = {
-            "host": after["host"]["hits"] - before["host"]["hits"],
-            "disk": after["disk"]["hits"] - before["disk"]["hits"],
-        }
-        job.future.set_result(getattr(out, "sequences", out))
+        job.dropped_tokens, job.tier_tokens = s.dropped_tokens, dict(s.tier_tokens)
+        job.prompt_tokens = s.reused_tokens + s.computed_tokens
+        job.future.set_result(out)
 
     def close(self) -> None:
-        """Finishes the queued jobs, then stops the worker."""
+        """Finishes the queued jobs (a background worker), then stops."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._worker.join()
+        if self._worker is not None:
+            self._worker.join()
 
     def __enter__(self) -> Engine:
         return self

@@ -1,38 +1,133 @@
-"""Scheduler-aware eviction (the paper's): the job queue says what is coming.
+"""Scheduler-aware eviction: the job queue (and, for the predictive policy, each
+conversation's own rhythm) says what is needed next.
 
-Victims, first to last: conversations with no job in the queue (least
-recently used first), then those whose next job is furthest back in the queue.
-Conversations inside the eviction window, the first `(C_mem + C_disk) / S_kv`
-jobs of the queue, are never dropped from disk.
+QueueAwarePolicy (the paper's). Victims, first to last: conversations with no
+job in the queue (least recently used first), then those whose next job is
+furthest back in the queue. Conversations inside the eviction window, the
+first `(C_mem + C_disk) / S_kv` jobs of the queue, are never dropped from disk.
+
+PredictivePolicy (beyond the paper: real queues are short). Among conversations
+with no queued job it ranks by how overdue each one's next turn is: the time
+since its last turn ended over the gap it is expected to take, `elapsed / E`.
+The longer a conversation stays silent relative to its own rhythm, the more
+likely it has ended, so it goes first. E comes from a least-squares fit of all
+observed gaps on the length of the answer before them, scaled by the
+conversation's own mean ratio to that fit (shrunk towards 1 while it has few
+turns). Queued conversations are ranked as in QueueAwarePolicy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from cachedattn.store.eviction import LRUPolicy
+from cachedattn.store.eviction import LRUPolicy, register_policy
 
 
 class QueueAwarePolicy(LRUPolicy):
     name = "queue"
 
-    def __init__(self, queued: Callable[[], list[str]] | None = None, disk_window: Callable[[], int] | None = None):
+    def __init__(self):
         super().__init__()
-        self._queued = queued or (lambda: [])
-        self._disk_window = disk_window or (lambda: 0)
+        self._engine = None
 
-    def bind(self, queued: Callable[[], list[str]], disk_window: Callable[[], int]) -> None:
-        self._queued, self._disk_window = queued, disk_window
+    def bind(self, engine) -> None:
+        """The engine whose queue (queued_conversations, disk_window, clock) drives this policy."""
+        self._engine = engine
+
+    # Job events from the engine; the queue-aware policy needs only the queue itself.
+    def on_submit(self, conv_id: str, now: float) -> None:
+        pass
+
+    def on_finish(self, conv_id: str, now: float, answer_tokens: int) -> None:
+        pass
+
+    def _queue(self) -> list[str]:
+        return self._engine.queued_conversations() if self._engine is not None else []
+
+    def idle_order(self, idle: list[str]) -> list[str]:
+        """Victim order among conversations with no queued job."""
+        return super().order(idle, "host")
 
     def order(self, candidates: Iterable[str], tier: str) -> list[str]:
-        queue = self._queued()
+        queue = self._queue()
         first_pos: dict[str, int] = {}
         for i, conv in enumerate(queue):
             first_pos.setdefault(conv, i)
         cands = list(candidates)
-        if tier == "disk":
-            protected = set(queue[: self._disk_window()])
+        if tier == "disk" and self._engine is not None:
+            protected = set(queue[: self._engine.disk_window()])
             cands = [c for c in cands if c not in protected]
-        idle = [c for c in super().order(cands, tier) if c not in first_pos]
+        idle = self.idle_order([c for c in cands if c not in first_pos])
         waiting = sorted((c for c in cands if c in first_pos), key=lambda c: -first_pos[c])
         return idle + waiting
+
+
+class PredictivePolicy(QueueAwarePolicy):
+    name = "predictive"
+    PRIOR_TURNS = 2.0  # weight of the global fit against a conversation's own gaps
+
+    def __init__(self):
+        super().__init__()
+        self._last_end: dict[str, float] = {}
+        self._last_answer: dict[str, int] = {}
+        self._ratios: dict[str, list[float]] = {}
+        self._obs: list[tuple[int, float]] = []  # (answer tokens before the gap, gap)
+        self._fit = (0.0, 0.0)
+
+    def on_submit(self, conv_id: str, now: float) -> None:
+        end = self._last_end.get(conv_id)
+        if end is None:
+            return
+        answer = self._last_answer.get(conv_id, 0)
+        gap = max(now - end, 0.0)
+        expected = self._fit_gap(answer)
+        if expected > 0:
+            self._ratios.setdefault(conv_id, []).append(gap / expected)
+        self._obs.append((answer, gap))
+        self._refit()
+
+    def on_finish(self, conv_id: str, now: float, answer_tokens: int) -> None:
+        self._last_end[conv_id] = now
+        self._last_answer[conv_id] = answer_tokens
+
+    def on_remove(self, conv_id: str) -> None:
+        super().on_remove(conv_id)
+        for d in (self._last_end, self._last_answer, self._ratios):
+            d.pop(conv_id, None)
+
+    def _refit(self) -> None:
+        n = len(self._obs)
+        mx = sum(a for a, _ in self._obs) / n
+        my = sum(g for _, g in self._obs) / n
+        sxx = sum((a - mx) ** 2 for a, _ in self._obs)
+        slope = max(0.0, sum((a - mx) * (g - my) for a, g in self._obs) / sxx) if sxx > 0 else 0.0
+        self._fit = (my - slope * mx, slope)
+
+    def _fit_gap(self, answer: int) -> float:
+        a, b = self._fit
+        return max(a + b * answer, 1e-9) if self._obs else 0.0
+
+    def expected_gap(self, conv_id: str) -> float:
+        """E: the gap this conversation's next turn is expected to take after its last one ended."""
+        base = self._fit_gap(self._last_answer.get(conv_id, 0))
+        own = self._ratios.get(conv_id, [])
+        ratio = (sum(own) + self.PRIOR_TURNS) / (len(own) + self.PRIOR_TURNS)
+        return base * ratio
+
+    def idle_order(self, idle: list[str]) -> list[str]:
+        if not self._obs or self._engine is None:
+            return super().idle_order(idle)  # no rhythm seen yet: LRU
+        now = self._engine.clock()
+        lru_rank = {c: i for i, c in enumerate(super().idle_order(idle))}
+
+        def overdue(c: str) -> float:
+            end = self._last_end.get(c)
+            if end is None:
+                return float("inf")  # no turn served since the store opened
+            return (now - end) / self.expected_gap(c)
+
+        return sorted(idle, key=lambda c: (-overdue(c), lru_rank[c]))
+
+
+register_policy("queue", QueueAwarePolicy)
+register_policy("predictive", PredictivePolicy)

@@ -88,6 +88,12 @@ class KVLoad:
         self._store._on_bad_chunk(self._conv, chunk, why)
         raise self._error
 
+    def tier_tokens(self) -> dict[str, int]:
+        """How many of the loaded tokens sit in host memory and how many come from disk."""
+        C = self._geo.chunk_tokens
+        disk = sum(min(C, self.n_tokens - i * C) for i in self._disk_pos)
+        return {"host": self.n_tokens - disk, "disk": disk}
+
     def layer_ready(self, layer: int) -> bool:
         """True when read_layer(layer) would not wait for the disk."""
         if layer in self._verified or not self._disk_pos:

@@ -164,6 +164,49 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
             self._truncate(conv, 0)
             self._forget(conv)
 
+    # ---- what the scheduler needs to know ---------------------------------------
+
+    def residency(self, conv_id: str) -> dict[str, int]:
+        """Bytes of a conversation's KV (whole chunks) in host memory and only on disk; zeros if unknown."""
+        with self._lock:
+            self._check_ready()
+            conv = self._get(conv_id, required=False)
+            if conv is None:
+                return {"tokens": 0, "host_bytes": 0, "disk_only_bytes": 0}
+            b = self._geometry.block_bytes
+            host = sum(1 for c in conv.chunks if c.host is not None)
+            return {"tokens": conv.ntokens, "host_bytes": host * b, "disk_only_bytes": (len(conv.chunks) - host) * b}
+
+    def host_free_bytes(self) -> int:
+        with self._lock:
+            self._check_ready()
+            return (self._host.capacity_blocks - self._host.used_blocks) * self._host.block_bytes
+
+    def mean_conversation_bytes(self) -> float:
+        """S_kv: the mean size of a stored conversation's KV (whole chunks), 0 when none is stored."""
+        with self._lock:
+            self._check_ready()
+            chunks = [len(c.chunks) for c in self._convs.values() if c.unresolved is None]
+            return sum(chunks) * self._geometry.block_bytes / len(chunks) if chunks else 0.0
+
+    def make_host_room(self, nbytes: int, protect: set[str] = frozenset()) -> int:
+        """Demotes conversations (policy order, never those in `protect` or in use) until
+        `nbytes` of host memory are free or nothing more can go; returns the free bytes."""
+        with self._lock:
+            self._check_ready()
+            if self._disk is None or not self._disk_usable():
+                return self.host_free_bytes()  # demoting would drop KV: leave it to allocation
+            while self.host_free_bytes() < nbytes:
+                cands = [
+                    cid
+                    for cid, c in self._convs.items()
+                    if cid not in protect and c.pins == 0 and not c.appending and c.evictable_host_chunks()
+                ]
+                if not cands:
+                    break
+                self._demote(self._convs[self.policy.order(cands, "host")[0]])
+            return self.host_free_bytes()
+
     def stats(self) -> dict:
         """Counters (see cachedattn.store.stats) plus what each tier holds now."""
         d = self._stats.snapshot()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import cachedattn
@@ -7,21 +8,13 @@ from cachedattn.serving import Engine, QueueAwarePolicy
 from ..hf.models import VOCAB, tiny_model
 
 
-def test_queue_aware_order():
-    queue = ["c", "a", "c", "e"]
-    p = QueueAwarePolicy(lambda: queue, lambda: 2)
-    for conv in ["a", "b", "c", "d", "e"]:
-        p.on_insert(conv)
-    p.on_access("b")  # b used more recently than d
-    assert p.order(["a", "b", "c", "d", "e"], "host") == ["d", "b", "e", "a", "c"]
-    # Disk: the eviction window (first 2 queued jobs: c, a) is never dropped.
-    assert p.order(["a", "b", "c", "d", "e"], "disk") == ["d", "b", "e"]
+def make_store(tmp_path, host_bytes=1 << 24, **kw):
+    return AttentionStore(host_bytes=host_bytes, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off", **kw)
 
 
 def test_engine_results_equal_recompute_and_keep_order(tmp_path):
     model = tiny_model("llama")
-    store = AttentionStore(host_bytes=1 << 24, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off",
-                           eviction=QueueAwarePolicy())
+    store = make_store(tmp_path, eviction=QueueAwarePolicy())
     g = torch.Generator().manual_seed(0)
     hist = {c: torch.zeros(1, 0, dtype=torch.long) for c in "abc"}
     with Engine(model, store) as engine:
@@ -36,16 +29,71 @@ def test_engine_results_equal_recompute_and_keep_order(tmp_path):
                     ref = model.generate(full, max_new_tokens=5, do_sample=False, pad_token_id=0)
                 assert torch.equal(out, ref)
                 assert job.reused_tokens == max(hist[c].shape[1] - 1, 0) and job.ttft is not None
+                assert sum(job.tier_tokens.values()) == job.reused_tokens
                 hist[c] = out
             starts = [jobs[c][0].started for c in "abc"]
             assert starts == sorted(starts)  # first come, first served
-    assert sum(j.tier_hits["host"] + j.tier_hits["disk"] for j, _ in jobs.values()) > 0
     store.close()
+
+
+def _answer_turns(model, engine_kw, tmp_path, host_bytes=1 << 24):
+    """Three conversations x three turns with known answers; returns per-job logits of the last answer token."""
+    store = make_store(tmp_path, host_bytes=host_bytes, eviction="queue")
+    g = torch.Generator().manual_seed(1)
+    hist = {c: torch.zeros(1, 0, dtype=torch.long) for c in "xyz"}
+    results = []
+    with Engine(model, store, background=False, **engine_kw) as engine:
+        for turn in range(3):
+            jobs = []
+            for c in "xyz":
+                full = torch.cat([hist[c], torch.randint(1, VOCAB, (1, 30), generator=g)], 1)
+                answer = torch.randint(1, VOCAB, (1, 12), generator=g)
+                jobs.append((c, engine.submit(c, full, answer=answer), full, answer))
+            while engine.step() is not None:
+                engine.wait_background_io()
+            for c, job, full, answer in jobs:
+                seq = job.result()
+                assert torch.equal(seq, torch.cat([full, answer], 1))
+                results.append(job)
+                hist[c] = seq
+    stats = store.stats()
+    store.close()
+    return results, hist, stats
+
+
+@pytest.mark.parametrize("opts", [{}, {"layerwise": False, "read_buffer": False}, {"prefetch": False}])
+def test_answer_jobs_store_prompt_and_answer(tmp_path, opts):
+    model = tiny_model("llama")
+    jobs, hist, _ = _answer_turns(model, opts, tmp_path)
+    # Turn t reuses everything before it: the previous prompt and the fed answer.
+    for j in jobs[3:]:
+        assert j.reused_tokens == j.input_ids.shape[1] - 30 and j.answer_tokens == 12
+    # The stored KV is what recompute gives: next-token logits through a session equal the plain model's.
+    store = make_store(tmp_path)
+    cachedattn.unpatch(model)
+    cachedattn.patch(model, store)
+    for c, ids in hist.items():
+        probe = torch.cat([ids, torch.tensor([[5, 6, 7]])], 1)
+        with torch.no_grad(), cachedattn.session(model, c, save=False) as s:
+            got = model(probe).logits[0, -3:]
+        assert s.reused_tokens == ids.shape[1]
+        cachedattn.unpatch(model)
+        with torch.no_grad():
+            ref = model(probe).logits[0, -3:]
+        cachedattn.patch(model, store)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    store.close()
+
+
+def test_recompute_engine_stores_nothing(tmp_path):
+    model = tiny_model("llama")
+    jobs, _, stats = _answer_turns(model, {"save": False}, tmp_path)
+    assert all(j.reused_tokens == 0 for j in jobs) and stats["tokens_stored"] == 0
 
 
 def test_engine_prefetches_queued_conversations_from_disk(tmp_path):
     model = tiny_model("llama")
-    store = AttentionStore(host_bytes=1 << 24, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off")
+    store = make_store(tmp_path)
     ids = {c: torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(i)) for i, c in enumerate("xyz")}
     cachedattn.patch(model, store)
     with torch.no_grad():
@@ -55,11 +103,35 @@ def test_engine_prefetches_queued_conversations_from_disk(tmp_path):
     store.flush()
     for c in "xyz":
         store.demote(c)
-    with Engine(model, store) as engine:
-        jobs = [engine.submit(c, torch.cat([ids[c], ids[c][:, :5]], 1), max_new_tokens=2, do_sample=False,
-                              pad_token_id=0) for c in "xyz"]
-        for j in jobs:
-            j.result(timeout=60)
-    store.flush()
+    with Engine(model, store, background=False) as engine:
+        jobs = [engine.submit(c, torch.cat([ids[c], ids[c][:, :5]], 1), answer=ids[c][:, :3]) for c in "xyz"]
+        while engine.step() is not None:
+            engine.wait_background_io()
     assert store.stats()["host"]["prefetches"] > 0
+    assert jobs[0].tier_tokens["disk"] > 0  # the first job had nothing ahead of it
+    assert jobs[1].tier_tokens == {"host": 40, "disk": 0} and jobs[2].tier_tokens["disk"] == 0
+    store.close()
+
+
+def test_engine_keeps_the_reserve_free(tmp_path):
+    model = tiny_model("llama")
+    per_chunk = None
+    store = make_store(tmp_path, host_bytes=1 << 20)
+    with Engine(model, store, background=False, reserve=0.5, read_buffer=False, prefetch=False) as engine:
+        per_chunk = store._geometry.block_bytes
+        g = torch.Generator().manual_seed(3)
+        for i in range(8):
+            engine.submit(f"c{i}", torch.randint(1, VOCAB, (1, 60), generator=g), answer=torch.tensor([[1, 2]]))
+            engine.step()
+            engine.wait_background_io()
+            st = store.stats()["host"]
+            assert st["capacity_bytes"] - st["used_bytes"] >= 0.5 * st["capacity_bytes"] - per_chunk
+    store.close()
+
+
+def test_engine_validates_options(tmp_path):
+    model = tiny_model("llama")
+    store = make_store(tmp_path)
+    with pytest.raises(ValueError, match="reserve"):
+        Engine(model, store, reserve=1.5)
     store.close()

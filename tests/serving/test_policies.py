@@ -1,0 +1,99 @@
+import pytest
+
+from cachedattn.serving.policies import PredictivePolicy, QueueAwarePolicy
+from cachedattn.store.eviction import make_policy
+
+
+class FakeEngine:
+    def __init__(self, queue, disk_window=0):
+        self.queue, self.window, self.now = queue, disk_window, 0.0
+
+    def queued_conversations(self):
+        return list(self.queue)
+
+    def disk_window(self):
+        return self.window
+
+    def clock(self):
+        return self.now
+
+
+def test_queue_aware_victims_idle_first_then_furthest_back():
+    p = QueueAwarePolicy()
+    p.bind(FakeEngine(["c", "a", "c", "e"], disk_window=2))
+    for conv in "abcde":
+        p.on_insert(conv)
+    p.on_access("b")  # b used more recently than d
+    assert p.order(list("abcde"), "host") == ["d", "b", "e", "a", "c"]
+
+
+def test_queue_aware_never_drops_the_eviction_window_from_disk():
+    p = QueueAwarePolicy()
+    eng = FakeEngine(["c", "a", "c", "e"], disk_window=2)
+    p.bind(eng)
+    for conv in "abcde":
+        p.on_insert(conv)
+    assert p.order(list("abcde"), "disk") == ["b", "d", "e"]  # c and a: first two queued jobs
+    eng.window = 4
+    assert p.order(list("abcde"), "disk") == ["b", "d"]
+    assert set(p.order(list("abcde"), "host")) == set("abcde")  # host demotion may touch anyone
+
+
+def test_unbound_queue_policy_is_lru():
+    p = QueueAwarePolicy()
+    for conv in "xyz":
+        p.on_insert(conv)
+    p.on_access("x")
+    assert p.order(list("xyz"), "disk") == ["y", "z", "x"]
+
+
+def test_policies_are_registered_by_name():
+    import cachedattn.serving  # noqa: F401  (registers them)
+
+    assert isinstance(make_policy("queue"), QueueAwarePolicy)
+    assert isinstance(make_policy("predictive"), PredictivePolicy)
+
+
+def test_predictive_ranks_idle_conversations_by_overdue_ratio():
+    p = PredictivePolicy()
+    eng = FakeEngine([])
+    p.bind(eng)
+    for conv in "fsn":
+        p.on_insert(conv)
+    # "f" answers quickly (gaps of 10 s), "s" slowly (gaps of 100 s).
+    t = 0.0
+    for _ in range(4):
+        for conv, gap in (("f", 10.0), ("s", 100.0)):
+            p.on_finish(conv, t, answer_tokens=50)
+            p.on_submit(conv, t + gap)
+        t += 200.0
+    p.on_finish("f", 1000.0, 50)
+    p.on_finish("s", 1000.0, 50)
+    p.on_finish("n", 1000.0, 50)  # one turn, no gap of its own: the global fit
+    assert p.expected_gap("f") < p.expected_gap("n") < p.expected_gap("s")
+    eng.now = 1040.0  # 40 s after every conversation's last turn
+    # f is past its rhythm (probably gone); s is well within its own.
+    assert p.order(list("fsn"), "host") == ["f", "n", "s"]
+    # LRU would rank by last access only.
+    eng.queue = ["f"]
+    assert p.order(list("fsn"), "host") == ["n", "s", "f"]  # queued goes last, whatever its rhythm
+
+
+def test_predictive_uses_answer_length():
+    p = PredictivePolicy()
+    p.bind(FakeEngine([]))
+    for i, (answer, gap) in enumerate([(10, 12.0), (100, 30.0), (200, 50.0), (50, 20.0)]):
+        conv = f"c{i}"
+        p.on_finish(conv, 0.0, answer)
+        p.on_submit(conv, gap)
+    a, b = p._fit
+    assert b == pytest.approx(0.2, rel=0.05) and a == pytest.approx(10.0, rel=0.1)
+
+
+def test_predictive_without_history_falls_back_to_lru():
+    p = PredictivePolicy()
+    p.bind(FakeEngine([]))
+    for conv in "abc":
+        p.on_insert(conv)
+    p.on_access("a")
+    assert p.order(list("abc"), "host") == ["b", "c", "a"]
