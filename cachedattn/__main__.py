@@ -25,11 +25,18 @@ def main(argv: list[str] | None = None) -> None:
     demo_args.add_argument("--backend", choices=["auto", "io_uring", "threads"], default=None)
     sub.add_parser("info", help="print what this build and machine offer, as JSON")
     sub.add_parser("compat", help="check every causal-LM architecture of transformers (see --help there)", add_help=False)
+    sub.add_parser("replay", help="the ShareGPT multi-turn replay: every system on one trace (see --help there)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "compat":
         from cachedattn.hf import compat
 
         return compat.main(rest)
+    if args.command == "replay":
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        from cachedattn.replay import cli
+
+        return cli.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

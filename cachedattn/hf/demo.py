@@ -31,6 +31,16 @@ DEFAULT_MODEL = dict(
 )
 
 
+def load_local_model(path: str, device: str = "cpu", dtype: str | None = None):
+    """A causal LM from a local directory (no download), in eval mode on `device`."""
+    import os
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: not a directory (models are loaded locally, never downloaded)")
+    kw = {"dtype": getattr(torch, dtype)} if dtype else {}
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw).to(device).eval()
+
+
 def small_model(seed: int = 0):
     torch.manual_seed(seed)
     kw = dict(DEFAULT_MODEL)

@@ -16,6 +16,8 @@ caller does (background=False: replays driving a virtual clock).
 
 from __future__ import annotations
 
+import inspect
+import logging
 import threading
 import time
 from collections import deque
@@ -26,6 +28,8 @@ import cachedattn
 from cachedattn.serving import fetching
 from cachedattn.serving.job import Job
 from cachedattn.serving.policies import QueueAwarePolicy
+
+log = logging.getLogger("cachedattn")
 
 
 class Engine:
@@ -62,9 +66,14 @@ class Engine:
         self._policy = store.policy if isinstance(store.policy, QueueAwarePolicy) else None
         if self._policy is not None:
             self._policy.bind(self)
+        elif save:
+            log.info("cachedattn: the store evicts by %r, blind to the queue; eviction='queue' lets the queue decide",
+                     store.policy.name)
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stop = False
+        # A server needs only the last position's logits (generate() does the same).
+        self._fwd_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._pending_prefetch: list = []
         self._worker = None
         if background:
@@ -73,16 +82,19 @@ class Engine:
 
     # ---- the queue --------------------------------------------------------------
 
-    def submit(self, conv_id: str, input_ids, max_new_tokens: int = 128, answer=None, **gen_kwargs) -> Job:
+    def submit(
+        self, conv_id: str, input_ids, max_new_tokens: int = 128, answer=None, submitted: float | None = None, **gen_kwargs
+    ) -> Job:
         """Queues one turn (full history + new message); returns its Job at once.
-        ``answer``: token ids to feed as the answer instead of generating one."""
+        ``answer``: token ids to feed as the answer instead of generating one;
+        ``submitted``: when the job arrived on the engine's clock (default: now; replays)."""
         ids = torch.as_tensor(input_ids)
         ids = ids[None] if ids.dim() == 1 else ids
         if answer is not None:
             answer = torch.as_tensor(answer)
             answer = answer[None] if answer.dim() == 1 else answer
         job = Job(conv_id, ids, int(max_new_tokens), answer, gen_kwargs)
-        job.submitted = self.clock()
+        job.submitted = self.clock() if submitted is None else float(submitted)
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is closed")
@@ -168,10 +180,10 @@ class Engine:
                     out = getattr(out, "sequences", out)
                     job.answer_tokens = s.generated_tokens
                 else:
-                    self.model(job.input_ids)
+                    self.model(job.input_ids, **self._fwd_kwargs)
                     kept = s._last[1][None] if s._last is not None else job.input_ids
                     if self.save:
-                        s.continue_turn(job.answer)
+                        s.continue_turn(job.answer, **self._fwd_kwargs)
                     out = torch.cat([kept, job.answer.to(kept.device)], 1)
                     job.answer_tokens = job.answer.shape[1]
         except BaseException as e:

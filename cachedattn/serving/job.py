@@ -30,6 +30,7 @@ class Job:
         self.answer_tokens = 0
         self.tier_tokens = {"host": 0, "disk": 0}  # where the reused tokens came from
         self.service_time: float | None = None  # set by a virtual clock: the modelled time the job took
+        self.modelled_prefill: float | None = None  # the prefill part of it
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
         """The sequence after the turn (the kept window plus the answer), as [1, tokens]."""

