@@ -78,6 +78,7 @@ class Session:
         self.ttft: float | None = None
         self.turns = 0
         self._last: tuple[StoreBackedCache, torch.Tensor, int] | None = None  # cache, kept ids, history
+        self._cuda = next(model.parameters()).is_cuda
         self.on_first_token = None  # called once per turn when its first token exists (the engine's read buffer)
         self.last_save = None  # Future: the last turn's KV is on disk
         self._t0 = None
@@ -141,6 +142,8 @@ class Session:
 
     def _first_forward_done(self) -> None:
         if self.ttft is None and self._t0 is not None:
+            if self._cuda:  # kernels run asynchronously: the first token exists when they are done
+                torch.cuda.synchronize()
             self.ttft = time.perf_counter() - self._t0
             if self.on_first_token is not None:
                 self.on_first_token()

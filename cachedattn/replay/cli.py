@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--rate", type=float, default=1.0, help="session arrivals per second (Poisson; default 1)")
     t.add_argument("--think-mean", type=float, default=60.0, help="mean think time between turns, seconds (exponential)")
+    t.add_argument("--think-spread", type=float, default=0.0,
+                   help="sigma of a per-conversation lognormal factor on the think-time mean (0: all alike)")
     t.add_argument("--max-user", type=int, default=1024, help="cap on a user message, tokens")
     t.add_argument("--max-answer", type=int, default=1024, help="cap on an answer, tokens")
     t.add_argument("--max-rounds", type=int, default=16, help="cap on rounds per conversation")
@@ -51,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--disk-fraction", type=float, default=0.5, help="disk as a fraction of the working set")
     s.add_argument("--chunk-tokens", type=int, default=128)
     s.add_argument("--model", default=None, help="a local HuggingFace model directory (default: small model from config)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (with --model)")
+    s.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = p.add_argument_group("clock")
@@ -86,7 +88,10 @@ def _model(args):
     from cachedattn.hf import demo
 
     if args.model is None:
-        return demo.small_model(), demo.DEFAULT_MODEL["vocab_size"], "default small model (llama, 6 layers, from config)"
+        model = demo.small_model().to(args.device)
+        if args.dtype:
+            model = model.to(getattr(torch, args.dtype))
+        return model, demo.DEFAULT_MODEL["vocab_size"], "default small model (llama, 6 layers, from config)"
     model = demo.load_local_model(args.model, args.device, args.dtype)
     return model, model.config.get_text_config(decoder=True).vocab_size, args.model
 
@@ -94,7 +99,7 @@ def _model(args):
 def _service_model(args, model, vocab) -> ServiceModel:
     if args.clock is not None:
         return ServiceModel(*args.clock, source="given with --clock")
-    if args.calibrate or args.model is not None:
+    if args.calibrate or args.model is not None or args.device != "cpu" or args.dtype:
         log.info("cachedattn: calibrating the service-time model on this machine")
         return calibrate(model, vocab, args.device)
     return ServiceModel()
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trace = build_trace(args.conversations, args.seed, args.rate, args.think_mean, args.max_user, args.max_answer,
-                        args.max_rounds, args.dataset)
+                        args.max_rounds, args.dataset, args.think_spread)
     model, vocab, model_name = _model(args)
     service = _service_model(args, model, vocab)
 

@@ -10,7 +10,9 @@ with arrival times and turn lengths.
 - Arrivals: sessions start as a Poisson process (`rate` per second); each next
   round arrives `think` seconds after the previous answer ends, exponential
   with mean think_mean. The end of an answer depends on the system serving it,
-  so the trace fixes the draws, not the absolute times.
+  so the trace fixes the draws, not the absolute times. `think_spread` > 0
+  gives each conversation its own mean, think_mean times a lognormal factor
+  of mean 1 (users differ); 0, the default, gives every one the same.
 """
 
 from __future__ import annotations
@@ -74,12 +76,13 @@ def build_trace(
     max_answer: int = 256,
     max_rounds: int = 10,
     path=None,
+    think_spread: float = 0.0,
 ) -> Trace:
     for name, v in dict(conversations=conversations, max_user=max_user, max_answer=max_answer, max_rounds=max_rounds).items():
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if rate <= 0 or think_mean < 0:
-        raise ValueError(f"rate must be > 0 and think_mean >= 0 (got {rate}, {think_mean})")
+    if rate <= 0 or think_mean < 0 or think_spread < 0:
+        raise ValueError(f"rate must be > 0, think_mean and think_spread >= 0 (got {rate}, {think_mean}, {think_spread})")
     pool = [r for r in (rounds_of(m) for m in sharegpt.conversations(path, min_turns=4)) if len(r) >= 2]
     if len(pool) < conversations:
         raise ValueError(f"asked for {conversations} conversations; the dataset has {len(pool)} with two rounds or more")
@@ -89,15 +92,19 @@ def build_trace(
     convs = []
     for i, idx in enumerate(sorted(picked)):
         t += rng.expovariate(rate)
+        mean = think_mean
+        if think_spread > 0:  # own stream: the default trace does not depend on it
+            mean *= math.exp(random.Random(seed * 7919 + idx).gauss(0, think_spread) - think_spread**2 / 2)
         rounds = [
             Round(
                 min(estimate_tokens(u), max_user),
                 min(estimate_tokens(a), max_answer),
-                0.0 if k == 0 else (rng.expovariate(1 / think_mean) if think_mean > 0 else 0.0),
+                0.0 if k == 0 else (rng.expovariate(1 / mean) if mean > 0 else 0.0),
             )
             for k, (u, a) in enumerate(pool[idx][:max_rounds])
         ]
         convs.append(Conversation(f"conv{i:04d}-sg{idx}", t, rounds, rng.getrandbits(32)))
-    params = dict(conversations=conversations, seed=seed, rate=rate, think_mean=think_mean, max_user=max_user,
+    params = dict(conversations=conversations, seed=seed, rate=rate, think_mean=think_mean, think_spread=think_spread,
+                  max_user=max_user,
                   max_answer=max_answer, max_rounds=max_rounds, dataset_conversations=len(pool))
     return Trace(convs, params)

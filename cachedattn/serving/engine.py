@@ -73,6 +73,7 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         # A server needs only the last position's logits (generate() does the same).
+        self._device = next(model.parameters()).device
         self._fwd_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._pending_prefetch: list = []
         self._worker = None
@@ -169,6 +170,7 @@ class Engine:
     def _execute(self, job: Job) -> None:
         job.started = self.clock()
         reserve = 0 if job.answer is None else job.answer.shape[1]
+        ids = job.input_ids.to(self._device)
         try:
             with torch.no_grad(), cachedattn.session(
                 self.model, job.conv_id, save=self.save, reserve=reserve, layerwise=self.layerwise
@@ -176,15 +178,15 @@ class Engine:
                 if self.read_buffer and self.save:
                     s.on_first_token = lambda: self._read_ahead(job)
                 if job.answer is None:
-                    out = self.model.generate(job.input_ids, max_new_tokens=job.max_new_tokens, **job.gen_kwargs)
+                    out = self.model.generate(ids, max_new_tokens=job.max_new_tokens, **job.gen_kwargs)
                     out = getattr(out, "sequences", out)
                     job.answer_tokens = s.generated_tokens
                 else:
-                    self.model(job.input_ids, **self._fwd_kwargs)
-                    kept = s._last[1][None] if s._last is not None else job.input_ids
+                    self.model(ids, **self._fwd_kwargs)
+                    kept = s._last[1][None] if s._last is not None else ids
                     if self.save:
-                        s.continue_turn(job.answer, **self._fwd_kwargs)
-                    out = torch.cat([kept, job.answer.to(kept.device)], 1)
+                        s.continue_turn(job.answer.to(self._device), **self._fwd_kwargs)
+                    out = torch.cat([kept.cpu(), job.answer.cpu()], 1)
                     job.answer_tokens = job.answer.shape[1]
         except BaseException as e:
             job.future.set_exception(e)
@@ -192,7 +194,7 @@ class Engine:
         job.ttft, job.reused_tokens, job.computed_tokens = s.ttft, s.reused_tokens, s.computed_tokens
         job.dropped_tokens, job.tier_tokens = s.dropped_tokens, dict(s.tier_tokens)
         job.prompt_tokens = s.reused_tokens + s.computed_tokens
-        job.future.set_result(out)
+        job.future.set_result(out.cpu())
 
     def close(self) -> None:
         """Finishes the queued jobs (a background worker), then stops."""

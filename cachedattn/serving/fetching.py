@@ -39,5 +39,12 @@ def prefetch_window(store, window: list[str], running: str, running_need: int) -
     want = running_need + sum(disk_only.values())
     if want > store.host_free_bytes():
         store.make_host_room(want, protect=set(window) | {running})
-    picks = plan_prefetch(window, disk_only, store.host_free_bytes(), running_need)
-    return [store.prefetch(c) for c in picks]
+        # Demoting writes what was not on disk yet, which may have evicted some of the window from disk.
+        disk_only = {c: store.residency(c)["disk_only_bytes"] for c in window}
+    futures = []
+    for conv in plan_prefetch(window, disk_only, store.host_free_bytes(), running_need):
+        try:
+            futures.append(store.prefetch(conv))
+        except KeyError:
+            pass  # dropped from disk meanwhile (by a write making room): nothing left to fetch
+    return futures

@@ -33,7 +33,7 @@ class Job:
         self.modelled_prefill: float | None = None  # the prefill part of it
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
-        """The sequence after the turn (the kept window plus the answer), as [1, tokens]."""
+        """The sequence after the turn (the kept window plus the answer), as [1, tokens] on the CPU."""
         return self.future.result(timeout)
 
     def done(self) -> bool:

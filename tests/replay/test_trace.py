@@ -58,3 +58,14 @@ def test_real_dataset_sample():
     t = build_trace(20, seed=0)
     assert len(t.conversations) == 20 and t.rounds >= 40
     assert t.params["dataset_conversations"] > 10000
+
+
+def test_think_spread_gives_each_conversation_its_own_rhythm(tmp_path):
+    path = _dataset(tmp_path)
+    base = build_trace(8, seed=2, think_mean=10.0, path=path)
+    spread = build_trace(8, seed=2, think_mean=10.0, think_spread=1.0, path=path)
+    assert [c.start for c in base.conversations] == [c.start for c in spread.conversations]
+    ratios = [s.rounds[1].think / b.rounds[1].think for b, s in zip(base.conversations, spread.conversations)]
+    assert max(ratios) / min(ratios) > 2  # per-conversation means differ
+    with pytest.raises(ValueError, match="think_spread"):
+        build_trace(2, think_spread=-1, path=path)

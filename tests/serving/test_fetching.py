@@ -30,3 +30,37 @@ def test_plan_never_exceeds_the_budget_on_random_queues():
         assert len(picks) == len(set(picks)) and all(disk[c] > 0 for c in picks)
         order = list(dict.fromkeys(window))
         assert [order.index(c) for c in picks] == sorted(order.index(c) for c in picks)
+
+
+class FakeStore:
+    """Host memory of 100 bytes; making room drops conversation 'b' from disk (as a demotion's write can)."""
+
+    def __init__(self):
+        self.disk = {"a": 30, "b": 30, "c": 30}
+        self.free = 20
+        self.prefetched = []
+
+    def residency(self, conv):
+        return {"disk_only_bytes": self.disk.get(conv, 0)}
+
+    def host_free_bytes(self):
+        return self.free
+
+    def make_host_room(self, nbytes, protect=frozenset()):
+        assert {"a", "b", "c"} <= set(protect)
+        self.free = 100
+        del self.disk["b"]
+
+    def prefetch(self, conv):
+        if conv not in self.disk:
+            raise KeyError(conv)
+        self.prefetched.append(conv)
+        return conv
+
+
+def test_prefetch_window_skips_what_making_room_dropped():
+    from cachedattn.serving.fetching import prefetch_window
+
+    s = FakeStore()
+    assert prefetch_window(s, ["a", "b", "a", "c", "run"], "run", running_need=10) == ["a", "c"]
+    assert s.prefetched == ["a", "c"]
