@@ -5,7 +5,10 @@ included) and prefill throughput (prompt tokens, history included, over the
 summed TTFTs). Modelled (virtual clock): queue wait, busy time, makespan and the
 cost built on them. Hit rates are token-weighted over the history an unlimited
 cache would reuse: host / disk = reused tokens found in that tier, miss =
-the rest (recomputed).
+the rest (recomputed). Cost: the paper's prices applied to the modelled busy
+time (all of it, and the prefill part alone, which is what caching changes;
+decode time is the same for every system) and to the capacity of each tier
+held over the makespan.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def summarize(result, host_bytes: int, disk_bytes: int) -> dict:
     hours = result.makespan / 3600
     uses_store = result.system.save
     cost_gpu = GPU_PER_HOUR * result.busy / 3600
+    prefill_busy = float(sum(r["modelled_prefill"] for r in recs))
     cost_dram = DRAM_PER_GB_HOUR * host_bytes / 1e9 * hours if uses_store else 0.0
     cost_ssd = SSD_PER_GB_HOUR * disk_bytes / 1e9 * hours if uses_store else 0.0
     return dict(
@@ -58,10 +62,13 @@ def summarize(result, host_bytes: int, disk_bytes: int) -> dict:
         prefetched_chunks=st["host"]["prefetches"],
         compute_time_measured=float(ttft.sum()),
         busy_time_modelled=result.busy,
+        prefill_time_modelled=prefill_busy,
         makespan_modelled=result.makespan,
         wait_mean_modelled=float(wait.mean()),
         queue_mean=float(np.mean(result.queue_lengths)) if result.queue_lengths else 0.0,
         queue_max=int(max(result.queue_lengths, default=0)),
         cost_usd=cost_gpu + cost_dram + cost_ssd,
         cost_breakdown=dict(gpu=cost_gpu, dram=cost_dram, ssd=cost_ssd),
+        # The part cachedattn changes: accelerator time spent in prefill, plus the memory and disk it keeps.
+        cost_prefill_usd=GPU_PER_HOUR * prefill_busy / 3600 + cost_dram + cost_ssd,
     )

@@ -21,7 +21,8 @@ def comparison_tables(rows: list[dict], baseline: str = "RE") -> list[Table]:
     """Two tables: time and cost per system, and where the history came from."""
     base = next((r for r in rows if r["system"] == baseline), None)
     perf = Table(title="Replay: TTFT and prefill throughput measured; wait, busy time and cost modelled (virtual clock)")
-    for col in ["system", "TTFT mean", "p50", "p99", "vs RE", "prefill tok/s", "x RE", "wait s", "busy s", "cost $"]:
+    for col in ["system", "TTFT mean", "p50", "p99", "vs RE", "prefill tok/s", "x RE", "wait s", "busy s", "prefill s",
+                "cost $", "prefill cost $"]:
         perf.add_column(col, justify="left" if col == "system" else "right")
     cache = Table(title="Replay: where each turn's history came from (token-weighted) and bytes moved")
     for col in ["system", "hit", "host", "disk", "miss", "host share", "host GB read", "disk GB read", "disk GB written"]:
@@ -32,7 +33,7 @@ def comparison_tables(rows: list[dict], baseline: str = "RE") -> list[Table]:
         perf.add_row(
             r["system"], f"{1e3 * r['ttft_mean']:.1f} ms", f"{1e3 * r['ttft_p50']:.1f}", f"{1e3 * r['ttft_p99']:.1f}", vs,
             f"{r['prefill_throughput']:.0f}", xt, f"{r['wait_mean_modelled']:.1f}", f"{r['busy_time_modelled']:.0f}",
-            f"{r['cost_usd']:.4f}",
+            f"{r['prefill_time_modelled']:.1f}", f"{r['cost_usd']:.3f}", f"{r['cost_prefill_usd']:.4f}",
         )
         cache.add_row(
             r["system"], _pct(r["hit_rate"]), _pct(r["hit_host"]), _pct(r["hit_disk"]), _pct(r["miss"]),
@@ -100,7 +101,7 @@ def plot_comparison(out: Path, results: dict[str, list[dict]], rows: list[dict])
     ax.bar(names, miss, bottom=[h + d for h, d in zip(host, disk)], label="miss (recomputed)", color="lightgray")
     ax.set_ylabel("% of reusable history tokens")
     ax.set_title("Where each turn's history came from")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     fig.tight_layout()
     paths.append(out / "hit_rate.png")
     fig.savefig(paths[-1], dpi=120)
@@ -120,10 +121,11 @@ def plot_sweep(out: Path, rows: list[dict]) -> Path:
         for name in dict.fromkeys(r["system"] for r in rows):
             pts = sorted((r["host_fraction"], r) for r in rows if r["disk_fraction"] == d and r["system"] == name)
             xs = [100 * x for x, _ in pts]
-            axes[0][j].plot(xs, [100 * r["hit_rate"] for _, r in pts], marker="o", label=name)
+            line = axes[0][j].plot(xs, [100 * r["hit_rate"] for _, r in pts], marker="o", label=name)[0]
+            axes[0][j].plot(xs, [100 * r["hit_host"] for _, r in pts], ls="--", color=line.get_color())
             axes[1][j].plot(xs, [1e3 * r["ttft_mean"] for _, r in pts], marker="o", label=name)
         axes[0][j].set_title(f"disk = {100 * d:.0f}% of working set")
-        axes[0][j].set_ylabel("hit rate (%)")
+        axes[0][j].set_ylabel("hit rate, % (dashed: from host memory)")
         axes[1][j].set_ylabel("TTFT mean (ms, measured)")
         axes[1][j].set_xlabel("host memory (% of working set)")
         for ax in (axes[0][j], axes[1][j]):

@@ -32,6 +32,11 @@ class Job:
         self.service_time: float | None = None  # set by a virtual clock: the modelled time the job took
         self.modelled_prefill: float | None = None  # the prefill part of it
 
+    @property
+    def tier_hits(self) -> dict[str, int]:
+        """Reused tokens per tier (the same as tier_tokens)."""
+        return self.tier_tokens
+
     def result(self, timeout: float | None = None) -> torch.Tensor:
         """The sequence after the turn (the kept window plus the answer), as [1, tokens] on the CPU."""
         return self.future.result(timeout)
