@@ -132,7 +132,8 @@ class Engine:
         if self.prefetch and self.save:
             window = self.queued_conversations()[: self.prefetch_window()]
             need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
-            self._pending_prefetch = fetching.prefetch_window(self.store, window, job.conv_id, need)
+            self._best_effort("prefetching", lambda: self._pending_prefetch.extend(
+                fetching.prefetch_window(self.store, window, job.conv_id, need)))
         self._execute(job)
         if hasattr(self.clock, "charge"):
             self.clock.charge(job)
@@ -141,8 +142,16 @@ class Engine:
             self._policy.on_finish(job.conv_id, job.finished, job.answer_tokens)
         if self.save and self.reserve:
             cap = self.store.stats()["host"]["capacity_bytes"]
-            self.store.make_host_room(int(self.reserve * cap))
+            self._best_effort("keeping the reserve free", lambda: self.store.make_host_room(int(self.reserve * cap)))
         return job
+
+    @staticmethod
+    def _best_effort(what: str, fn) -> None:
+        """Prefetching and demoting ahead of time are optimisations: a failure is logged, not fatal to a job."""
+        try:
+            fn()
+        except Exception as e:  # e.g. the disk failed or host memory is held by open loads
+            log.warning("cachedattn: %s failed (%s); the jobs go on without it", what, e)
 
     def wait_background_io(self) -> None:
         """Waits for prefetches and disk writes started so far (a virtual clock's idea of time passing)."""
@@ -163,9 +172,9 @@ class Engine:
         """Read buffer: while `current` decodes, bring the next job's disk-resident KV into host memory."""
         with self._cv:
             nxt = next((j for j in self._queue if j.conv_id != current.conv_id), None)
-        if nxt is None or not self.store.residency(nxt.conv_id)["disk_only_bytes"]:
-            return
-        self._pending_prefetch += fetching.prefetch_window(self.store, [nxt.conv_id], current.conv_id, 0)
+        if nxt is not None:
+            self._best_effort("reading ahead", lambda: self._pending_prefetch.extend(
+                fetching.prefetch_window(self.store, [nxt.conv_id], current.conv_id, 0)))
 
     def _execute(self, job: Job) -> None:
         job.started = self.clock()

@@ -18,6 +18,7 @@ turns). Queued conversations are ranked as in QueueAwarePolicy.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 from cachedattn.store.eviction import LRUPolicy, register_policy
@@ -73,27 +74,31 @@ class PredictivePolicy(QueueAwarePolicy):
         self._ratios: dict[str, list[float]] = {}
         self._obs: list[tuple[int, float]] = []  # (answer tokens before the gap, gap)
         self._fit = (0.0, 0.0)
+        self._lock = threading.Lock()  # job events come from submitters and the worker, order() from the store
 
     def on_submit(self, conv_id: str, now: float) -> None:
-        end = self._last_end.get(conv_id)
-        if end is None:
-            return
-        answer = self._last_answer.get(conv_id, 0)
-        gap = max(now - end, 0.0)
-        expected = self._fit_gap(answer)
-        if expected > 0:
-            self._ratios.setdefault(conv_id, []).append(gap / expected)
-        self._obs.append((answer, gap))
-        self._refit()
+        with self._lock:
+            end = self._last_end.get(conv_id)
+            if end is None:
+                return
+            answer = self._last_answer.get(conv_id, 0)
+            gap = max(now - end, 0.0)
+            expected = self._fit_gap(answer)
+            if expected > 0:
+                self._ratios.setdefault(conv_id, []).append(gap / expected)
+            self._obs.append((answer, gap))
+            self._refit()
 
     def on_finish(self, conv_id: str, now: float, answer_tokens: int) -> None:
-        self._last_end[conv_id] = now
-        self._last_answer[conv_id] = answer_tokens
+        with self._lock:
+            self._last_end[conv_id] = now
+            self._last_answer[conv_id] = answer_tokens
 
     def on_remove(self, conv_id: str) -> None:
         super().on_remove(conv_id)
-        for d in (self._last_end, self._last_answer, self._ratios):
-            d.pop(conv_id, None)
+        with self._lock:
+            for d in (self._last_end, self._last_answer, self._ratios):
+                d.pop(conv_id, None)
 
     def _refit(self) -> None:
         n = len(self._obs)
@@ -115,18 +120,17 @@ class PredictivePolicy(QueueAwarePolicy):
         return base * ratio
 
     def idle_order(self, idle: list[str]) -> list[str]:
+        lru = super().idle_order(idle)
         if not self._obs or self._engine is None:
-            return super().idle_order(idle)  # no rhythm seen yet: LRU
+            return lru  # no rhythm seen yet: LRU
         now = self._engine.clock()
-        lru_rank = {c: i for i, c in enumerate(super().idle_order(idle))}
-
-        def overdue(c: str) -> float:
-            end = self._last_end.get(c)
-            if end is None:
-                return float("inf")  # no turn served since the store opened
-            return (now - end) / self.expected_gap(c)
-
-        return sorted(idle, key=lambda c: (-overdue(c), lru_rank[c]))
+        with self._lock:
+            rank = {}
+            for c in lru:
+                end = self._last_end.get(c)
+                # No turn served since the store opened: nothing says it will come back.
+                rank[c] = float("inf") if end is None else (now - end) / self.expected_gap(c)
+        return sorted(lru, key=lambda c: -rank[c])  # stable: ties keep LRU order
 
 
 register_policy("queue", QueueAwarePolicy)
