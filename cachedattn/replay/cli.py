@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import platform
 import tempfile
 import time
@@ -16,11 +15,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cachedattn import native
+from cachedattn.hf.probe import probe
 from cachedattn.replay import report
 from cachedattn.replay.clock import ServiceModel, calibrate
 from cachedattn.replay.metrics import summarize
 from cachedattn.replay.systems import SYSTEMS, Capacities, run_system, working_set
 from cachedattn.replay.trace import build_trace
+from cachedattn.store.spec import ChunkGeometry
 
 log = logging.getLogger("cachedattn")
 SWEEP_SYSTEMS = ["CA", "CA-pred", "CA-LRU", "CA-FIFO"]
@@ -107,36 +108,26 @@ def _service_model(args, model, vocab) -> ServiceModel:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    names = SWEEP_SYSTEMS if args.sweep else _check(args)
-    _check(args)
+    chosen = _check(args)
+    names = SWEEP_SYSTEMS if args.sweep else chosen
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trace = build_trace(args.conversations, args.seed, args.rate, args.think_mean, args.max_user, args.max_answer,
                         args.max_rounds, args.dataset, args.think_spread)
     model, vocab, model_name = _model(args)
     service = _service_model(args, model, vocab)
-
-    from cachedattn.hf.probe import probe
-
     spec = probe(model).spec
-    block = spec.kv_bytes_per_token() * args.chunk_tokens  # upper bound of a chunk block before alignment
+    block = ChunkGeometry(spec, args.chunk_tokens).block_bytes
     ws = working_set(trace, args.max_context, args.chunk_tokens, block)
     # The running job holds its history's blocks (the load) and its new chunks (the append) in host memory.
     min_host = 2 * (math.ceil(args.max_context / args.chunk_tokens) + 1) * block
+    if min(args.sweep_host if args.sweep else [args.host_fraction]) * ws < min_host:
+        log.warning("cachedattn: host memory raised to %.0f MB where the fraction gives less: the running job holds "
+                    "a full context window of history and new KV in host memory", min_host / 1e6)
     plan = [(h, d) for h in args.sweep_host for d in args.sweep_disk] if args.sweep else [(args.host_fraction, args.disk_fraction)]
-    config = dict(
-        trace=trace.params, rounds=trace.rounds, model=model_name, max_context=args.max_context,
-        chunk_tokens=args.chunk_tokens, min_host_bytes=min_host, kv_bytes_per_token=spec.kv_bytes_per_token(), working_set_bytes=ws,
-        service_model=service.as_dict(), machine=dict(platform=platform.platform(), cpu=platform.processor() or "?",
-        threads=torch.get_num_threads(), io_backend=native.io_backend()), device=args.device,
-        clock="virtual: advanced by the service-time model (see cachedattn/replay/clock.py); TTFT measured",
-    )
-    runs: list[tuple[float, float, str, dict, list[dict]]] = []
-    workdir = args.workdir or tempfile.gettempdir()
-    with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=workdir) as tmp, Progress(
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=args.workdir) as tmp, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     ) as progress:
         task = progress.add_task("replay", total=trace.rounds * len(names) * len(plan))
@@ -148,27 +139,42 @@ def main(argv: list[str] | None = None) -> None:
                                  on_job=lambda: progress.advance(task))
                 row = summarize(res, caps.host_bytes, caps.disk_bytes)
                 row.update(host_fraction=h, disk_fraction=d, host_bytes=caps.host_bytes, disk_bytes=caps.disk_bytes)
-                runs.append((h, d, name, row, res.records))
-    config["wall_seconds"] = time.perf_counter() - t0
-    rows = [r for *_, r, _ in runs]
-    if args.sweep:
+                runs.append((row, res.records))
+    config = dict(
+        trace=trace.params, rounds=trace.rounds, model=model_name, device=args.device, max_context=args.max_context,
+        chunk_tokens=args.chunk_tokens, kv_bytes_per_token=spec.kv_bytes_per_token(), working_set_bytes=ws,
+        min_host_bytes=min_host, service_model=service.as_dict(), wall_seconds=time.perf_counter() - t0,
+        machine=dict(platform=platform.platform(), cpu=platform.processor() or "?", threads=torch.get_num_threads(),
+                     io_backend=native.io_backend()),
+        clock="virtual: advanced by the service-time model (see cachedattn/replay/clock.py); TTFT measured",
+    )
+    _write(Path(args.out), args.sweep, config, runs)
+    rows = [r for r, _ in runs]
+    caps_line = "" if args.sweep else (
+        f"; host {rows[0]['host_bytes'] / 1e6:.0f} MB ({100 * rows[0]['host_bytes'] / ws:.0f}%), "
+        f"disk {rows[0]['disk_bytes'] / 1e6:.0f} MB ({100 * rows[0]['disk_bytes'] / ws:.0f}%)")
+    print(f"trace: {trace.rounds} rounds of {len(trace.conversations)} conversations (seed {args.seed}); "
+          f"working set {ws / 1e6:.0f} MB{caps_line}")
+    print(f"clock: virtual, service times from {service.source}; TTFT and prefill throughput measured on this machine")
+    print(f"wrote {args.out} in {config['wall_seconds']:.0f} s")
+
+
+def _write(out: Path, sweep: bool, config: dict, runs: list[tuple[dict, list[dict]]]) -> None:
+    """Tables (console and markdown), JSON and plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r, _ in runs]
+    if sweep:
         tables = [report.sweep_table(rows)]
-        paths = [report.plot_sweep(out, rows)]
+        report.plot_sweep(out, rows)
         report.write_json(out / "sweep.json", dict(config=config, rows=rows))
     else:
+        jobs = {r["system"]: recs for r, recs in runs}
         tables = report.comparison_tables(rows)
-        paths = report.plot_comparison(out, {name: recs for _, _, name, _, recs in runs}, rows)
-        report.write_json(out / "results.json", dict(config=config, rows=rows,
-                                                       jobs={name: recs for _, _, name, _, recs in runs}))
-    (out / ("sweep.md" if args.sweep else "table.md")).write_text("\n".join(report.markdown(t) for t in tables))
+        report.plot_comparison(out, jobs, rows)
+        report.write_json(out / "results.json", dict(config=config, rows=rows, jobs=jobs))
+    (out / ("sweep.md" if sweep else "table.md")).write_text("\n".join(report.markdown(t) for t in tables))
     for t in tables:
         report.print_table(t)
-    print(f"trace: {trace.rounds} rounds of {len(trace.conversations)} conversations (seed {args.seed}); "
-          f"working set {ws / 1e6:.0f} MB; host {100 * plan[0][0]:.0f}%, disk {100 * plan[0][1]:.0f}% of it"
-          if not args.sweep else f"trace: {trace.rounds} rounds; working set {ws / 1e6:.0f} MB")
-    print(f"clock: virtual, service times from {service.source}; TTFT and prefill throughput measured on this machine")
-    print(f"wrote {', '.join(str(p) for p in [out / ('sweep.json' if args.sweep else 'results.json'), *paths])} "
-          f"in {config['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
