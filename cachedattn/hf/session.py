@@ -194,6 +194,11 @@ class Session:
             self._last = (cache, input_ids[0], n)
         return out
 
+    @property
+    def turn_ids(self) -> torch.Tensor | None:
+        """The token ids of the current turn as the model saw them (after any truncation), or None."""
+        return None if self._last is None else self._last[1]
+
     def continue_turn(self, new_ids: torch.Tensor, **kwargs):
         """Runs more tokens of the current turn (e.g. an answer known in advance)
         through the cache of the last plain forward, and stores their KV too.

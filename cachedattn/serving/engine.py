@@ -192,7 +192,7 @@ class Engine:
                     job.answer_tokens = s.generated_tokens
                 else:
                     self.model(ids, **self._fwd_kwargs)
-                    kept = s._last[1][None] if s._last is not None else ids
+                    kept = s.turn_ids[None]
                     if self.save:
                         s.continue_turn(job.answer.to(self._device), **self._fwd_kwargs)
                     out = torch.cat([kept.cpu(), job.answer.cpu()], 1)
