@@ -81,8 +81,9 @@ def conversation_tokens(conv, vocab: int) -> list[tuple[torch.Tensor, torch.Tens
 def run_system(system: System, trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
                max_context: int, workdir: str, on_job=None) -> RunResult:
     if system.unlimited:
-        store = AttentionStore(host_bytes=caps.working_set_bytes * 2 + (64 << 20), chunk_tokens=caps.chunk_tokens,
-                               eviction=system.eviction)
+        # The whole working set, plus room for the copy-on-write of partial chunks and the running job.
+        host = caps.working_set_bytes + caps.working_set_bytes // 8 + (64 << 20)
+        store = AttentionStore(host_bytes=host, chunk_tokens=caps.chunk_tokens, eviction=system.eviction)
     elif not system.save:
         store = AttentionStore(host_bytes=16 << 20, chunk_tokens=caps.chunk_tokens)  # holds nothing: RE stores nothing
     else:
@@ -97,6 +98,8 @@ def run_system(system: System, trace: Trace, model, vocab: int, caps: Capacities
         result = _serve(engine, clock, trace, vocab, system, on_job)
         store.flush()
         result.stats = store.stats()
+        if system.unlimited and result.stats["host"]["evictions"]:
+            raise RuntimeError("the ideal system evicted KV: its host memory was sized too small")
         return result
     finally:
         cachedattn.unpatch(model)
