@@ -156,3 +156,26 @@ def test_engine_handles_context_overflow_and_keeps_reusing(tmp_path):
     after_drop = [j for j in jobs if j.dropped_tokens]
     assert all(j.reused_tokens > 0 for j in after_drop)  # positions re-applied, history reused
     store.close()
+
+
+@pytest.mark.parametrize("read_buffer", [True, False])
+def test_read_buffer_loads_the_next_job_while_this_one_decodes(tmp_path, read_buffer):
+    model = tiny_model("llama")
+    store = make_store(tmp_path)
+    ids = {c: torch.randint(1, VOCAB, (1, 48), generator=torch.Generator().manual_seed(i)) for i, c in enumerate("pq")}
+    cachedattn.patch(model, store)
+    with torch.no_grad():
+        for c in "pq":
+            with cachedattn.session(model, c):
+                model(ids[c])
+    store.flush()
+    for c in "pq":
+        store.demote(c)
+    # No look-ahead prefetch: only the read buffer can bring q in before its turn.
+    with Engine(model, store, background=False, prefetch=False, read_buffer=read_buffer) as engine:
+        jobs = [engine.submit(c, torch.cat([ids[c], ids[c][:, :4]], 1), answer=ids[c][:, :6]) for c in "pq"]
+        while engine.step() is not None:
+            engine.wait_background_io()
+    assert jobs[0].tier_tokens == {"host": 0, "disk": 48}
+    assert jobs[1].tier_tokens == ({"host": 48, "disk": 0} if read_buffer else {"host": 0, "disk": 48})
+    store.close()
