@@ -12,6 +12,20 @@ def make_store(tmp_path, host_bytes=1 << 24, **kw):
     return AttentionStore(host_bytes=host_bytes, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off", **kw)
 
 
+def _on_disk(model, store, convs: str, n: int) -> dict:
+    """Stores n random tokens of KV for each conversation, then moves them all to disk."""
+    ids = {c: torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(i)) for i, c in enumerate(convs)}
+    cachedattn.patch(model, store)
+    with torch.no_grad():
+        for c in convs:
+            with cachedattn.session(model, c):
+                model(ids[c])
+    store.flush()
+    for c in convs:
+        store.demote(c)
+    return ids
+
+
 def test_engine_results_equal_recompute_and_keep_order(tmp_path):
     model = tiny_model("llama")
     store = make_store(tmp_path, eviction=QueueAwarePolicy())
@@ -94,15 +108,7 @@ def test_recompute_engine_stores_nothing(tmp_path):
 def test_engine_prefetches_queued_conversations_from_disk(tmp_path):
     model = tiny_model("llama")
     store = make_store(tmp_path)
-    ids = {c: torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(i)) for i, c in enumerate("xyz")}
-    cachedattn.patch(model, store)
-    with torch.no_grad():
-        for c in "xyz":
-            with cachedattn.session(model, c):
-                model(ids[c])
-    store.flush()
-    for c in "xyz":
-        store.demote(c)
+    ids = _on_disk(model, store, "xyz", 40)
     with Engine(model, store, background=False) as engine:
         jobs = [engine.submit(c, torch.cat([ids[c], ids[c][:, :5]], 1), answer=ids[c][:, :3]) for c in "xyz"]
         while engine.step() is not None:
@@ -162,15 +168,7 @@ def test_engine_handles_context_overflow_and_keeps_reusing(tmp_path):
 def test_read_buffer_loads_the_next_job_while_this_one_decodes(tmp_path, read_buffer):
     model = tiny_model("llama")
     store = make_store(tmp_path)
-    ids = {c: torch.randint(1, VOCAB, (1, 48), generator=torch.Generator().manual_seed(i)) for i, c in enumerate("pq")}
-    cachedattn.patch(model, store)
-    with torch.no_grad():
-        for c in "pq":
-            with cachedattn.session(model, c):
-                model(ids[c])
-    store.flush()
-    for c in "pq":
-        store.demote(c)
+    ids = _on_disk(model, store, "pq", 48)
     # No look-ahead prefetch: only the read buffer can bring q in before its turn.
     with Engine(model, store, background=False, prefetch=False, read_buffer=read_buffer) as engine:
         jobs = [engine.submit(c, torch.cat([ids[c], ids[c][:, :4]], 1), answer=ids[c][:, :6]) for c in "pq"]
