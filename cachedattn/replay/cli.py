@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ) as progress:
         task = progress.add_task("replay", total=trace.rounds * len(names) * len(plan))
         for h, d in plan:
-            caps = Capacities(max(int(h * ws), min_host), max(int(d * ws), 2 * block), args.chunk_tokens, ws)
+            caps = Capacities(max(int(h * ws), min_host), max(int(d * ws), 2 * block), args.chunk_tokens, ws, block)
             for name in names:
                 progress.update(task, description=f"{name:8s} host {100 * h:.0f}% disk {100 * d:.0f}%")
                 res = run_system(SYSTEMS[name], trace, model, vocab, caps, service, args.max_context, tmp,

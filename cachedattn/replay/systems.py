@@ -53,6 +53,7 @@ class Capacities:
     disk_bytes: int
     chunk_tokens: int
     working_set_bytes: int
+    block_bytes: int  # one chunk of this model
 
 
 @dataclass
@@ -85,7 +86,8 @@ def run_system(system: System, trace: Trace, model, vocab: int, caps: Capacities
         host = caps.working_set_bytes + caps.working_set_bytes // 8 + (64 << 20)
         store = AttentionStore(host_bytes=host, chunk_tokens=caps.chunk_tokens, eviction=system.eviction)
     elif not system.save:
-        store = AttentionStore(host_bytes=16 << 20, chunk_tokens=caps.chunk_tokens)  # holds nothing: RE stores nothing
+        # RE stores nothing; the store only has to attach.
+        store = AttentionStore(host_bytes=2 * caps.block_bytes, chunk_tokens=caps.chunk_tokens)
     else:
         disk = tempfile.mkdtemp(prefix=f"{system.name}-", dir=workdir)
         store = AttentionStore(host_bytes=caps.host_bytes, disk_dir=disk, disk_bytes=caps.disk_bytes,

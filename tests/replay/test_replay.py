@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
 def _run(setup, name, tmp_path, host_frac=0.3, disk_frac=0.6):
     trace, model, block, ws = setup
     host = max(int(host_frac * ws), 2 * (CTX // CHUNK + 1) * block)
-    caps = Capacities(host, max(int(disk_frac * ws), 2 * block), CHUNK, ws)
+    caps = Capacities(host, max(int(disk_frac * ws), 2 * block), CHUNK, ws, block)
     tmp_path.mkdir(parents=True, exist_ok=True)
     res = run_system(SYSTEMS[name], trace, model, VOCAB, caps, ServiceModel(), CTX, str(tmp_path))
     return res, summarize(res, caps.host_bytes, caps.disk_bytes)
