@@ -12,8 +12,10 @@ since its last turn ended over the gap it is expected to take, `elapsed / E`.
 The longer a conversation stays silent relative to its own rhythm, the more
 likely it has ended, so it goes first. E comes from a least-squares fit of all
 observed gaps on the length of the answer before them, scaled by the
-conversation's own mean ratio to that fit (shrunk towards 1 while it has few
-turns). Queued conversations are ranked as in QueueAwarePolicy.
+conversation's own mean ratio to that fit, shrunk towards 1 by empirical
+Bayes: as far as conversations differ more than their gaps scatter (users
+with alike rhythms get the global fit alone). Queued conversations are ranked
+as in QueueAwarePolicy.
 """
 
 from __future__ import annotations
@@ -65,15 +67,16 @@ class QueueAwarePolicy(LRUPolicy):
 
 class PredictivePolicy(QueueAwarePolicy):
     name = "predictive"
-    PRIOR_TURNS = 2.0  # weight of the global fit against a conversation's own gaps
 
     def __init__(self):
         super().__init__()
         self._last_end: dict[str, float] = {}
         self._last_answer: dict[str, int] = {}
-        self._ratios: dict[str, list[float]] = {}
-        self._obs: list[tuple[int, float]] = []  # (answer tokens before the gap, gap)
+        self._ratios: dict[str, list[float]] = {}  # each observed gap over the fit's expectation at the time
+        self._sums = [0, 0.0, 0.0, 0.0, 0.0, 0.0]  # n, sums of answer, gap, answer^2, answer*gap, gap^2
         self._fit = (0.0, 0.0)
+        self._between = 0.0  # variance of the conversations' true rhythms (empirical Bayes)
+        self._within = 1.0  # variance of one gap ratio around its conversation's rhythm
         self._lock = threading.Lock()  # job events come from submitters and the worker, order() from the store
 
     def on_submit(self, conv_id: str, now: float) -> None:
@@ -86,7 +89,9 @@ class PredictivePolicy(QueueAwarePolicy):
             expected = self._fit_gap(answer)
             if expected > 0:
                 self._ratios.setdefault(conv_id, []).append(gap / expected)
-            self._obs.append((answer, gap))
+                self._estimate_spread()
+            for i, v in enumerate((1, answer, gap, answer * answer, answer * gap, gap * gap)):
+                self._sums[i] += v
             self._refit()
 
     def on_finish(self, conv_id: str, now: float, answer_tokens: int) -> None:
@@ -101,27 +106,51 @@ class PredictivePolicy(QueueAwarePolicy):
                 d.pop(conv_id, None)
 
     def _refit(self) -> None:
-        n = len(self._obs)
-        mx = sum(a for a, _ in self._obs) / n
-        my = sum(g for _, g in self._obs) / n
-        sxx = sum((a - mx) ** 2 for a, _ in self._obs)
-        slope = max(0.0, sum((a - mx) * (g - my) for a, g in self._obs) / sxx) if sxx > 0 else 0.0
-        self._fit = (my - slope * mx, slope)
+        """Least squares of gap on answer length; the slope is kept only where the data
+        support it (t > 2), so noise does not make long answers look slower."""
+        n, sa, sg, saa, sag, sgg = self._sums
+        sxx, sxy, syy = saa - sa * sa / n, sag - sa * sg / n, sgg - sg * sg / n
+        slope = sxy / sxx if sxx > 1e-9 else 0.0
+        if n > 2 and slope > 0:
+            resid = max(0.0, syy - slope * sxy) / (n - 2)
+            if slope <= 2 * (resid / sxx) ** 0.5:
+                slope = 0.0
+        slope = max(0.0, slope)
+        self._fit = ((sg - slope * sa) / n, slope)
+
+    def _estimate_spread(self) -> None:
+        """Between- and within-conversation variance of the gap ratios: how much a
+        conversation's own history says beyond the global fit."""
+        groups = [r for r in self._ratios.values() if r]
+        repeat = [r for r in groups if len(r) >= 2]
+        dof = sum(len(r) - 1 for r in repeat)
+        if dof < 2:
+            self._between = 0.0  # too little to tell users apart: trust the global fit
+            return
+        means = [sum(r) / len(r) for r in groups]
+        self._within = sum(sum((x - sum(r) / len(r)) ** 2 for x in r) for r in repeat) / dof
+        mu = sum(means) / len(means)
+        spread = sum((m - mu) ** 2 for m in means) / max(1, len(means) - 1)
+        self._between = max(0.0, spread - sum(self._within / len(r) for r in groups) / len(groups))
 
     def _fit_gap(self, answer: int) -> float:
         a, b = self._fit
-        return max(a + b * answer, 1e-9) if self._obs else 0.0
+        return max(a + b * answer, 1e-9) if self._sums[0] else 0.0
 
     def expected_gap(self, conv_id: str) -> float:
-        """E: the gap this conversation's next turn is expected to take after its last one ended."""
+        """E: the gap this conversation's next turn is expected to take after its last one ended:
+        the global fit, scaled by the conversation's own mean ratio shrunk towards 1 as
+        far as the spread between conversations warrants (empirical Bayes)."""
         base = self._fit_gap(self._last_answer.get(conv_id, 0))
         own = self._ratios.get(conv_id, [])
-        ratio = (sum(own) + self.PRIOR_TURNS) / (len(own) + self.PRIOR_TURNS)
-        return base * ratio
+        if not own or self._between <= 0:
+            return base
+        weight = self._between / (self._between + self._within / len(own))
+        return base * max(0.05, 1 + weight * (sum(own) / len(own) - 1))
 
     def idle_order(self, idle: list[str]) -> list[str]:
         lru = super().idle_order(idle)
-        if not self._obs or self._engine is None:
+        if not self._sums[0] or self._engine is None:
             return lru  # no rhythm seen yet: LRU
         now = self._engine.clock()
         with self._lock:
