@@ -97,3 +97,29 @@ def test_predictive_without_history_falls_back_to_lru():
         p.on_insert(conv)
     p.on_access("a")
     assert p.order(list("abc"), "host") == ["b", "c", "a"]
+
+
+def test_predictive_trusts_the_global_fit_when_users_are_alike():
+    p = PredictivePolicy()
+    p.bind(FakeEngine([]))
+    t = 0.0
+    for rnd in range(4):
+        for i in range(6):  # every conversation alternates short and long gaps the same way
+            conv = f"c{i}"
+            p.on_finish(conv, t, 100)
+            p.on_submit(conv, t + (5.0 if rnd % 2 else 15.0))
+        t += 100.0
+    for i in range(6):
+        p.on_finish(f"c{i}", t, 100)
+    assert p._between == 0.0
+    assert len({round(p.expected_gap(f"c{i}"), 9) for i in range(6)}) == 1
+
+
+def test_predictive_ignores_an_answer_length_slope_that_is_noise():
+    p = PredictivePolicy()
+    p.bind(FakeEngine([]))
+    for i, (answer, gap) in enumerate([(10, 20.0), (200, 21.0), (50, 19.0), (120, 20.0), (30, 22.0), (180, 18.5),
+                                       (90, 21.5), (160, 19.5)]):
+        p.on_finish(f"c{i}", 0.0, answer)
+        p.on_submit(f"c{i}", gap)
+    assert p._fit[1] == 0.0 and p._fit[0] == pytest.approx(20.19, abs=0.01)
