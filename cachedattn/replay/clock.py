@@ -1,7 +1,8 @@
 """The replay's virtual clock: time advances by a model of each job's service
 time, so hundreds of turns (and the minutes of think time between them) replay
-in minutes, and the schedule, and with it every cache decision, is the same
-for a given seed on any machine.
+in minutes, and the schedule, and with it the cache decisions, is the same
+for a given seed on any machine (where the disk is nearly full, whether a
+chunk's background write has finished can still change a demotion).
 
     prefill = c0 + c1 * computed + c2 * computed * context / 1000     (context = prompt tokens)
             + load stall: all of it when loading before computing, else what
