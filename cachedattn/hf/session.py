@@ -157,24 +157,23 @@ class Session:
             if load is not None:
                 load.close()
 
-    def _save(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, start: int | None = None) -> int:
-        """Stores the KV of tokens [start, n + new) (start defaults to n); returns the new end."""
+    def _save(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, start: int | None = None) -> None:
+        """Stores the KV of tokens [start, n + new) (start defaults to n)."""
         start = n if start is None else start
         m = n + cache.new_tokens()
         if m <= start:
-            return m
+            return
         st = self._state
         try:
             txn = st.store.begin_append(self.conv_id, token_ids[:m], start=start)
         except ValueError as e:  # another writer changed this conversation meanwhile
             log.warning("cachedattn: not saving turn of %r: %s", self.conv_id, e)
-            return m
+            return
         with txn:
             for layer in range(st.kv.spec.num_layers):
                 k, v = cache.layer_new_kv(layer, skip=start - n)
                 txn.put_layer(layer, k.detach(), v.detach())
             self.last_save = txn.commit()
-        return m
 
     def run_forward(self, forward, input_ids, kwargs):
         cache, n, input_ids = self._begin(input_ids, self.reserve)

@@ -63,6 +63,10 @@ class Engine:
         self.prefetch, self.read_buffer, self.layerwise, self.save = prefetch, read_buffer, layerwise, save
         self.reserve = reserve
         self._bytes_per_token = store.spec.kv_bytes_per_token()
+        # Fixed once the store is attached; the policy asks for the windows at every eviction.
+        st = store.stats()
+        self._host_cap = st["host"]["capacity_bytes"]
+        self._disk_cap = st["disk"].get("capacity_bytes", 0)
         self._policy = store.policy if isinstance(store.policy, QueueAwarePolicy) else None
         if self._policy is not None:
             self._policy.bind(self)
@@ -111,14 +115,11 @@ class Engine:
 
     def prefetch_window(self) -> int:
         """L_pw = C_mem / S_kv: how many queued jobs' conversations host memory can hold."""
-        cap = self.store.stats()["host"]["capacity_bytes"]
-        return fetching.window_size(cap, self.store.mean_conversation_bytes())
+        return fetching.window_size(self._host_cap, self.store.mean_conversation_bytes())
 
     def disk_window(self) -> int:
         """(C_mem + C_disk) / S_kv: queued jobs whose KV is never dropped from disk."""
-        st = self.store.stats()
-        cap = st["host"]["capacity_bytes"] + st["disk"].get("capacity_bytes", 0)
-        return fetching.window_size(cap, self.store.mean_conversation_bytes())
+        return fetching.window_size(self._host_cap + self._disk_cap, self.store.mean_conversation_bytes())
 
     # ---- the worker -------------------------------------------------------------
 
@@ -141,8 +142,8 @@ class Engine:
         if self._policy is not None:
             self._policy.on_finish(job.conv_id, job.finished, job.answer_tokens)
         if self.save and self.reserve:
-            cap = self.store.stats()["host"]["capacity_bytes"]
-            self._best_effort("keeping the reserve free", lambda: self.store.make_host_room(int(self.reserve * cap)))
+            self._best_effort("keeping the reserve free",
+                              lambda: self.store.make_host_room(int(self.reserve * self._host_cap)))
         return job
 
     @staticmethod

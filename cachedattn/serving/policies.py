@@ -37,12 +37,11 @@ class QueueAwarePolicy(LRUPolicy):
         """The engine whose queue (queued_conversations, disk_window, clock) drives this policy."""
         self._engine = engine
 
-    # Job events from the engine; the queue-aware policy needs only the queue itself.
     def on_submit(self, conv_id: str, now: float) -> None:
-        pass
+        """A job of this conversation arrived (engine clock). The queue itself is all this policy needs."""
 
     def on_finish(self, conv_id: str, now: float, answer_tokens: int) -> None:
-        pass
+        """A job of this conversation ended (engine clock) after an answer of answer_tokens."""
 
     def _queue(self) -> list[str]:
         return self._engine.queued_conversations() if self._engine is not None else []
