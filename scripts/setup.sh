@@ -5,20 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-[ "$(id -u)" -ne 0 ] && SUDO="sudo"
-
-missing=()
-command -v apt-get >/dev/null 2>&1 && {
-  dpkg -s liburing-dev >/dev/null 2>&1 || missing+=(liburing-dev)
-  command -v fio >/dev/null 2>&1 || missing+=(fio)
-  command -v g++ >/dev/null 2>&1 || missing+=(g++)
-}
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  $SUDO apt-get update -q
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-fi
+bash scripts/system-packages.sh
 
 PY="${PYTHON:-python3}"
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.

@@ -63,6 +63,10 @@ class FIFOPolicy(_Clocked):
 
 
 _POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
+# Policies that live with the serving engine (they read its queue). Named here so that
+# AttentionStore(eviction="queue") works without anything imported first; the module
+# registers them when imported.
+_SERVING_POLICIES = {"queue", "predictive"}
 
 
 def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
@@ -72,6 +76,8 @@ def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
 def make_policy(spec: str | EvictionPolicy) -> EvictionPolicy:
     if isinstance(spec, EvictionPolicy):
         return spec
+    if spec in _SERVING_POLICIES and spec not in _POLICIES:
+        import cachedattn.serving.policies  # noqa: F401  (registers them)
     try:
         return _POLICIES[spec]()
     except KeyError:
