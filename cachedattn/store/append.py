@@ -10,6 +10,7 @@ returned future completes when the files are complete and renamed into place.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 
 import numpy as np
@@ -19,19 +20,23 @@ from cachedattn.store.chunk_file import layer_checksum
 
 
 class KVAppend:
-    def __init__(self, store, conv, tokens: np.ndarray, start: int, blocks, staged=None):
+    def __init__(self, store, conv, lease, tokens: np.ndarray, start: int, blocks, staged, parent: bytes):
         self._store = store
         self.conv = conv
+        self.lease = lease
         self.tokens = tokens
         self.start = start
         self.blocks = blocks  # one per chunk from first_index on
         self.first_index = start // store._geometry.chunk_tokens
         self.staged = staged  # [(tmp path, File)] per chunk when writing layer by layer
-        self.parent = b""  # key of the chunk before first_index when the append began
+        self.parent = parent  # key of the chunk before first_index when the append began
         self.batches = []  # their per-layer write batches
         self.sums = [[0] * store._geometry.spec.num_layers for _ in blocks]
         self._done: set[int] = set()
         self._closed = False
+        self._cancelled = False
+        self._mutex = threading.Lock()  # put_layer/commit/abort against the store's close()
+        store._register(self)
 
     @property
     def n_new(self) -> int:
@@ -39,8 +44,17 @@ class KVAppend:
 
     def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """K and V of the new tokens for one layer: ``[kv_heads, n_new, head_dim]`` (or with a leading 1)."""
+        with self._mutex:
+            self._check_usable()
+            self._put_layer(layer, k, v)
+
+    def _check_usable(self) -> None:
+        if self._cancelled:
+            raise ValueError("this append was aborted by store.close(): the store is closed")
         if self._closed:
             raise ValueError("this append is already committed or aborted")
+
+    def _put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         geo = self._store._geometry
         spec = geo.spec
         if not 0 <= layer < spec.num_layers:
@@ -92,21 +106,29 @@ class KVAppend:
 
     def commit(self) -> Future:
         """Publishes the new KV; the future completes when it is on disk."""
-        if self._closed:
-            raise ValueError("this append is already committed or aborted")
-        missing = sorted(set(range(self._store._geometry.spec.num_layers)) - self._done)
-        if missing and self.n_new:
-            raise ValueError(f"cannot commit: no KV was put for layers {missing}")
-        self._closed = True
-        for layer in range(self._store._geometry.spec.num_layers):
-            if layer not in self._done:  # nothing new for it (a pure truncation): seal what was copied
-                self._seal_layer(layer)
-        return self._store._commit_append(self)
+        with self._mutex:
+            self._check_usable()
+            missing = sorted(set(range(self._store._geometry.spec.num_layers)) - self._done)
+            if missing and self.n_new:
+                raise ValueError(f"cannot commit: no KV was put for layers {missing}")
+            self._closed = True
+            for layer in range(self._store._geometry.spec.num_layers):
+                if layer not in self._done:  # nothing new for it (a pure truncation): seal what was copied
+                    self._seal_layer(layer)
+            return self._store._writer.commit(self)
 
     def abort(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._store._abort_append(self)
+        with self._mutex:
+            if not self._closed:
+                self._closed = True
+                self._store._writer.abort(self)
+
+    def _cancel(self) -> None:
+        """The store is closing: abort now."""
+        with self._mutex:
+            if not self._closed:
+                self._closed = self._cancelled = True
+                self._store._writer.abort(self)
 
     def __enter__(self) -> KVAppend:
         return self

@@ -8,12 +8,16 @@ written under a temporary name and renamed into place once all of it is
 written, so a crash leaves either a complete file or a temporary one (deleted
 at the next open); the checksums catch damage after that.
 
-File name: ``{index:08d}.{ntokens:05d}.{key hex}.kv`` inside the
-conversation's directory.
+File name: ``{index:08d}.{ntokens:05d}.{key hex}.{version}.kv`` inside the
+conversation's directory. The key names the content; the version (random) names
+this one write of it, so that rewriting a chunk (the same turn twice, a
+conversation dropped and stored anew) never produces the name of a file that
+something may still delete. Names without a version (older stores) are read too.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -33,8 +37,14 @@ def header_bytes(num_layers: int, chunk_tokens: int) -> int:
     return round_up(_FIXED.size + 8 * num_layers + 4 * chunk_tokens + 8)
 
 
-def file_name(index: int, ntokens: int, key: bytes) -> str:
-    return f"{index:08d}.{ntokens:05d}.{key.hex()}{SUFFIX}"
+class ChunkCorruptError(OSError):
+    """A stored chunk failed its checksum or could not be read; it was removed."""
+
+
+def file_name(index: int, ntokens: int, key: bytes, version: str | None = None) -> str:
+    """A chunk file's name; a fresh version unless one is given."""
+    version = os.urandom(6).hex() if version is None else version
+    return f"{index:08d}.{ntokens:05d}.{key.hex()}.{version}{SUFFIX}"
 
 
 def parse_file_name(name: str) -> tuple[int, int, bytes] | None:
@@ -42,7 +52,9 @@ def parse_file_name(name: str) -> tuple[int, int, bytes] | None:
     if not name.endswith(SUFFIX) or name.startswith("."):
         return None
     parts = name[: -len(SUFFIX)].split(".")
-    if len(parts) != 3 or len(parts[2]) != 32:
+    if len(parts) not in (3, 4) or len(parts[2]) != 32:
+        return None
+    if len(parts) == 4 and not (parts[3] and all(ch in "0123456789abcdef" for ch in parts[3])):
         return None
     try:
         return int(parts[0]), int(parts[1]), bytes.fromhex(parts[2])
@@ -102,3 +114,4 @@ class ChunkHeader:
 
 def layer_checksum(block_u8_view) -> int:
     return xxhash.xxh3_64_intdigest(block_u8_view)
+

@@ -7,6 +7,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cachedattn.store.host_tier import HostBlock
+from cachedattn.store.state import (
+    CHUNK_INITIAL,
+    CHUNK_TRANSITIONS,
+    CONV_TRANSITIONS,
+    IN_HOST,
+    ON_DISK,
+    ChunkState,
+    ConvState,
+    IllegalTransition,
+    Lease,
+    check,
+)
 
 
 @dataclass(eq=False)
@@ -20,16 +32,30 @@ class Chunk:
     key: bytes
     parent: bytes
     checksums: list[int]
-    host: HostBlock | None = None  # the chunk's own reference to its block
-    file: str | None = None  # chunk file name once published on disk
-    writing: bool = False  # a write to disk is in flight
-    supersedes: str | None = None  # older file of the same index, deleted once this one is on disk
-    evict_after_write: bool = False  # demoted while its write was in flight: leave host memory once on disk
-    live: bool = True  # False once replaced, dropped or evicted from both tiers
+    state: ChunkState
+    host: HostBlock | None = None  # the chunk's own reference to its block (IN_HOST states)
+    file: str | None = None  # its file's name, unique to this chunk (ON_DISK states, or being written)
+
+    def __post_init__(self):
+        if self.state not in CHUNK_INITIAL:
+            raise IllegalTransition(f"a chunk cannot start as {self.state.value}")
 
     @property
     def ntokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def in_host(self) -> bool:
+        return self.state in IN_HOST
+
+    @property
+    def on_disk(self) -> bool:
+        return self.state in ON_DISK
+
+    def move(self, new: ChunkState) -> None:
+        """Store lock held."""
+        check(CHUNK_TRANSITIONS, self.state, new, f"chunk {self.index}")
+        self.state = new
 
 
 @dataclass(eq=False)
@@ -37,12 +63,14 @@ class Conversation:
     id: str
     dirname: str
     root: bytes
+    state: ConvState = ConvState.READY
     chunks: list[Chunk] = field(default_factory=list)
-    # Chunk files found at open, validated on first use: (index, ntokens, key, name).
-    unresolved: list[tuple[int, int, bytes, str]] | None = None
-    pins: int = 0  # open loads and appends
-    appending: bool = False
-    dropped: bool = False
+    # FOUND: chunk files found at open, read when first used: (index, ntokens, key, name).
+    found: list[tuple[int, int, bytes, str]] | None = None
+    owners: int = 0  # open leases (loads, appends, prefetches)
+    writer: Lease | None = None  # the open append, if any (one at a time)
+    writes: int = 0  # chunk writes in flight into this conversation's directory
+    doomed: list[str] = field(default_factory=list)  # files to delete once no owner may read them
 
     @property
     def ntokens(self) -> int:
@@ -53,15 +81,26 @@ class Conversation:
             return np.zeros(0, dtype=np.int32)
         return np.concatenate([c.tokens for c in self.chunks])
 
-    def host_chunks(self) -> list[Chunk]:
-        return [c for c in self.chunks if c.host is not None]
+    def move(self, new: ConvState) -> None:
+        """Store lock held."""
+        check(CONV_TRANSITIONS, self.state, new, f"conversation {self.id!r}")
+        self.state = new
 
-    def evictable_host_chunks(self) -> list[Chunk]:
-        """Host copies that may go now: a chunk still being written keeps its copy until it is on disk."""
-        return [c for c in self.chunks if c.host is not None and not c.writing]
+    def lease(self, kind: str) -> Lease:
+        """Store lock held."""
+        if self.state is ConvState.GONE:
+            raise IllegalTransition(f"lease on gone conversation {self.id!r}")
+        self.owners += 1
+        lease = Lease(self, kind)
+        if kind == "append":
+            self.writer = lease
+        return lease
+
+    def host_chunks(self) -> list[Chunk]:
+        return [c for c in self.chunks if c.in_host]
 
     def disk_chunks(self) -> list[Chunk]:
-        return [c for c in self.chunks if c.file is not None]
+        return [c for c in self.chunks if c.on_disk]
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

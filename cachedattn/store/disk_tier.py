@@ -41,8 +41,12 @@ class DirectoryLock:
             raise OSError(
                 errno.EBUSY, f"disk_dir is in use by another cachedattn store (pid {holder})", disk_dir
             ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:  # e.g. disk full: a lock we cannot fill in is no lock, and must not leak
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -164,13 +168,25 @@ class DiskTier:
         os.replace(tmp, self.root / dirname / name)
 
     def discard_tmp(self, tmp: str) -> None:
+        """Removes a temporary file (its reservation is the caller's to give back)."""
         self._unlink(tmp)
-        self.unreserve()
+
+    def sync_dir(self, dirname: str | None = None) -> None:
+        """fsyncs a conversation directory (or the fingerprint directory): makes renames and new entries durable."""
+        fd = os.open(self.root / dirname if dirname else self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # ---- reading --------------------------------------------------------------
 
     def path(self, dirname: str, name: str) -> str:
         return str(self.root / dirname / name)
+
+    def open_file(self, dirname: str, name: str):
+        """A chunk file opened for reading."""
+        return native.File(self.path(dirname, name), "r")
 
     def read_layer(self, files: list, blocks: list, layer: int):
         """Submits one layer's range of each chunk file into its block; returns the IoBatch."""
@@ -181,8 +197,8 @@ class DiskTier:
     # ---- removal --------------------------------------------------------------
 
     def delete(self, dirname: str, name: str) -> None:
-        if self._unlink(str(self.root / dirname / name)):
-            self.used -= self.file_bytes
+        """Removes a chunk file (space accounting is the caller's, under its lock)."""
+        self._unlink(str(self.root / dirname / name))
 
     def remove_dir(self, dirname: str) -> None:
         d = self.root / dirname

@@ -1,7 +1,7 @@
 """Eviction policies: which conversations leave a tier first.
 
-The store asks a policy to order candidate conversations (those not in use)
-when a tier is full; the unit is the whole conversation, as in the paper. A
+The store asks a policy for a victim among candidate conversations (those not
+in use) when a tier is full, and gets None when none may go; the unit is the whole conversation, as in the paper. A
 policy sees every insert, access and removal; the scheduler-aware policy of
 the serving engine plugs in through the same interface.
 """
@@ -27,7 +27,13 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def order(self, candidates: Iterable[str], tier: str) -> list[str]:
-        """Candidates ordered victims first. ``tier`` is 'host' or 'disk'."""
+        """Candidates ordered victims first. ``tier`` is 'host' or 'disk'. A policy may leave
+        out candidates that must not go (the queue-aware policy's disk window)."""
+
+    def victim(self, candidates: Iterable[str], tier: str) -> str | None:
+        """The conversation to evict next from ``tier``, or None when none may go."""
+        ordered = self.order(candidates, tier)
+        return ordered[0] if ordered else None
 
 
 class _Clocked(EvictionPolicy):

@@ -9,6 +9,7 @@ import threading
 import torch
 
 from cachedattn import native
+from cachedattn.store.tier import Tier
 
 
 class HostMemoryFull(RuntimeError):
@@ -52,10 +53,34 @@ class HostBlock:
                 raise RuntimeError("host block released twice")
 
 
-class HostTier:
+class HostTier(Tier):
+    """Chunks in pinned host memory: a chunk's location here is its own block reference."""
+
+    name = "host"
+
     def __init__(self, capacity_bytes: int, block_bytes: int, hugepages: str):
         self.pool = native.HostPool(capacity_bytes, block_bytes, hugepages=hugepages)
         self.cond = threading.Condition()
+
+    # ---- the Tier interface ----------------------------------------------------
+
+    def capacity(self) -> int:
+        return self.capacity_blocks * self.block_bytes
+
+    def used(self) -> int:
+        return self.used_blocks * self.block_bytes
+
+    def contains(self, conv, chunk) -> bool:
+        return chunk.host is not None
+
+    def get_into(self, conv, chunk, block: HostBlock) -> None:
+        block.view().copy_(chunk.host.view())
+
+    def put_from(self, conv, chunk, block: HostBlock) -> HostBlock:
+        return block.acquire()
+
+    def remove(self, conv, chunk) -> None:
+        chunk.host.release()
 
     @property
     def block_bytes(self) -> int:

@@ -10,45 +10,51 @@ checked against its checksum before any byte of it is handed out.
 from __future__ import annotations
 
 import errno
+import threading
 
 import torch
 
-from cachedattn import native
-from cachedattn.store.chunk_file import layer_checksum
+from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
 
-
-class ChunkCorruptError(OSError):
-    """A stored chunk failed its checksum or could not be read; it was removed."""
+__all__ = ["KVLoad", "ChunkCorruptError"]
 
 
 class KVLoad:
-    def __init__(self, store, conv, n_tokens: int, chunks, blocks, from_disk, readahead=None, prefetch=False):
+    def __init__(self, store, conv, lease, n_tokens: int, chunks, blocks, from_disk, readahead=None, prefetch=False):
         self._store = store
         self._prefetch = prefetch
         self._conv = conv
+        self._lease = lease
+        self._mutex = threading.Lock()  # read_layer against close() from the store's close()
+        self._cancelled = False
+        self._closed = False
+        self._error: OSError | None = None
+        self._batches: dict[int, object] = {}
         self.n_tokens = n_tokens
         self._chunks = chunks
         self._blocks = blocks  # one held reference per chunk
         self._disk_pos = from_disk  # positions (in chunks) read from disk
         self._geo = store._geometry
         self._layers = self._geo.spec.num_layers
-        self._readahead = self._layers if readahead is None else max(1, int(readahead))
+        self._readahead = self._layers
         self._files = []
-        for i in from_disk:
-            try:
-                self._files.append(native.File(store._disk.path(conv.dirname, chunks[i].file), "r"))
-            except OSError as e:
-                for f in self._files:
-                    f.close()
-                self._fail(i, f"cannot open: {e.strerror}", e.errno or errno.EIO)
-        self._batches: dict[int, object] = {}
         self._verified: set[int] = set()
         self._next = 0
-        self._error: OSError | None = None
-        self._closed = False
         self.from_host = len(chunks) - len(from_disk)
         self.from_disk = len(from_disk)
-        self._issue(self._readahead)
+        try:
+            if readahead is not None:
+                self._readahead = max(1, int(readahead))
+            for i in from_disk:
+                try:
+                    self._files.append(store._disk.open_file(conv.dirname, chunks[i].file))
+                except OSError as e:
+                    self._fail(i, f"cannot open: {e.strerror or e}", e.errno or errno.EIO)
+            self._issue(self._readahead)
+            store._register(self)
+        except BaseException:
+            self.close()
+            raise
 
     # ---- reading ------------------------------------------------------------
 
@@ -85,8 +91,14 @@ class KVLoad:
         chunk = self._chunks[pos]
         path = self._store._disk.path(self._conv.dirname, chunk.file or "?")
         self._error = ChunkCorruptError(err, f"stored KV chunk {chunk.index} of {self._conv.id!r} is bad ({why})", path)
-        self._store._on_bad_chunk(self._conv, chunk, why)
+        self._store._mover.on_bad_chunk(self._conv, chunk, why)
         raise self._error
+
+    def _check_usable(self) -> None:
+        if self._cancelled:
+            raise ValueError("this load was ended by store.close(): the store is closed")
+        if self._closed:
+            raise ValueError("this load is closed")
 
     def tier_tokens(self) -> dict[str, int]:
         """How many of the loaded tokens sit in host memory and how many come from disk."""
@@ -106,14 +118,17 @@ class KVLoad:
 
         Fills k_out/v_out when given (any device), else returns new CPU tensors.
         """
-        if self._closed:
-            raise ValueError("this load is closed")
         if not 0 <= layer < self._layers:
             raise ValueError(f"layer {layer} out of range (model has {self._layers})")
         end = self.n_tokens if end is None else end
         if not 0 <= start <= end <= self.n_tokens:
             raise ValueError(f"token range [{start}, {end}) outside the loaded [0, {self.n_tokens})")
-        self._ensure(layer)
+        with self._mutex:
+            self._check_usable()
+            self._ensure(layer)
+            return self._copy_out(layer, k_out, v_out, start, end)
+
+    def _copy_out(self, layer: int, k_out, v_out, start: int, end: int):
         spec = self._geo.spec
         h, d = spec.layers[layer]
         n = end - start
@@ -134,20 +149,33 @@ class KVLoad:
 
     def read_all(self) -> None:
         """Waits for and checks every layer (what a prefetch does)."""
-        for layer in range(self._layers):
-            self._ensure(layer)
+        with self._mutex:
+            self._check_usable()
+            for layer in range(self._layers):
+                self._ensure(layer)
 
     # ---- ending -------------------------------------------------------------
 
     def close(self) -> None:
         """Ends the load; chunks read from disk stay in host memory when whole."""
+        with self._mutex:
+            self._end(cancel=False)
+
+    def _cancel(self) -> None:
+        """The store is closing: end now, keeping nothing."""
+        with self._mutex:
+            self._end(cancel=True)
+
+    def _end(self, cancel: bool) -> None:
         if self._closed:
             return
         self._closed = True
-        whole = self._error is None
+        self._cancelled = cancel
+        whole = self._error is None and not cancel
         if whole:
             try:
-                self.read_all()
+                for layer in range(self._layers):
+                    self._ensure(layer)
             except OSError:
                 whole = False
         for b in self._batches.values():  # no block is freed under a read in flight
@@ -157,7 +185,7 @@ class KVLoad:
                 pass  # already reported by read_layer, or irrelevant: this load is ending either way
         for f in self._files:
             f.close()
-        self._store._finish_load(self, whole)
+        self._store._reader.finish(self, whole)
 
     def __enter__(self) -> KVLoad:
         return self

@@ -1,83 +1,114 @@
 """Reading: loads (per-layer, disk reads ahead of use) and prefetches.
 
-Mixed into AttentionStore; see KVLoad for the per-layer pipeline.
+A load is decided under the store lock in one step (which chunks, a lease on
+the conversation, references to the host copies); memory for the disk-only
+chunks is found and the files are opened without it; the load's end is
+recorded under it again. See KVLoad for the per-layer pipeline.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
+from cachedattn.store import keys
+from cachedattn.store.conversation import common_prefix
 from cachedattn.store.load import KVLoad
-from cachedattn.store.writes import done_future
+from cachedattn.store.state import ChunkState, ConvState
 
 
-class ReadMixin:
-    def load(self, conv_id: str, n_tokens: int, readahead: int | None = None, _prefetch: bool = False) -> KVLoad:
-        """Starts loading the KV of the first n_tokens; read it per layer from the returned KVLoad."""
-        with self._lock:
-            self._check_ready()
-            conv = self._get(conv_id)
-            if not 0 <= n_tokens <= conv.ntokens:
-                raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
-            C = self._geometry.chunk_tokens
-            chunks = conv.chunks[: -(-n_tokens // C)]
-            from_disk = [i for i, c in enumerate(chunks) if c.host is None]
-            conv.pins += 1
-            # Host copies are held before allocating: allocation may wait, releasing the lock.
-            held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.host is not None}
-            try:
-                fresh = self._alloc_blocks(len(from_disk), exclude=conv)
-            except BaseException:
-                for b in held.values():
-                    b.release()
-                conv.pins -= 1
-                raise
-            fresh_iter = iter(fresh)
-            blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
-            self.policy.on_access(conv_id)
-            self._stats.add(host_hits=len(chunks) - len(from_disk), host_misses=len(from_disk))
-            if not _prefetch:
-                self._stats.add(tokens_reused=n_tokens)
+def done_future(value=None) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class Reader:
+    def __init__(self, store):
+        self.s = store
+
+    def open(self, conv_id, *, n_tokens=None, token_ids=None, limit=None, readahead=None, prefetch=False):
+        """A KVLoad of the first n_tokens (load), of the longest stored prefix of token_ids
+        (load_prefix: None when nothing matches) or of all stored tokens (prefetch: None when
+        nothing is stored or it is all in host memory)."""
+        s = self.s
+        toks = None if token_ids is None else keys.as_token_array(token_ids)
+        s._resolve(conv_id)
+        with s._critical():
+            s._check_ready()
+            conv = s._convs.get(conv_id) if isinstance(conv_id, str) else None
+            if toks is not None:
+                s._stats.add(lookups=1)
+                if conv is None:
+                    return None
+                n = common_prefix(conv.tokens(), toks)
+                n = n if limit is None else min(n, max(0, int(limit)))
+                if n == 0:
+                    return None
+            elif prefetch:
+                if conv is None or all(c.in_host for c in conv.chunks):
+                    return None
+                n = conv.ntokens
+            else:
+                if conv is None:
+                    s._get(conv_id)  # raises the right error
+                if isinstance(n_tokens, bool) or not 0 <= n_tokens <= conv.ntokens:
+                    raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
+                n = int(n_tokens)
+            C = s._geometry.chunk_tokens
+            chunks = conv.chunks[: -(-n // C)]
+            held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.in_host}
+            from_disk = [i for i in range(len(chunks)) if i not in held]
+            lease = s._lease(conv, "prefetch" if prefetch else "load")
+            s.policy.on_access(conv.id)
         try:
-            return KVLoad(self, conv, n_tokens, chunks, blocks, from_disk, readahead, _prefetch)
+            fresh = s._mover.alloc(len(from_disk), foreground=not prefetch) if from_disk else []
         except BaseException:
-            self._finish_blocks(conv, chunks, blocks, from_disk, adopt=False)
+            for b in held.values():
+                b.release()
+            s._release(lease)
             raise
+        fresh_iter = iter(fresh)
+        blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
+        s._stats.add(host_hits=len(held), host_misses=len(from_disk))
+        if not prefetch:
+            s._stats.add(tokens_reused=n)
+        return KVLoad(s, conv, lease, n, chunks, blocks, from_disk, readahead, prefetch)
 
     def prefetch(self, conv_id: str) -> Future:
-        """Brings a conversation from disk into host memory in the background; the future gives the chunks read."""
-        with self._lock:
-            self._check_ready()
-            conv = self._get(conv_id)
-            if all(c.host is not None for c in conv.chunks):
-                return done_future(0)
-            n = conv.ntokens
+        s = self.s
+        keys.validate_conversation_id(conv_id)
+        s._resolve(conv_id)
+        with s._critical():
+            s._check_ready()
+            conv = s._convs.get(conv_id)
+            if conv is None or all(c.in_host for c in conv.chunks):
+                return done_future(0)  # gone meanwhile, or nothing to bring in
 
         def job() -> int:
-            with self.load(conv_id, n, _prefetch=True) as ld:
+            ld = self.open(conv_id, prefetch=True)
+            if ld is None:
+                return 0  # dropped, cut or brought in meanwhile
+            with ld:
                 ld.read_all()
                 return ld.from_disk
 
-        return self._track(self._executor.submit(job))
+        return s._submit(job)
 
-    def _finish_load(self, ld: KVLoad, whole: bool) -> None:
-        adopted = self._finish_blocks(ld._conv, ld._chunks, ld._blocks, ld._disk_pos, adopt=whole)
-        if whole:
-            self._stats.add(disk_hits=len(ld._disk_pos))
-        if ld._prefetch:
-            self._stats.add(host_prefetches=adopted)
-
-    def _finish_blocks(self, conv, chunks, blocks, from_disk, adopt: bool) -> int:
+    def finish(self, ld: KVLoad, whole: bool) -> None:
         """Chunks read whole from disk stay in host memory; every other reference is let go."""
+        s = self.s
         adopted = 0
-        disk_set = set(from_disk)
-        with self._lock:
-            for pos, (c, b) in enumerate(zip(chunks, blocks)):
-                if adopt and pos in disk_set and c.live and c.host is None:
+        disk_set = set(ld._disk_pos)
+        with s._critical():
+            for pos, (c, b) in enumerate(zip(ld._chunks, ld._blocks)):
+                if whole and pos in disk_set and c.state is ChunkState.DISK and ld._conv.state is ConvState.READY:
                     c.host = b  # this load's reference becomes the chunk's own
+                    c.move(ChunkState.HOST_DISK)
                     adopted += 1
                 else:
                     b.release()
-            conv.pins -= 1
-            self._forget_if_empty(conv)
-        return adopted
+            s._release(ld._lease)
+        if whole:
+            s._stats.add(disk_hits=len(ld._disk_pos))
+        if ld._prefetch:
+            s._stats.add(host_prefetches=adopted)

@@ -9,6 +9,8 @@ named bytes or tokens):
 - evictions: chunks demoted out of host memory / chunk files removed for space.
 - prefetches: chunks brought from disk into host memory ahead of use.
 - tokens_stored: tokens appended; tokens_reused: tokens served by loads.
+- recovered_turns: turns redone because a chunk failed while it was loading.
+- skipped_saves: turns whose KV was not stored (e.g. host memory full at save).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class StoreStats:
     tokens_reused: int = 0
     corrupt_chunks: int = 0
     write_errors: int = 0
+    recovered_turns: int = 0
+    skipped_saves: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

@@ -1,272 +1,374 @@
-"""How chunks move between tiers: allocation with eviction, demotion to disk,
-write-through scheduling, disk eviction, and truncation when a chunk is lost.
+"""The one place that moves chunks between tiers and asks the eviction policy.
 
-Mixed into AttentionStore; every method here runs with the store lock held.
-The invariant they keep: a conversation's chunks form a prefix, and every
-chunk in it has its data in host memory, on disk, or on its way to disk.
+Every move has three steps: decide and mark the chunk's new state under the
+store lock; do the I/O without it; record the outcome under it again,
+re-checking what changed meanwhile (a chunk written while its conversation
+was dropped has its new file deleted, not published into the index). File
+deletions decided under the lock are queued and run once it is released.
+
+Waits never depend on work queued behind the waiter: the store's own threads
+(prefetches, write completions) never wait for host memory; only a caller's
+thread may wait, and only for writes already running on other threads.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
+import threading
 import time
 
-from cachedattn.store.chunk_file import ChunkHeader, file_name, layer_checksum
+from cachedattn.store.chunk_file import ChunkCorruptError
 from cachedattn.store.conversation import Chunk, Conversation
 from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.state import WRITE_IN_FLIGHT, ChunkState, ConvState
 
 log = logging.getLogger("cachedattn")
+S = ChunkState
+WAIT_FOR_WRITES_S = 60.0  # a safety net: writes already running end long before this
+
+_on_store_thread = threading.local()
 
 
-class TieringMixin:
+def mark_store_thread() -> None:
+    """Called first in every job on the store's threads: they never wait for host memory."""
+    _on_store_thread.yes = True
+
+
+def on_store_thread() -> bool:
+    return getattr(_on_store_thread, "yes", False)
+
+
+class Mover:
+    def __init__(self, store):
+        self.s = store
+        self.writing = 0  # chunk writes in flight (any conversation)
+        self._warned_no_victim = False
+
     # ---- host memory ------------------------------------------------------------
 
-    def _alloc_blocks(self, n: int, exclude: Conversation | None):
-        """n host blocks, demoting other conversations (policy order) to make room."""
-        blocks = []
-        deadline = time.monotonic() + 60.0
+    def alloc(self, n: int, foreground: bool) -> list:
+        """n host blocks, demoting other conversations (policy order) to make room.
+
+        Called without the store lock. A foreground caller may write back a victim's
+        unwritten chunks itself and wait for writes already in flight; a background one
+        (a prefetch) takes only what is free at once and else fails with HostMemoryFull.
+        """
+        s = self.s
+        blocks: list = []
+        deadline = None
         try:
-            while len(blocks) < n:
-                b = self._host.try_alloc()
-                if b is not None:
-                    blocks.append(b)
-                elif not self._evict_one_host(exclude):
-                    # Blocks under in-flight disk writes come back when the writes end;
-                    # anything else is held by open loads or appends.
-                    if not self._writing or time.monotonic() > deadline:
-                        raise HostMemoryFull(
-                            f"host memory is full: all {self._host.capacity_blocks} chunk blocks "
-                            f"(host_bytes={self.config.host_bytes}) are held by open loads or appends"
-                        )
-                    # Waiting releases the store lock, so those writes can finish their bookkeeping.
-                    self._cond.wait(timeout=0.05)
+            while True:
+                writes = None
+                with s._critical():
+                    s._check_open()
+                    host = s._host
+                    while len(blocks) < n:
+                        b = host.try_alloc()
+                        if b is None:
+                            break
+                        blocks.append(b)
+                    if len(blocks) == n:
+                        return blocks
+                    victim = self._host_victim(exclude=(), background=not foreground)
+                    if victim is not None:
+                        writes = self.plan_demote(victim, drop_unwritable=True)
+                    elif foreground and self.writing:
+                        deadline = deadline or time.monotonic() + WAIT_FOR_WRITES_S
+                        if time.monotonic() > deadline:
+                            raise self._full()
+                        s._cond.wait(timeout=0.05)  # releases the lock: those writes record their end
+                        continue
+                    else:
+                        raise self._full()
+                if writes:
+                    self.run_writes(writes)
         except BaseException:
             for b in blocks:
                 b.release()
             raise
-        return blocks
 
-    def _evict_one_host(self, exclude: Conversation | None) -> bool:
+    def _full(self) -> HostMemoryFull:
+        h = self.s._host
+        return HostMemoryFull(
+            f"host memory is full: all {h.capacity_blocks} chunk blocks (host_bytes={self.s.config.host_bytes}) "
+            "are held by open loads or appends"
+        )
+
+    def _demotable(self, conv: Conversation, background: bool) -> bool:
+        if background:  # only what goes at once and loses nothing
+            return any(c.state is S.HOST_DISK for c in conv.chunks)
+        return any(c.state in (S.HOST, S.HOST_DISK, S.WRITING) for c in conv.chunks)
+
+    def _host_victim(self, exclude, background: bool = False) -> Conversation | None:
+        s = self.s
         cands = [
             cid
-            for cid, c in self._convs.items()
-            if c is not exclude and c.pins == 0 and not c.appending and c.evictable_host_chunks()
+            for cid, c in s._convs.items()
+            if cid not in exclude and c.owners == 0 and c.state is ConvState.READY and self._demotable(c, background)
         ]
-        if not cands:
-            return False
-        self._demote(self._convs[self.policy.order(cands, "host")[0]])
-        return True
+        cid = s.policy.victim(cands, "host")
+        return None if cid is None else s._convs[cid]
 
-    def _demote(self, conv: Conversation) -> None:
-        """Host copies go; chunks not yet on disk are written first where the disk allows.
-        A chunk whose write is in flight leaves host memory when the write completes."""
-        for c in conv.host_chunks():
-            if c.writing:
-                c.evict_after_write = True
-                continue
-            if c.file is None:
-                self._write_now(conv, c)
-            self._drop_host_copy(c)
-        self._truncate_at_lost(conv)
+    def make_host_room(self, nbytes: int, protect) -> int:
+        s = self.s
+        tried = set(protect)
+        while True:
+            with s._critical():
+                s._check_ready()
+                free = s._host_free()
+                if free >= nbytes or not self.disk_usable():
+                    return free
+                victim = self._host_victim(exclude=tried)
+                if victim is None:
+                    return free
+                tried.add(victim.id)
+                writes = self.plan_demote(victim, drop_unwritable=False)
+            self.run_writes(writes)
+
+    def plan_demote(self, conv: Conversation, drop_unwritable: bool) -> list:
+        """Host copies go: at once where the chunk is on disk, after its write where one
+        is in flight or can start (returned, for the caller to run without the lock).
+        A chunk that cannot be written stays, unless drop_unwritable (eviction for room)."""
+        s = self.s
+        writes, lost = [], None
+        for i, c in enumerate(conv.chunks):
+            if c.state is S.HOST_DISK:
+                self._drop_host_copy(c)
+                c.move(S.DISK)
+            elif c.state is S.WRITING:
+                c.move(S.DEMOTING)
+            elif c.state is S.HOST:
+                if self.disk_usable() and self.reserve_disk(conv):
+                    c.move(S.DEMOTING)
+                    writes.append(self._start_write(conv, c))
+                elif drop_unwritable:
+                    lost = i  # it and what follows go
+                    break
+        if lost is not None:
+            s._stats.add(host_evictions=sum(1 for c in conv.chunks[lost:] if c.in_host))
+            self.truncate(conv, lost)
+        return writes
 
     def _drop_host_copy(self, c: Chunk) -> None:
         c.host.release()
         c.host = None
-        c.evict_after_write = False
-        self._stats.add(host_evictions=1)
-        self._cond.notify_all()
+        self.s._stats.add(host_evictions=1)
+        self.s._cond.notify_all()
 
-    def _copy_chunk(self, conv: Conversation, old: Chunk, block) -> None:
-        """Fills a fresh block with an existing chunk (copy on write of a partial chunk)."""
-        if old.host is not None:
-            block.view().copy_(old.host.view())
-            return
-        from cachedattn import native
-        from cachedattn.store.load import ChunkCorruptError
+    # ---- writes -----------------------------------------------------------------
 
-        d, geo = self._disk, self._geometry
-        with native.File(d.path(conv.dirname, old.file), "r") as f:
-            self._engine.read([(f, d.header_bytes, block.ptr, geo.block_bytes)]).wait()
-        view = block.view()
-        for layer, (o, s) in enumerate(zip(geo.layer_offset, geo.layer_stride)):
-            if layer_checksum(view[o : o + s].numpy()) != old.checksums[layer]:
-                self._on_bad_chunk(conv, old, f"layer {layer} checksum mismatch")
-                raise ChunkCorruptError(errno.EBADMSG, "stored KV chunk is bad", d.path(conv.dirname, old.file))
-        self._stats.add(disk_bytes_read=geo.block_bytes)
+    def disk_usable(self) -> bool:
+        return self.s._disk_tier is not None and self.s._disk_error is None
+
+    def reserve_disk(self, conv: Conversation) -> bool:
+        d = self.s._disk_tier
+        if d.reserve():
+            return True
+        self.make_disk_room(need=d.file_bytes, exclude=conv)
+        if d.reserve():
+            return True
+        if not self._warned_no_victim:
+            self._warned_no_victim = True
+            log.warning(
+                "cachedattn: the disk tier is full and the eviction policy has no conversation to evict; "
+                "KV that does not fit stays in host memory only (logged once)"
+            )
+        return False
+
+    def _start_write(self, conv: Conversation, c: Chunk):
+        """Bookkeeping of a write about to start (a disk reservation is held)."""
+        conv.writes += 1
+        self.writing += 1
+        return conv, c, c.host.acquire()
+
+    def schedule_write(self, conv: Conversation, c: Chunk):
+        """Write-through of one HOST chunk on the store's threads; the future, or None."""
+        if not self.disk_usable() or not self.reserve_disk(conv):
+            return None
+        c.move(S.WRITING)
+        job = self._start_write(conv, c)
+        return self.s._submit(self.run_writes, [job])
+
+    def run_writes(self, jobs) -> None:
+        """Writes whole chunks (no lock held), then records each outcome."""
+        for conv, c, ref in jobs:
+            name, err = None, None
+            try:
+                name = self.s._disk_tier.put_from(conv, c, ref)
+            except OSError as e:
+                err = e
+            finally:
+                ref.release()
+            with self.s._critical():
+                self.written(conv, c, name, err)
+
+    def written(self, conv: Conversation, c: Chunk, name: str | None, err: OSError | None) -> None:
+        """Records the end of a chunk write; lock held."""
+        s = self.s
+        conv.writes -= 1
+        self.writing -= 1
+        if err is not None:
+            s._disk_tier.unreserve()
+            s._disk_failed(err, "writing")
+            if c.state in WRITE_IN_FLIGHT:
+                c.move(S.HOST)  # the host copy is now the only one: it stays
+        elif c.state is S.DROPPED:  # replaced or dropped while being written
+            self.delete_later(conv.dirname, name)
+        else:
+            c.file = name
+            s._stats.add(disk_bytes_written=s._disk_tier.file_bytes)
+            if c.state is S.WRITING:
+                c.move(S.HOST_DISK)
+            else:
+                self._drop_host_copy(c)
+                c.move(S.DISK)
+        s._cond.notify_all()
+        self.finish_if_done(conv)
 
     # ---- disk -------------------------------------------------------------------
 
-    def _disk_usable(self) -> bool:
-        return self._disk is not None and self._disk_error is None
-
-    def _reserve_disk(self, conv: Conversation) -> bool:
-        if self._disk.reserve():
-            return True
-        self._make_disk_room(need=self._disk.file_bytes, exclude=conv)
-        return self._disk.reserve()
-
-    def _schedule_write(self, conv: Conversation, c: Chunk):
-        """Starts writing a chunk to disk in the background (write-through)."""
-        if not self._disk_usable() or not self._reserve_disk(conv):
-            return None
-        try:
-            self._disk.ensure_conversation_dir(conv.dirname, conv.id)
-        except OSError as e:
-            self._disk.unreserve()
-            self._disk_failed(e)
-            return None
-        c.writing = True
-        self._writing += 1
-        header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
-        return self._track(self._executor.submit(self._write_job, conv, c, header, c.host.acquire()))
-
-    def _stage_writes(self, conv: Conversation, n: int):
-        """Reserves and opens n temporary chunk files for layer-by-layer writes, or None."""
-        if not self._disk_usable() or n == 0:
-            return None
-        taken = 0
-        while taken < n and self._reserve_disk(conv):
-            taken += 1
-        staged = []
-        try:
-            if taken < n:
-                return None
-            self._disk.ensure_conversation_dir(conv.dirname, conv.id)
-            for _ in range(n):
-                staged.append(self._disk.open_tmp(conv.dirname))
-            return staged
-        except OSError as e:
-            self._disk_failed(e)
-            return None
-        finally:
-            if len(staged) < n:
-                for tmp, f in staged:
-                    f.close()
-                    self._disk.discard_tmp(tmp)
-                for _ in range(taken - len(staged)):
-                    self._disk.unreserve()
-
-    def _drop_staged(self, txn) -> None:
-        """Abandons an append's layer-by-layer files (after their writes stop touching its blocks)."""
-        if txn.staged is None:
-            return
-        for b in txn.batches:
-            try:
-                b.wait()
-            except OSError:
-                pass  # the files are being thrown away; only their end matters
-        for tmp, f in txn.staged:
-            f.close()
-            self._disk.discard_tmp(tmp)
-        txn.staged = None
-
-    def _write_now(self, conv: Conversation, c: Chunk) -> bool:
-        """Writes a chunk synchronously (demotion in write-back mode)."""
-        if not self._disk_usable() or not self._reserve_disk(conv):
-            return False
-        try:
-            self._disk.ensure_conversation_dir(conv.dirname, conv.id)
-            header = ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, self._geometry.chunk_tokens)
-            tmp = self._disk.write_tmp(conv.dirname, header, c.host.ptr)
-        except OSError as e:
-            self._disk.unreserve()
-            self._disk_failed(e)
-            return False
-        c.file = file_name(c.index, c.ntokens, c.key)
-        self._disk.publish(tmp, conv.dirname, c.file)
-        self._stats.add(disk_bytes_written=self._disk.file_bytes)
-        return True
-
-    def _make_disk_room(self, need: int, exclude: Conversation | None = None) -> bool:
-        d = self._disk
-        while d.used + need > d.capacity:
+    def make_disk_room(self, need: int, exclude: Conversation | None = None) -> bool:
+        s, d = self.s, self.s._disk_tier
+        while d.used() + need > d.capacity():
             cands = [
                 cid
-                for cid, c in self._convs.items()
-                if c is not exclude and c.pins == 0 and not c.appending and (c.unresolved or c.disk_chunks())
+                for cid, c in s._convs.items()
+                if c is not exclude and c.owners == 0 and (c.state is ConvState.FOUND or c.disk_chunks())
             ]
-            if not cands:
+            cid = s.policy.victim(cands, "disk")
+            if cid is None:
                 return False
-            self._evict_disk(self._convs[self.policy.order(cands, "disk")[0]])
+            self._evict_disk(s._convs[cid])
         return True
 
     def _evict_disk(self, conv: Conversation) -> None:
-        if conv.unresolved is not None:  # never opened since the restart: goes whole
-            self._stats.add(disk_evictions=len(conv.unresolved))
-            self._forget(conv)
+        if conv.state is ConvState.FOUND:  # never opened since the restart: goes whole
+            self.s._stats.add(disk_evictions=len(conv.found))
+            self.forget(conv)
             return
-        for c in conv.disk_chunks():
-            self._delete_file(conv, c.file)
-            c.file = None
-            self._stats.add(disk_evictions=1)
-        self._truncate_at_lost(conv)
+        files = len(conv.disk_chunks())
+        lost = None
+        for i, c in enumerate(conv.chunks):
+            if c.state is S.HOST_DISK:  # its host copy stays
+                name, c.file = c.file, None
+                c.move(S.HOST)
+                self.delete_later(conv.dirname, name)
+            elif c.state is S.DISK and lost is None:
+                lost = i
+        if lost is not None:
+            self.truncate(conv, lost)  # the conversation stays a prefix: from its first chunk gone on
+        self.s._stats.add(disk_evictions=files)
 
-    def _delete_file(self, conv: Conversation, name: str | None) -> None:
-        if name and self._disk is not None:
-            self._disk.delete(conv.dirname, name)
+    def delete_later(self, dirname: str, name: str) -> None:
+        """A chunk file goes: its space now, the file once the lock is released."""
+        self.s._disk_tier.unreserve()
+        self.s._after_lock(self._delete, dirname, name)
 
-    def _disk_failed(self, e: OSError) -> None:
-        self._stats.add(write_errors=1)
-        if self._disk_error is None:
-            self._disk_error = f"{e.strerror or e} ({e.filename})"
-            log.warning(
-                "cachedattn: writing to the disk tier failed (%s); continuing with host memory only, "
-                "KV already in host memory is kept",
-                self._disk_error,
-            )
+    def _delete(self, dirname: str, name: str) -> None:
+        try:
+            self.s._disk_tier.delete(dirname, name)
+        except OSError as e:
+            self.s._disk_failed(e, "deleting")
 
-    def _after_lost_write(self, conv: Conversation, c: Chunk) -> None:
-        self._delete_file(conv, c.supersedes)
-        c.supersedes = None
-        self._truncate_at_lost(conv)
+    def _doom(self, conv: Conversation, name: str) -> None:
+        """A file of this conversation goes, once no open load may still read it."""
+        if conv.owners:
+            conv.doomed.append(name)
+        else:
+            self.delete_later(conv.dirname, name)
 
-    # ---- losing chunks ---------------------------------------------------------
+    # ---- losing chunks ----------------------------------------------------------
 
-    def _retire(self, conv: Conversation, c: Chunk, keep_file: bool) -> str | None:
-        """Takes a chunk out of the conversation; returns its file when asked to keep it."""
-        c.live = False
-        if c.host is not None:
+    def retire(self, conv: Conversation, c: Chunk) -> None:
+        """Takes a chunk out of every tier (a write in flight deletes its own file when it ends)."""
+        if c.in_host:
             c.host.release()
             c.host = None
-        name, c.file = c.file, None
-        if keep_file:
-            return name
-        self._delete_file(conv, name)
-        return None
+            self.s._cond.notify_all()
+        name = c.file if c.on_disk else None
+        c.move(S.DROPPED)
+        c.file = None
+        if name is not None:
+            self._doom(conv, name)
 
-    def _truncate(self, conv: Conversation, index: int) -> None:
+    def truncate(self, conv: Conversation, index: int) -> None:
         for c in conv.chunks[index:]:
-            self._retire(conv, c, keep_file=False)
-            self._delete_file(conv, c.supersedes)
-            c.supersedes = None
+            self.retire(conv, c)
         conv.chunks = conv.chunks[:index]
-        self._forget_if_empty(conv)
+        self.forget_if_empty(conv)
 
-    def _truncate_at_lost(self, conv: Conversation) -> None:
-        for i, c in enumerate(conv.chunks):
-            if c.host is None and c.file is None and not c.writing:
-                self._truncate(conv, i)
-                return
-
-    def _on_bad_chunk(self, conv: Conversation, c: Chunk, why: str) -> None:
-        with self._lock:
+    def on_bad_chunk(self, conv: Conversation, c: Chunk, why: str) -> None:
+        with self.s._critical():
             log.warning("cachedattn: chunk %d of conversation %r is bad (%s); removed", c.index, conv.id, why)
-            self._stats.add(corrupt_chunks=1, disk_misses=1)
-            if c.live and c in conv.chunks:
-                self._truncate(conv, conv.chunks.index(c))
+            self.s._stats.add(corrupt_chunks=1, disk_misses=1)
+            if conv.state is ConvState.READY and c.state is not S.DROPPED and c in conv.chunks:
+                self.truncate(conv, conv.chunks.index(c))
 
-    def _forget_if_empty(self, conv: Conversation) -> None:
-        if not conv.chunks and conv.unresolved is None and conv.pins == 0 and not conv.appending:
-            self._forget(conv)
+    def forget_if_empty(self, conv: Conversation) -> None:
+        if conv.state is ConvState.READY and not conv.chunks and conv.owners == 0:
+            self.forget(conv)
 
-    def _forget(self, conv: Conversation) -> None:
-        conv.dropped = True
+    def forget(self, conv: Conversation) -> None:
+        """Out of the index for good; what it holds goes as soon as no owner needs it."""
+        s = self.s
+        found = conv.found if conv.state is ConvState.FOUND else None
+        conv.move(ConvState.GONE)
         for c in conv.chunks:
-            self._retire(conv, c, keep_file=False)
+            if c.state is not S.DROPPED:
+                self.retire(conv, c)
         conv.chunks = []
-        if self._convs.get(conv.id) is conv:
-            del self._convs[conv.id]
-            self.policy.on_remove(conv.id)
-        if self._disk is not None:
-            self._disk.remove_dir(conv.dirname)
+        for *_, name in found or ():
+            self._doom(conv, name)
+        conv.found = None
+        if s._convs.get(conv.id) is conv:
+            del s._convs[conv.id]
+            s.policy.on_remove(conv.id)
+        self.finish_if_done(conv)
+
+    def released(self, conv: Conversation) -> None:
+        """After an owner let go (lock held)."""
+        if conv.owners == 0:
+            for name in conv.doomed:
+                self.delete_later(conv.dirname, name)
+            conv.doomed.clear()
+        self.forget_if_empty(conv)
+        self.finish_if_done(conv)
+
+    def finish_if_done(self, conv: Conversation) -> None:
+        """A gone conversation with no owner and no write in flight lets go of its directory."""
+        s = self.s
+        if conv.state is not ConvState.GONE or conv.owners or conv.writes or conv not in s._unfinished:
+            return
+        s._unfinished.discard(conv)
+        s._dir_users[conv.dirname] -= 1
+        if s._dir_users[conv.dirname] == 0:
+            del s._dir_users[conv.dirname]
+            if s._disk_tier is not None:
+                s._after_lock(self._remove_dir, conv.dirname)
+
+    def _remove_dir(self, dirname: str) -> None:
+        s = self.s
+
+        def unused() -> bool:
+            with s._critical():
+                return dirname not in s._dir_users
+
+        try:
+            s._disk_tier.remove_dir(dirname, unused)
+        except OSError as e:
+            s._disk_failed(e, "deleting")
+
+    # ---- copies -----------------------------------------------------------------
+
+    def copy_into(self, conv: Conversation, c: Chunk, ref, block) -> None:
+        """Fills a fresh block with an existing chunk (copy on write of a partial chunk); no lock held.
+        ref: a held reference to the chunk's host block, or None to read it from disk."""
+        if ref is not None:
+            block.view().copy_(ref.view())
+            return
+        try:
+            self.s._disk_tier.get_into(conv, c, block)
+        except ChunkCorruptError as e:
+            self.on_bad_chunk(conv, c, e.strerror or str(e))
+            raise
+        self.s._stats.add(disk_bytes_read=self.s._geometry.block_bytes)

@@ -1,7 +1,10 @@
-"""Writing: appends (layer by layer), commits, and the disk writes behind them.
+"""Writing: appends (layer by layer), their commit, and the disk writes behind them.
 
-Mixed into AttentionStore. Disk I/O runs on the store's threads without the
-lock; _written() does the bookkeeping under it once a file is complete.
+begin_append decides under the store lock (the conversation, a lease on it,
+where the new chunks start) and finds memory, copies the partial chunk it
+extends and opens temporary files without it. commit() publishes all new
+chunks under the lock at once; the files are finished and renamed into place
+on the store's threads, and their outcome recorded under the lock again.
 """
 
 from __future__ import annotations
@@ -13,201 +16,157 @@ import numpy as np
 
 from cachedattn.store import keys
 from cachedattn.store.append import KVAppend
-from cachedattn.store.chunk_file import ChunkHeader, file_name
+from cachedattn.store.chunk_file import ChunkCorruptError
 from cachedattn.store.conversation import Chunk, Conversation, common_prefix
+from cachedattn.store.reads import done_future
+from cachedattn.store.state import ChunkState, ConvState
 
 
-def done_future(value=None) -> Future:
+def failed_future(exc: BaseException) -> Future:
     f: Future = Future()
-    f.set_result(value)
+    f.set_exception(exc)
     return f
 
 
-class WriteMixin:
-    def begin_append(self, conv_id: str, token_ids, start: int) -> KVAppend:
-        """Starts storing the KV of token_ids[start:]; token_ids[:start] must be stored already.
+class Writer:
+    def __init__(self, store):
+        self.s = store
 
-        Stored tokens from `start` on (a diverged or regenerated tail) are replaced at commit.
-        """
+    def begin_append(self, conv_id: str, token_ids, start: int) -> KVAppend:
+        s = self.s
         toks = keys.as_token_array(token_ids)
         if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= len(toks):
             raise ValueError(f"start={start!r} must be an integer in [0, {len(toks)}]")
         start = int(start)
-        with self._lock:
-            self._check_ready()
-            conv = self._get(conv_id, required=False)
+        s._resolve(conv_id)
+        with s._critical():
+            s._check_ready()
+            conv = s._convs.get(conv_id) if isinstance(conv_id, str) else None
             if conv is None:
-                conv_id = keys.validate_conversation_id(conv_id)
-                conv = Conversation(
-                    conv_id, keys.conversation_dirname(conv_id), keys.root_key(self.spec.fingerprint, conv_id)
-                )
-                self._convs[conv_id] = conv
-                self.policy.on_insert(conv_id)
-            if conv.appending:
+                conv = s._new_conversation(keys.validate_conversation_id(conv_id))
+            if conv.writer is not None:
                 raise ValueError(f"conversation {conv_id!r} already has an append in progress")
             stored = common_prefix(conv.tokens(), toks)
             if start > stored:
+                s._mover.forget_if_empty(conv)
                 raise ValueError(
                     f"start={start}, but only the first {stored} of these tokens are stored for {conv_id!r}: "
                     f"the KV of tokens [{stored}, {start}) would be missing"
                 )
-            C = self._geometry.chunk_tokens
+            C = s._geometry.chunk_tokens
             first = start // C
-            conv.appending = True
-            conv.pins += 1
-            blocks = []
-            try:
-                blocks = self._alloc_blocks(-(-len(toks) // C) - first, exclude=conv)
-                if start % C and blocks and len(conv.chunks) <= first:
-                    # A damaged chunk was removed while waiting for memory.
-                    raise ValueError(f"the stored history of {conv_id!r} was cut; nothing to append to at {start}")
-                if start % C and blocks:
-                    self._copy_chunk(conv, conv.chunks[first], blocks[0])
-                staged = None
-                if self.config.write_through and len(toks) > start:
-                    staged = self._stage_writes(conv, len(blocks))
-            except BaseException:
-                for b in blocks:
-                    b.release()
-                conv.appending = False
-                conv.pins -= 1
-                self._forget_if_empty(conv)
-                raise
-            txn = KVAppend(self, conv, toks, start, blocks, staged)
-            txn.parent = conv.chunks[first - 1].key if first else conv.root
-            return txn
+            nblocks = -(-len(toks) // C) - first
+            src = conv.chunks[first] if start % C and nblocks else None
+            src_ref = src.host.acquire() if src is not None and src.in_host else None
+            parent = conv.chunks[first - 1].key if first else conv.root
+            lease = s._lease(conv, "append")
+        blocks, staged, reserved = [], None, 0
+        try:
+            blocks = s._mover.alloc(nblocks, foreground=True)
+            if src is not None:
+                try:
+                    s._mover.copy_into(conv, src, src_ref, blocks[0])
+                except ChunkCorruptError as e:
+                    raise ValueError(
+                        f"the stored history of {conv_id!r} was cut (chunk {src.index} is bad: {e.strerror}); "
+                        "nothing to append to"
+                    ) from e
+            if s.config.write_through and len(toks) > start and nblocks:
+                with s._critical():
+                    while reserved < nblocks and s._mover.disk_usable() and s._mover.reserve_disk(conv):
+                        reserved += 1
+                if reserved == nblocks:
+                    try:
+                        staged = s._disk_tier.stage(conv, nblocks)
+                    except OSError as e:
+                        s._disk_failed(e, "writing")
+                if staged is None:
+                    self._unreserve(reserved)
+                    reserved = 0
+            return KVAppend(s, conv, lease, toks, start, blocks, staged, parent)
+        except BaseException:
+            if staged is not None:
+                s._disk_tier.drop_staged(staged, [])
+            self._unreserve(reserved)
+            for b in blocks:
+                b.release()
+            s._release(lease)
+            raise
+        finally:
+            if src_ref is not None:
+                src_ref.release()
 
-    def append(self, conv_id: str, token_ids, kv, start: int = 0) -> Future:
-        """begin_append + put every layer + commit, in one call."""
-        with self.begin_append(conv_id, token_ids, start) as txn:
-            txn.put(kv)
-            return txn.commit()
+    def _unreserve(self, n: int) -> None:
+        if n:
+            with self.s._critical():
+                for _ in range(n):
+                    self.s._disk_tier.unreserve()
 
-    def _commit_append(self, txn: KVAppend) -> Future:
-        C, n = self._geometry.chunk_tokens, len(txn.tokens)
+    def commit(self, txn: KVAppend) -> Future:
+        s = self.s
+        C, n = s._geometry.chunk_tokens, len(txn.tokens)
         pieces = []
         for j, block in enumerate(txn.blocks):
             i = txn.first_index + j
             pieces.append((i, txn.tokens[i * C : min(n, (i + 1) * C)].copy(), txn.sums[j], block))
-        with self._lock:
-            conv = txn.conv
-            conv.appending = False
-            conv.pins -= 1
-            first = txn.first_index
+        conv, first = txn.conv, txn.first_index
+        with s._critical():
+            gone = conv.state is ConvState.GONE
             parent = conv.chunks[first - 1].key if 0 < first <= len(conv.chunks) else conv.root
-            cut = len(conv.chunks) < first or parent != txn.parent
-            if conv.dropped or self._closed or cut:
-                self._drop_staged(txn)
-                for *_, b in pieces:
-                    b.release()
-                if cut and not conv.dropped:
-                    # A damaged chunk before `start` was removed meanwhile: this KV no longer has its history.
-                    f: Future = Future()
-                    f.set_exception(ValueError(f"the stored history of {conv.id!r} was cut during this append; nothing was stored"))
-                    return f
-                return done_future()
-            new = []
-            for i, t, sums, block in pieces:
-                key = keys.chunk_key(parent, t)
-                new.append(Chunk(i, t, key, parent, sums, host=block))
-                parent = key
-            replaced = {c.index: c for c in conv.chunks[first:]}
-            conv.chunks = conv.chunks[:first] + new
-            for c in new:
-                old = replaced.pop(c.index, None)
-                if old is not None:
-                    c.supersedes = self._retire(conv, old, keep_file=True)
-            for old in replaced.values():
-                self._retire(conv, old, keep_file=False)
-            self._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * self.spec.kv_bytes_per_token())
-            self.policy.on_access(conv.id)
-            if txn.staged is not None:
-                for c in new:
-                    c.writing = True
-                self._writing += len(new)
-                refs = [c.host.acquire() for c in new]
-                job = self._executor.submit(self._finish_staged, conv, new, refs, txn.staged, txn.batches)
-                writes = [self._track(job)]
-            elif self.config.write_through:
-                writes = [self._schedule_write(conv, c) for c in new]
-            else:
+            cut = not gone and (len(conv.chunks) < first or parent != txn.parent)
+            if not (gone or cut):
+                new = []
+                for i, t, sums, block in pieces:
+                    key = keys.chunk_key(parent, t)
+                    state = ChunkState.WRITING if txn.staged is not None else ChunkState.HOST
+                    new.append(Chunk(i, t, key, parent, sums, state, host=block))
+                    parent = key
+                for old in conv.chunks[first:]:
+                    s._mover.retire(conv, old)
+                conv.chunks = conv.chunks[:first] + new
+                s._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * s.spec.kv_bytes_per_token())
+                s.policy.on_access(conv.id)
                 writes = []
-            for c in new:
-                if c.supersedes and not c.writing:
-                    self._delete_file(conv, c.supersedes)
-                    c.supersedes = None
-            self._forget_if_empty(conv)
-        return _all_done([w for w in writes if w is not None])
-
-    def _abort_append(self, txn: KVAppend) -> None:
-        with self._lock:
+                if txn.staged is not None:
+                    jobs = [s._mover._start_write(conv, c) for c in new]
+                    writes.append(s._submit(self._finish_staged, conv, new, jobs, txn.staged, txn.batches))
+                elif s.config.write_through:
+                    writes = [w for w in (s._mover.schedule_write(conv, c) for c in new) if w is not None]
+                txn.staged = None
+            s._release(txn.lease)
+        if gone or cut:
             self._drop_staged(txn)
-            for b in txn.blocks:
+            for *_, b in pieces:
                 b.release()
-            txn.conv.appending = False
-            txn.conv.pins -= 1
-            self._forget_if_empty(txn.conv)
+            if cut:  # a damaged chunk before `start` was removed meanwhile: this KV no longer has its history
+                return failed_future(ValueError(f"the stored history of {conv.id!r} was cut during this append; nothing was stored"))
+            return done_future()
+        return _all_done(writes)
 
-    def _write_job(self, conv: Conversation, c: Chunk, header: ChunkHeader, block) -> None:
-        tmp, err = None, None
+    def abort(self, txn: KVAppend) -> None:
+        self._drop_staged(txn)
+        for b in txn.blocks:
+            b.release()
+        self.s._release(txn.lease)
+
+    def _drop_staged(self, txn: KVAppend) -> None:
+        if txn.staged is None:
+            return
+        staged, txn.staged = txn.staged, None
+        self.s._disk_tier.drop_staged(staged, txn.batches)
+        self._unreserve(len(staged))
+
+    def _finish_staged(self, conv: Conversation, chunks: list[Chunk], jobs, staged, batches) -> None:
+        """Completes layer-by-layer chunk files (store thread, no lock), then records each."""
+        s = self.s
         try:
-            tmp = self._disk.write_tmp(conv.dirname, header, block.ptr)  # no lock held during I/O
-        except OSError as e:
-            err = e
-        block.release()
-        with self._lock:
-            self._written(conv, c, tmp, err)
-
-    def _finish_staged(self, conv: Conversation, chunks: list[Chunk], refs, staged, batches) -> None:
-        """Completes layer-by-layer chunk files: waits their layers, writes their headers."""
-        err = None
-        for b in batches:
-            try:
-                b.wait()
-            except OSError as e:
-                err = err or e
-        files = [f for _, f in staged]
-        if err is None:
-            C = self._geometry.chunk_tokens
-            headers = [ChunkHeader(c.index, c.key, c.parent, c.tokens, c.checksums, C) for c in chunks]
-            try:
-                self._disk.finish_tmps(files, headers)
-            except OSError as e:
-                err = e
-        else:
-            for f in files:
-                f.close()
-        for r in refs:
-            r.release()
-        with self._lock:
-            for c, (tmp, _) in zip(chunks, staged):
-                self._written(conv, c, tmp, err)
-
-    def _written(self, conv: Conversation, c: Chunk, tmp: str | None, err: OSError | None) -> None:
-        """Bookkeeping once a chunk file is written (or failed); lock held."""
-        c.writing = False
-        self._writing -= 1
-        if tmp is None:
-            self._disk.unreserve()
-        elif err is not None or not c.live or conv.dropped:
-            self._disk.discard_tmp(tmp)
-        if not c.live or conv.dropped:
-            self._delete_file(conv, c.supersedes)
-            return
-        if err is not None:
-            c.evict_after_write = False  # the host copy is now the only one: it stays
-            self._disk_failed(err)
-            self._after_lost_write(conv, c)
-            return
-        name = file_name(c.index, c.ntokens, c.key)
-        self._disk.publish(tmp, conv.dirname, name)
-        c.file = name
-        self._stats.add(disk_bytes_written=self._disk.file_bytes)
-        self._delete_file(conv, c.supersedes)
-        c.supersedes = None
-        if c.evict_after_write and c.host is not None:
-            self._drop_host_copy(c)
-        self._cond.notify_all()
+            results = s._disk_tier.finish_staged(conv, chunks, staged, batches)
+        finally:
+            for *_, ref in jobs:
+                ref.release()
+        with s._critical():
+            for c, (name, err) in zip(chunks, results):
+                s._mover.written(conv, c, name, err)
 
 
 def _all_done(futures: list[Future]) -> Future:
