@@ -286,8 +286,7 @@ class Mover:
             c.host = None
             self.s._cond.notify_all()
         name = c.file if c.on_disk else None
-        c.move(S.DROPPED)
-        c.file = None
+        c.move(S.DROPPED)  # c.file stays: loads opened before may still name it (it is deleted once they end)
         if name is not None:
             self._doom(conv, name)
 
