@@ -266,3 +266,23 @@ def test_load_against_drop_and_append_from_many_threads(make_store, illegal):
 
         shutil.rmtree(s.config.disk_dir)
     assert not illegal
+
+
+def test_a_prefetch_never_waits_for_writes_queued_behind_it(make_store, tokens):
+    """Host memory full of chunks whose writes are queued behind the prefetch on the
+    store's only thread: the prefetch fails at once instead of waiting for them."""
+    s = make_store(host_chunks=6, io_threads=1)
+    t = tokens[:32]
+    s.append("b", t, truth_kv(t)).result()
+    s.demote("b")
+    gate = _blocked_executor(s)
+    fut = s.prefetch("b")  # queued first
+    u = tokens[100:196]
+    s.append("a", u, truth_kv(u))  # 6 chunks, all host memory; their writes queue behind the prefetch
+    gate.set()
+    with pytest.raises(HostMemoryFull):
+        fut.result(timeout=20)  # a guard against a hang, not a measurement: it fails at once
+    s.flush()
+    assert s.prefetch("b").result(timeout=20) == 2  # the written chunks can go now
+    with s.load("b", 32) as ld:
+        check_load(ld, t)
