@@ -286,3 +286,23 @@ def test_a_prefetch_never_waits_for_writes_queued_behind_it(make_store, tokens):
     assert s.prefetch("b").result(timeout=20) == 2  # the written chunks can go now
     with s.load("b", 32) as ld:
         check_load(ld, t)
+
+
+@pytest.mark.parametrize("where", ["host", "disk"])
+def test_an_append_replacing_the_tail_under_an_open_load(make_store, tokens, where, illegal):
+    s = make_store()
+    t = tokens[:64]
+    s.append("a", t, truth_kv(t)).result()
+    if where == "disk":
+        s.demote("a")
+    ld = s.load("a", 64, readahead=1)  # layers read lazily, after the append below
+    u = t.copy()
+    u[20:] += 1  # a regenerated answer from token 20 on
+    s.append("a", u, truth_kv(u, 20), start=20).result()
+    s.flush()
+    check_load(ld, t)  # the open load still serves what it opened
+    ld.close()
+    assert len(_files(s)) == 4  # the replaced chunks' files went once the load closed
+    s.demote("a")
+    with s.load("a", 64) as ld2:
+        check_load(ld2, u)
