@@ -71,7 +71,7 @@ class Mover:
                         return blocks
                     victim = self._host_victim(exclude=(), background=not foreground)
                     if victim is not None:
-                        writes = self.plan_demote(victim, drop_unwritable=True)
+                        writes = self.plan_demote(victim, drop_unwritable=True, at_once_only=not foreground)
                     elif foreground and self.writing:
                         deadline = deadline or time.monotonic() + WAIT_FOR_WRITES_S
                         if time.monotonic() > deadline:
@@ -125,16 +125,19 @@ class Mover:
                 writes = self.plan_demote(victim, drop_unwritable=False)
             self.run_writes(writes)
 
-    def plan_demote(self, conv: Conversation, drop_unwritable: bool) -> list:
+    def plan_demote(self, conv: Conversation, drop_unwritable: bool, at_once_only: bool = False) -> list:
         """Host copies go: at once where the chunk is on disk, after its write where one
         is in flight or can start (returned, for the caller to run without the lock).
-        A chunk that cannot be written stays, unless drop_unwritable (eviction for room)."""
+        A chunk that cannot be written stays, unless drop_unwritable (eviction for room).
+        at_once_only: only what goes at once (a store thread must not start writes and wait)."""
         s = self.s
         writes, lost = [], None
         for i, c in enumerate(conv.chunks):
             if c.state is S.HOST_DISK:
                 self._drop_host_copy(c)
                 c.move(S.DISK)
+            elif at_once_only:
+                continue
             elif c.state is S.WRITING:
                 c.move(S.DEMOTING)
             elif c.state is S.HOST:
