@@ -13,7 +13,6 @@ import errno
 
 import torch
 
-from cachedattn import native
 from cachedattn.store.chunk_file import layer_checksum
 
 
@@ -36,7 +35,7 @@ class KVLoad:
         self._files = []
         for i in from_disk:
             try:
-                self._files.append(native.File(store._disk.path(conv.dirname, chunks[i].file), "r"))
+                self._files.append(store._disk.open_file(conv.dirname, chunks[i].file))
             except OSError as e:
                 for f in self._files:
                     f.close()

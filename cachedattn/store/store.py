@@ -69,7 +69,11 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
         self._dirlock = DirectoryLock(self.config.disk_dir) if self.config.disk_dir else None
         self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="cachedattn-store")
         if spec is not None:
-            self.attach(spec)
+            try:
+                self.attach(spec)
+            except BaseException:
+                self.close()  # a failed constructor must not keep disk_dir locked
+                raise
 
     @classmethod
     def from_config(cls, config: StoreConfig, spec: KVSpec | None = None, **kw) -> AttentionStore:
@@ -252,6 +256,7 @@ class AttentionStore(ReadMixin, WriteMixin, TieringMixin):
             self._engine = None
             if self._disk is not None:
                 self._disk.engine = None
+                self._disk.close()
             if self._dirlock is not None:
                 self._dirlock.release()
 

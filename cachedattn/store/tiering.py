@@ -82,11 +82,10 @@ class TieringMixin:
         if old.host is not None:
             block.view().copy_(old.host.view())
             return
-        from cachedattn import native
         from cachedattn.store.load import ChunkCorruptError
 
         d, geo = self._disk, self._geometry
-        with native.File(d.path(conv.dirname, old.file), "r") as f:
+        with d.open_file(conv.dirname, old.file) as f:
             self._engine.read([(f, d.header_bytes, block.ptr, geo.block_bytes)]).wait()
         view = block.view()
         for layer, (o, s) in enumerate(zip(geo.layer_offset, geo.layer_stride)):
