@@ -230,8 +230,7 @@ class DiskTier:
             if kind is not None:
                 what = cdir.clear("id", TMP_PREFIX)
                 log.warning("cachedattn: %s is not a regular file (never followed); %s", cdir.child("id"), what)
-            tmp = cdir.temp_name(f"{TMP_PREFIX}id-")
-            cdir.write_new(tmp, conv_id.encode("utf-8"), sync=self.sync)
+            tmp, _ = cdir.new_temp(f"{TMP_PREFIX}id-", lambda n: cdir.write_new(n, conv_id.encode("utf-8"), self.sync))
             try:
                 cdir.rename(tmp, "id")
             except OSError:
@@ -247,8 +246,8 @@ class DiskTier:
         if cdir is None:
             raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
         with cdir:
-            name = cdir.temp_name(TMP_PREFIX)
-            return str(self.root / dirname / name), cdir.open_native(name, "x")
+            name, f = cdir.new_temp(TMP_PREFIX, lambda n: cdir.open_native(n, "x"))
+        return str(self.root / dirname / name), f
 
     def write_tmp(self, dirname: str, header: ChunkHeader, block_ptr: int) -> str:
         """Writes a whole chunk file under a temporary name; returns its token for publish/discard_tmp."""

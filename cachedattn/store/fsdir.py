@@ -28,6 +28,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in between the check and the open must not block it.
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
+# What opening a new name with O_EXCL|O_NOFOLLOW meets when something already holds it.
+_OCCUPIED = (errno.EEXIST, errno.ELOOP, errno.EISDIR, errno.EINVAL)
+_TEMP_TRIES = 8
+
 FILE, DIR, OTHER = "file", "dir", "other"  # what an entry is, never looking through a link
 
 
@@ -230,6 +234,19 @@ class Dir:
 
     def temp_name(self, prefix: str) -> str:
         return f"{prefix}{uuid.uuid4().hex}"
+
+    def new_temp(self, prefix: str, create):
+        """(name, create(name)) for a fresh temporary name; create must refuse an
+        existing entry (O_EXCL). A name someone planted something under is passed over."""
+        for _ in range(_TEMP_TRIES - 1):
+            name = self.temp_name(prefix)
+            try:
+                return name, create(name)
+            except OSError as e:
+                if e.errno not in _OCCUPIED:
+                    raise
+        name = self.temp_name(prefix)
+        return name, create(name)
 
     def write_new(self, name: str, data: bytes, sync: bool = False) -> None:
         """Creates `name` (which must not exist: O_EXCL) holding `data`."""
