@@ -95,7 +95,7 @@ class Dir:
     def _acquire(self) -> int:
         with self._cond:
             if self._fd < 0:
-                raise ValueError(f"directory {self.path} is closed")
+                raise OSError(errno.EBADF, "directory is closed", self.path)
             self._users += 1
             return self._fd
 
