@@ -87,9 +87,10 @@ class DiskTier:
     def __init__(self, disk_dir: str, fingerprint: str, capacity: int, geometry: ChunkGeometry, engine, sync: bool):
         self.root = Path(disk_dir) / "cachedattn-v1" / fingerprint  # for messages
         self.sync = sync
+        self._root_path = str(self.root)
         with Dir.open_path(disk_dir) as base:
             with self._own_dir(base, "cachedattn-v1") as top:
-                self._root = self._own_dir(top, fingerprint)
+                self._root = self._own_dir(top, fingerprint, shared=True)
         self.capacity = capacity
         self.geometry = geometry
         self.header_bytes = header_bytes(geometry.spec.num_layers, geometry.chunk_tokens)
@@ -100,11 +101,11 @@ class DiskTier:
     def close(self) -> None:
         self._root.close()
 
-    def _own_dir(self, parent: Dir, name: str) -> Dir:
+    def _own_dir(self, parent: Dir, name: str, shared: bool = False) -> Dir:
         """parent/name as a directory of the store's, created if absent. Whatever else
         holds that name (a link, a file) is removed itself, never followed."""
         try:
-            return parent.subdir(name, create=True)
+            return parent.subdir(name, create=True, shared=shared)
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -114,7 +115,7 @@ class DiskTier:
             parent.child(name),
             what,
         )
-        d = parent.subdir(name, create=True)
+        d = parent.subdir(name, create=True, shared=shared)
         if self.sync:
             parent.fsync()
         return d
@@ -247,7 +248,7 @@ class DiskTier:
             raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
         with cdir:
             name, f = cdir.new_temp(TMP_PREFIX, lambda n: cdir.open_native(n, "x"))
-        return str(self.root / dirname / name), f
+        return f"{self._root_path}/{dirname}/{name}", f
 
     def write_tmp(self, dirname: str, header: ChunkHeader, block_ptr: int) -> str:
         """Writes a whole chunk file under a temporary name; returns its token for publish/discard_tmp."""
@@ -313,10 +314,10 @@ class DiskTier:
         self.unreserve()
 
     def _split_tmp(self, tmp: str) -> tuple[str, str]:
-        p = Path(tmp)
-        if p.parent.parent != self.root or not p.name.startswith(TMP_PREFIX):
+        root, dirname, name = tmp.rsplit("/", 2)
+        if root != self._root_path or not name.startswith(TMP_PREFIX):
             raise ValueError(f"not a temporary file of this store: {tmp}")
-        return p.parent.name, p.name
+        return dirname, name
 
     def _unlink_tmp(self, tmp: str) -> None:
         dirname, name = self._split_tmp(tmp)

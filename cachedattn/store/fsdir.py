@@ -57,15 +57,19 @@ def check_name(name: str) -> str:
 
 
 class Dir:
-    """An open directory. Thread-safe; close() waits for operations in flight,
-    so a descriptor number is never reused under one of them."""
+    """An open directory. A shared one (held long, used by many threads) is
+    closed by close() once the operations in flight end, so a descriptor number
+    is never reused under one of them, or when collected. One that is not
+    shared lives in one thread's `with` block and costs no bookkeeping."""
 
-    def __init__(self, fd: int, path: str):
+    def __init__(self, fd: int, path: str, shared: bool = True):
         self.path = path  # for messages only: nothing is ever opened through it
         self._fd = fd
-        self._users = 0
-        self._cond = threading.Condition()
-        self._finalizer = weakref.finalize(self, os.close, fd)
+        self._shared = shared
+        if shared:
+            self._users = 0
+            self._cond = threading.Condition()
+            self._finalizer = weakref.finalize(self, os.close, fd)
 
     # ---- opening and closing ------------------------------------------------
 
@@ -77,6 +81,11 @@ class Dir:
         return cls(os.open(path, _DIR_FLAGS), os.fspath(path))
 
     def close(self) -> None:
+        if not self._shared:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+            return
         with self._cond:
             self._cond.wait_for(lambda: self._users == 0)
             self._fd = -1
@@ -106,6 +115,10 @@ class Dir:
                 self._cond.notify_all()
 
     def _op(self, fn, *args, **kw):
+        if not self._shared:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "directory is closed", self.path)
+            return fn(self._fd, *args, **kw)
         fd = self._acquire()
         try:
             return fn(fd, *args, **kw)
@@ -152,9 +165,10 @@ class Dir:
 
     # ---- directories ------------------------------------------------------------
 
-    def subdir(self, name: str, create: bool = False) -> Dir:
+    def subdir(self, name: str, create: bool = False, shared: bool = False) -> Dir:
         """The directory `name` opened without following a link. OSError when it is
-        absent (unless create), a link (ELOOP) or not a directory (ENOTDIR)."""
+        absent (unless create), or a link or anything else that is not a directory
+        (ENOTDIR). Not shared unless asked: use it in a `with` block."""
         check_name(name)
 
         def run(fd):
@@ -173,7 +187,7 @@ class Dir:
             sub = self._op(run)
         except OSError as e:
             raise _named(e, self.child(name)) from None
-        return Dir(sub, self.child(name))
+        return Dir(sub, self.child(name), shared)
 
     def rmdir(self, name: str) -> None:
         check_name(name)
