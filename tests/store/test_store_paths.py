@@ -405,3 +405,22 @@ def test_sync_writes_makes_each_rename_durable(stores, disk, monkeypatch):
         if inode == (st.st_dev, st.st_ino):
             seen.update(n for n in names if n.endswith(".kv"))
     assert seen == set(published)
+
+
+def test_planted_entries_are_reported_in_one_warning_per_open(stores, disk, outside, caplog):
+    first_session(stores, disk)
+    fp = disk / "cachedattn-v1" / FINGERPRINT
+    (fp / "link-to-dir").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(fp / "fifo")
+    chunk = chunk_file(disk, "other", 2)
+    chunk.unlink()
+    chunk.symlink_to(outside / "sentinel.kv")
+    before = snapshot(outside)
+    caplog.clear()
+    s = open_store(stores, disk)
+    check(s, "victim")
+    check(s, "other", expect=2 * CHUNK)
+    s.close()
+    found = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(found) == 1 and "3 entries" in found[0]
+    assert snapshot(outside) == before
