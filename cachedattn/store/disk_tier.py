@@ -132,6 +132,12 @@ class DiskTier:
                 return None
             raise
 
+    def _required_conv_dir(self, dirname: str) -> Dir:
+        cdir = self._conv_dir(dirname)
+        if cdir is None:
+            raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
+        return cdir
+
     # ---- space ----------------------------------------------------------------
 
     def reserve(self) -> bool:
@@ -207,9 +213,7 @@ class DiskTier:
         return files
 
     def read_header(self, dirname: str, name: str) -> ChunkHeader:
-        cdir = self._conv_dir(dirname)
-        if cdir is None:
-            raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
+        cdir = self._required_conv_dir(dirname)
         with cdir:
             fd = cdir.open_fd(name, os.O_RDONLY)
         try:
@@ -243,9 +247,7 @@ class DiskTier:
 
     def _open_new(self, dirname: str):
         """A new temporary chunk file (O_EXCL, never through a link): (token, File)."""
-        cdir = self._conv_dir(dirname)
-        if cdir is None:
-            raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
+        cdir = self._required_conv_dir(dirname)
         with cdir:
             name, f = cdir.new_temp(TMP_PREFIX, lambda n: cdir.open_native(n, "x"))
         return f"{self._root_path}/{dirname}/{name}", f
@@ -294,9 +296,7 @@ class DiskTier:
         tmp_dir, tmp_name = self._split_tmp(tmp)
         if tmp_dir != dirname:
             raise ValueError(f"temporary file {tmp} is not in conversation directory {dirname}")
-        cdir = self._conv_dir(dirname)
-        if cdir is None:
-            raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
+        cdir = self._required_conv_dir(dirname)
         with cdir:
             try:
                 cdir.rename(tmp_name, name)
@@ -334,9 +334,7 @@ class DiskTier:
 
     def open_file(self, dirname: str, name: str):
         """A chunk file opened for reading (native.File), never through a link, only if regular."""
-        cdir = self._conv_dir(dirname)
-        if cdir is None:
-            raise FileNotFoundError(errno.ENOENT, "conversation directory is missing", str(self.root / dirname))
+        cdir = self._required_conv_dir(dirname)
         with cdir:
             return cdir.open_native(name, "r")
 
