@@ -277,3 +277,110 @@ def test_auto_prefers_io_uring_when_allowed(tmp_path):
     allowed.write_text("0\n")
     eng = native.io_engine("auto", uring_sysctl=str(allowed))
     assert eng.name == ("io_uring" if URING_OK else "threads")
+
+
+# ---- files opened relative to a directory descriptor -------------------------------
+
+
+@pytest.fixture
+def dir_fd(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+def test_openat_round_trip_with_direct_io_where_a_path_gets_it(engine, pool, tmp_path, dir_fd, rng):
+    block = pool.alloc()
+    want = _fill(block, rng).copy()
+    with native.File.openat(dir_fd, "a.bin", "x") as f:
+        assert f.direct == native.File(str(tmp_path / "probe.bin"), "w").direct
+        engine.write([(f, 0, block.ptr, 1 << 20)]).wait()
+    np.frombuffer(block, dtype=np.uint8)[:] = 0
+    with native.File.openat(dir_fd, "a.bin", "r", label="shown/a.bin") as f:
+        assert f.path == "shown/a.bin" and f.size() == 1 << 20
+        engine.read([(f, 0, block.ptr, 1 << 20)]).wait()
+    assert np.array_equal(np.frombuffer(block, dtype=np.uint8), want)
+
+
+def test_exclusive_mode_refuses_an_existing_file(tmp_path, dir_fd):
+    (tmp_path / "b.bin").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        native.File.openat(dir_fd, "b.bin", "x")
+    with pytest.raises(FileExistsError):
+        native.File(str(tmp_path / "b.bin"), "x")
+    with native.File(str(tmp_path / "c.bin"), "x") as f:  # both descriptors open on a file just made
+        assert f.size() == 0
+    assert (tmp_path / "b.bin").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("mode", ["r", "r+", "a", "w", "x"])
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling link"])
+def test_openat_never_follows_a_symbolic_link(tmp_path, dir_fd, mode, dangling):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "target.bin"
+    if not dangling:
+        target.write_bytes(b"outside")
+    (tmp_path / "link.bin").symlink_to(target)
+    with pytest.raises(OSError) as ei:
+        native.File.openat(dir_fd, "link.bin", mode, label="kv/link.bin")
+    assert ei.value.errno == errno.ELOOP and ei.value.filename == "kv/link.bin"
+    assert sorted(os.listdir(outside)) == ([] if dangling else ["target.bin"])
+    if not dangling:
+        assert target.read_bytes() == b"outside"
+
+
+def _no_hang(fn, unblock):
+    """Runs fn in a thread; if it blocks, unblock() frees it and the test fails."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # reported below
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        unblock()
+        t.join(30)
+        pytest.fail("opening blocked")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.parametrize("mode", ["r", "r+", "a", "w"])
+def test_openat_refuses_a_fifo_without_blocking(tmp_path, dir_fd, mode):
+    fifo = tmp_path / "fifo.kv"
+    os.mkfifo(fifo)
+
+    def unblock():
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+
+    with pytest.raises(OSError) as ei:
+        _no_hang(lambda: native.File.openat(dir_fd, "fifo.kv", mode), unblock)
+    assert ei.value.errno == errno.EINVAL and "regular" in str(ei.value)
+
+
+def test_openat_never_opens_a_device_or_directory(tmp_path, dir_fd):
+    try:
+        os.mknod(tmp_path / "null.kv", 0o666 | 0o020000, os.makedev(1, 3))  # like /dev/null
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    with pytest.raises(OSError) as ei:
+        native.File.openat(dir_fd, "null.kv", "w")
+    assert ei.value.errno == errno.EINVAL
+    (tmp_path / "d.kv").mkdir()
+    with pytest.raises(IsADirectoryError):
+        native.File.openat(dir_fd, "d.kv", "r")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\0b"])
+def test_openat_takes_one_name_not_a_path(dir_fd, name):
+    with pytest.raises(ValueError):
+        native.File.openat(dir_fd, name, "w")

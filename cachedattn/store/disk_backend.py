@@ -56,10 +56,7 @@ class DiskBackend(Tier):
 
     def _ensure_dir(self, conv) -> None:
         with self.dir_lock(conv.dirname):
-            self.files.ensure_conversation_dir(conv.dirname, conv.id)
-            if self.files.sync:
-                self.files.sync_dir(conv.dirname)
-                self.files.sync_dir()
+            self.files.ensure_conversation_dir(conv.dirname, conv.id)  # durable with sync_writes
 
     def _header(self, chunk) -> ChunkHeader:
         return ChunkHeader(chunk.index, chunk.key, chunk.parent, chunk.tokens, chunk.checksums, self.geometry.chunk_tokens)
@@ -71,9 +68,7 @@ class DiskBackend(Tier):
         except OSError:
             self.files.discard_tmp(tmp)
             raise
-        if self.files.sync:
-            self.files.sync_dir(conv.dirname)  # the rename itself must survive a power loss
-        return name
+        return name  # with sync_writes, publish() made the rename durable
 
     def put_from(self, conv, chunk, block) -> str:
         """Writes the chunk's file from a host block; returns its (new, unique) name."""

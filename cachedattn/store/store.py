@@ -364,6 +364,7 @@ class AttentionStore:
             self._engine = None
             if self._disk is not None:
                 self._disk.engine = None
+                self._disk.close()  # the directory descriptors
         finally:
             self._finalizer()
 

@@ -55,6 +55,19 @@ void bind_io(py::module_& m) {
              return std::make_shared<File>(path, mode, d);
            }),
            py::arg("path"), py::arg("mode") = "r", py::arg("direct") = "auto")
+      .def_static(
+          "openat",
+          [](int dir_fd, const std::string& name, const std::string& mode, const std::string& direct,
+             const std::string& label) {
+            DirectMode d = parse_direct(direct);
+            py::gil_scoped_release release;
+            return File::openat(dir_fd, name, mode, d, label);
+          },
+          py::arg("dir_fd"), py::arg("name"), py::arg("mode") = "r", py::arg("direct") = "auto",
+          py::arg("label") = "",
+          "`name` in the directory open as dir_fd, never through a symbolic link and only if it is a "
+          "regular file (OSError otherwise: ELOOP for a link, EISDIR/EINVAL for other file types). "
+          "`label` names the file in errors and .path (default: name).")
       .def_property_readonly("path", &File::path)
       .def_property_readonly("direct", &File::direct, "Whether aligned transfers bypass the page cache.")
       .def_property_readonly("closed", &File::closed)

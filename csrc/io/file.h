@@ -16,8 +16,14 @@ class File {
   static constexpr size_t kDirectAlign = 4096;
 
   // mode: "r" (read), "w" (write, create, truncate), "a" (read/write, create),
-  // "r+" (read/write existing).
+  // "r+" (read/write existing), "x" (read/write, create, fail if it exists).
   File(const std::string& path, const std::string& mode, DirectMode direct);
+  // `name` inside the directory open as dir_fd, never through a symbolic link
+  // (O_NOFOLLOW on both descriptors) and only when it is a regular file: a
+  // FIFO or device in its place is refused without blocking. `label` names the
+  // file in errors and path() (default: name).
+  static std::shared_ptr<File> openat(int dir_fd, const std::string& name, const std::string& mode,
+                                      DirectMode direct, const std::string& label = {});
   // Wraps a caller's descriptor (duplicated, so the caller keeps its own);
   // transfers use it as it was opened.
   explicit File(int fd);
@@ -43,6 +49,8 @@ class File {
   void release();
 
  private:
+  File() = default;
+  void open_direct(int dir_fd, int flags, DirectMode direct);
   void close_fds();
 
   mutable std::mutex mu_;
