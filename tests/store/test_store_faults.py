@@ -18,11 +18,13 @@ ERRNOS = [errno.EPERM, errno.EROFS, errno.EIO]
 
 
 def _refuse(monkeypatch, name, err, under):
-    """os.<name> fails with err for paths under `under` (the store's directory)."""
+    """os.<name> fails with err for paths under `under` (the store's directory), and for
+    names relative to a directory descriptor (how the store reaches everything below it)."""
     real = getattr(os, name)
 
     def refused(*args, **kw):
-        if any(str(a).startswith(str(under)) for a in args if isinstance(a, (str, os.PathLike))):
+        relative = kw.get("dir_fd") is not None or kw.get("src_dir_fd") is not None
+        if relative or any(str(a).startswith(str(under)) for a in args if isinstance(a, (str, os.PathLike))):
             raise OSError(err, os.strerror(err), str(args[0]))
         return real(*args, **kw)
 
