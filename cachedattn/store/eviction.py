@@ -1,9 +1,10 @@
 """Eviction policies: which conversations leave a tier first.
 
 The store asks a policy for a victim among candidate conversations (those not
-in use) when a tier is full, and gets None when none may go; the unit is the whole conversation, as in the paper. A
-policy sees every insert, access and removal; the scheduler-aware policy of
-the serving engine plugs in through the same interface.
+in use) when a tier is full, and gets None when none may go; the unit is the
+whole conversation, as in the paper. A policy sees every insert, access and
+removal; the scheduler-aware policy of the serving engine plugs in through the
+same interface.
 """
 
 from __future__ import annotations

@@ -172,3 +172,32 @@ def test_a_refused_directory_creation_degrades_to_host_memory(make_store, tokens
     with s.load("b", 40) as ld:
         check_load(ld, t)
     assert chunk_bytes() > 0
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+def test_a_refused_read_is_a_miss_from_that_chunk_on(make_store, tokens, monkeypatch, err):
+    from cachedattn.store import ChunkCorruptError
+    from cachedattn.store.disk_tier import DiskTier
+
+    s = make_store()
+    t = tokens[:64]
+    s.append("a", t, truth_kv(t)).result()
+    s.demote("a")
+    real = DiskTier.open_file
+
+    def refused(self, dirname, name):
+        if name.startswith("00000002."):
+            raise OSError(err, os.strerror(err), name)
+        return real(self, dirname, name)
+
+    monkeypatch.setattr(DiskTier, "open_file", refused)
+    with pytest.raises(ChunkCorruptError) as ei:  # the documented "recompute from here"
+        s.load("a", 64)
+    assert ei.value.errno == err
+    assert s.lookup("a", t) == 32
+    assert s.prefetch("a").result(timeout=30) >= 0
+    s.append("a", t, truth_kv(t, 32), start=32).result()  # the turn redone from the cut
+    s.demote("a")
+    monkeypatch.setattr(DiskTier, "open_file", real)
+    with s.load("a", 64) as ld:
+        check_load(ld, t)

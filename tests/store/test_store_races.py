@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cachedattn.store import ChunkCorruptError, HostMemoryFull
-from cachedattn.store.state import ChunkState, IllegalTransition, Lease
+from cachedattn.store.state import ChunkState, IllegalTransition
 
-from .conftest import CHUNK, SPEC, chunk_bytes
+from .conftest import chunk_bytes
 from .kvtruth import check_load, truth_kv
 
 
@@ -32,10 +32,6 @@ def illegal(monkeypatch):
 
 def _files(store):
     return sorted(p.name for p in Path(store.config.disk_dir).rglob("*.kv"))
-
-
-def _reopen(make_store):
-    return make_store()
 
 
 def test_a_chunk_state_change_not_in_the_table_raises():
