@@ -111,6 +111,9 @@ def probe(model) -> ModelKV:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModel(f"{cfg.model_type}: KV dtype {dtype} is not supported")
     _check_incremental(model, ids, kwarg, dtype)
-    identity = WeightsIdentity(model)  # hashes every weight byte (a second or so per GB on one core)
+    try:
+        identity = WeightsIdentity(model)  # hashes every weight byte (~0.2 s per GB on one CPU core)
+    except Exception as e:  # without a digest, stored KV could be served to other weights
+        raise UnsupportedModel(f"{cfg.model_type}: cannot hash its weights: {type(e).__name__}: {e}") from e
     digest = model_digest(cfg.to_dict(), identity.digest)
     return ModelKV(KVSpec(tuple(shapes), dtype, digest), sliding, devices, kwarg, identity)

@@ -237,3 +237,30 @@ def test_identity_check_rehashes_only_what_was_written(monkeypatch):
         model.model.norm.weight.mul_(1.0)  # a write of the same values: counted, re-hashed, still current
     assert ident.check(model)
     assert len(hashed) == 1 and hashed[0] is model.model.norm.weight
+
+
+def _unreadable(t):
+    raise RuntimeError("cannot read this tensor")
+
+
+def test_weights_that_cannot_be_hashed_are_never_served_stored_kv(make_store, monkeypatch):
+    model = tiny_model("llama")
+    store = make_store()
+    cachedattn.patch(model, store)
+    first, more = _history()
+    with torch.no_grad():
+        with cachedattn.session(model, "c"):
+            seq = _generate(model, first).sequences
+        monkeypatch.setattr(fingerprint, "tensor_digest", _unreadable)
+        model.model.norm.weight.mul_(1.0)
+        full = torch.cat([seq, more], 1)
+        with cachedattn.session(model, "c") as s:
+            got = _turn(model, full, "generate")
+        _check_same(got, _turn(model, full, "generate"))
+    assert s.reused_tokens == 0
+
+
+def test_patch_refuses_weights_it_cannot_hash(make_store, monkeypatch):
+    monkeypatch.setattr(fingerprint, "tensor_digest", _unreadable)
+    with pytest.raises(cachedattn.UnsupportedModel, match="cannot hash its weights"):
+        cachedattn.patch(tiny_model("llama"), make_store())

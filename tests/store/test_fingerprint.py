@@ -82,3 +82,13 @@ def test_tied_tensors_digest_like_equal_copies():
         untied[2].weight.copy_(untied[0].weight)
         untied[2].bias.copy_(tied[2].bias)
     assert weights_digest(tied) == weights_digest(untied)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensor_digest_is_the_same_on_the_gpu(monkeypatch):
+    from cachedattn.store import fingerprint
+
+    monkeypatch.setattr(fingerprint, "_PIECE_BYTES", 1000)  # several pieces, the last one short
+    t = torch.randn(123, 45, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert tensor_digest(t.cuda()) == tensor_digest(t)
+    assert tensor_digest(t.cuda().t()) == tensor_digest(t.t())
