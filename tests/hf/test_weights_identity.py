@@ -264,3 +264,20 @@ def test_patch_refuses_weights_it_cannot_hash(make_store, monkeypatch):
     monkeypatch.setattr(fingerprint, "tensor_digest", _unreadable)
     with pytest.raises(cachedattn.UnsupportedModel, match="cannot hash its weights"):
         cachedattn.patch(tiny_model("llama"), make_store())
+
+
+@pytest.mark.parametrize("policy", ["reapply", "recompute"])
+def test_changed_weights_overflowing_the_window_compute_the_kept_window(policy, make_store):
+    model = tiny_model("llama")
+    cachedattn.patch(model, make_store(), max_context=64, position_policy=policy)
+    first, more = _history()
+    with torch.no_grad():
+        with cachedattn.session(model, "c"):
+            model(torch.cat([first, more], 1))
+        _between_strided_samples(model)
+        full = torch.cat([first, more, more], 1)  # 64 tokens, and 8 to leave room for: overflows
+        with cachedattn.session(model, "c", reserve=8) as s:
+            got = model(full).logits
+        assert s.dropped_tokens > 0 and s.reused_tokens == 0
+        ref = model(s.turn_ids[None]).logits
+    assert (got - ref).abs().max().item() <= 1e-4
