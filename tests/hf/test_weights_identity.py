@@ -281,3 +281,29 @@ def test_changed_weights_overflowing_the_window_compute_the_kept_window(policy, 
         assert s.dropped_tokens > 0 and s.reused_tokens == 0
         ref = model(s.turn_ids[None]).logits
     assert (got - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("answer", [False, True], ids=["generate", "known_answer"])
+def test_engine_jobs_after_a_weights_change_equal_recompute(answer, make_store):
+    from cachedattn.serving import Engine
+
+    model = tiny_model("llama")
+    store = make_store()
+    first, more = _history()
+    known = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    kw = dict(answer=known) if answer else dict(max_new_tokens=GEN, do_sample=False, pad_token_id=0)
+    with Engine(model, store, background=False) as engine:
+        job = engine.submit("c", first, **kw)
+        engine.step()
+        seq = job.result()
+        _unsampled_embedding_row(model)
+        full = torch.cat([seq, more], 1)
+        job = engine.submit("c", full, **kw)
+        engine.step()
+        got = job.result()
+        stored = store.lookup("c", got[0])
+    assert job.reused_tokens == 0
+    assert stored <= seq.shape[1]  # the changed weights' turn was not stored
+    if not answer:
+        with torch.no_grad():
+            assert torch.equal(got, model.generate(full, max_new_tokens=GEN, do_sample=False, pad_token_id=0))
