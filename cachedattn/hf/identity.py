@@ -54,29 +54,32 @@ class WeightsIdentity:
 
     def check(self, model: torch.nn.Module) -> bool:
         """True when the model's weights still hash to the digest patch() attached.
-        Cheap when nothing was written since the last check; otherwise re-hashes what was."""
-        tensors = model_tensors(model)
-        sig = _signature(tensors)
+        Cheap when nothing was written since the last check; otherwise re-hashes what was.
+        Never raises: weights it cannot read are not provably the same, so the answer is False."""
         with self._lock:
-            if sig == self._sig:
-                return self.current
-            # A tensor written to, replaced or reshaped has a new entry; the rest keep their digest.
-            known = {id(t): self._digest_of[entry] for entry, (_, t) in zip(sig, tensors) if entry in self._digest_of}
             try:
+                tensors = model_tensors(model)
+                sig = _signature(tensors)
+                if sig == self._sig:
+                    return self.current
+                # A tensor written to, replaced or reshaped has a new entry; the rest keep their digest.
+                known = {id(t): self._digest_of[e] for e, (_, t) in zip(sig, tensors) if e in self._digest_of}
                 digests = tensor_digests(tensors, known)
-            except Exception as e:  # a tensor that cannot be read back: not provably the same weights
-                log.warning("cachedattn: cannot hash the model's weights (%s: %s): turns recompute and store nothing", type(e).__name__, e)
-                self._sig, self.current = sig, False
-                return False
+            except Exception as e:  # e.g. a tensor type added after patch() that has no bytes to read
+                self._sig = None  # try again next turn
+                return self._set_current(False, f"cannot read the model's weights ({type(e).__name__}: {e})")
             current = combine([(n, t, d) for (n, t), d in zip(tensors, digests)]) == self.digest
-            if current != self.current:
-                if current:
-                    log.info("cachedattn: the model's weights are back to those patch() saw: the store is used again")
-                else:
-                    log.warning(
-                        "cachedattn: the model's weights changed since patch(): turns recompute their whole history "
-                        "and store nothing; unpatch(model) and patch(model, store) with a store for the new weights "
-                        "to cache again"
-                    )
-            self._sig, self._digest_of, self.current = sig, dict(zip(sig, digests)), current
-            return current
+            self._sig, self._digest_of = sig, dict(zip(sig, digests))
+            return self._set_current(current, "the model's weights changed since patch()")
+
+    def _set_current(self, current: bool, why: str) -> bool:
+        if current and not self.current:
+            log.info("cachedattn: the model's weights are back to those patch() saw: the store is used again")
+        elif not current and self.current:  # once per change, not at every turn after it
+            log.warning(
+                "cachedattn: %s: turns recompute their whole history and store nothing; unpatch(model) and "
+                "patch(model, store) with a store for the new weights to cache again",
+                why,
+            )
+        self.current = current
+        return current

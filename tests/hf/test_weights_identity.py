@@ -190,6 +190,10 @@ def _remove_buffer(m):
     del m.model.rotary_emb.original_inv_freq
 
 
+def _add_sparse_parameter(m):  # no storage to take the address of: the check cannot vouch for it
+    m.model.layers[0].mlp.register_parameter("sparse", torch.nn.Parameter(torch.eye(3).to_sparse()))
+
+
 def _edit_rotary_buffer(m):
     m.model.rotary_emb.inv_freq.mul_(1.5)
 
@@ -209,6 +213,7 @@ DETECTED = {
     "optimizer_step": _optimizer_step,
     "load_state_dict_assign": _assign_state_dict,
     "parameter_added": _add_parameter,
+    "sparse_parameter_added": _add_sparse_parameter,
     "buffer_removed": _remove_buffer,
     "non_persistent_buffer_edited": _edit_rotary_buffer,
     "module_swapped": _swap_module,
