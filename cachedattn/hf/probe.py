@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from cachedattn.hf.identity import WeightsIdentity
 from cachedattn.store import KVSpec, model_digest
 
 PROBE_TOKENS = 5
@@ -32,6 +33,7 @@ class ModelKV:
     sliding: list[int | None]  # window per layer, None for full attention
     devices: list[torch.device]
     cache_kwarg: str  # "cache" (transformers >= 5.24) or "past_key_values"
+    identity: WeightsIdentity  # the weights the store's KV belongs to; checked at every turn
 
 
 def cache_kwarg(model) -> str:
@@ -109,5 +111,9 @@ def probe(model) -> ModelKV:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModel(f"{cfg.model_type}: KV dtype {dtype} is not supported")
     _check_incremental(model, ids, kwarg, dtype)
-    digest = model_digest(cfg.to_dict(), model)
-    return ModelKV(KVSpec(tuple(shapes), dtype, digest), sliding, devices, kwarg)
+    try:
+        identity = WeightsIdentity(model)  # hashes every weight byte (~0.2 s per GB on one CPU core)
+    except Exception as e:  # without a digest, stored KV could be served to other weights
+        raise UnsupportedModel(f"{cfg.model_type}: cannot hash its weights: {type(e).__name__}: {e}") from e
+    digest = model_digest(cfg.to_dict(), identity.digest)
+    return ModelKV(KVSpec(tuple(shapes), dtype, digest), sliding, devices, kwarg, identity)

@@ -83,6 +83,7 @@ class Session:
         self.last_save = None  # Future: the last turn's KV is on disk
         self._t0 = None
         self._token = None
+        self._weights_current = True  # this turn's weights are those the store's KV was computed with
 
     def __enter__(self) -> Session:
         if _current.get() is not None:
@@ -103,6 +104,8 @@ class Session:
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty")
         st = self._state
+        # Before any KV is read: KV of other weights is never served, and this turn's is not stored under theirs.
+        self._weights_current = st.kv.identity.check(self.model)
         self._t0 = time.perf_counter()
         self.ttft = None
         self.dropped_tokens = 0
@@ -111,7 +114,7 @@ class Session:
             input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
             self.total_dropped += self.dropped_tokens
         # At least one token must go through the model to produce logits.
-        n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1)
+        n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1) if self._weights_current else 0
         load = st.store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
         cache = StoreBackedCache(self.model.config, load, n, st.kv.sliding, layerwise=self.layerwise)
         self.tier_tokens = load.tier_tokens() if load is not None else {"host": 0, "disk": 0}
@@ -151,7 +154,7 @@ class Session:
     def _end(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, ok: bool) -> None:
         load = cache._load
         try:
-            if ok and self.save:
+            if ok and self.save and self._weights_current:
                 self._save(cache, token_ids, n)
         finally:
             if load is not None:
@@ -219,7 +222,7 @@ class Session:
         out = self.model(input_ids=new_ids.to(ids.device), **kwargs)
         ids = torch.cat([ids, new_ids[0].to(ids.device)])
         self.generated_tokens += new_ids.shape[1]
-        if self.save:
+        if self.save and self._weights_current:
             self._save(cache, ids, n, start=n + cache.new_tokens() - new_ids.shape[1])
         self._last = (cache, ids, n)
         return out
