@@ -4,7 +4,7 @@ forward and generate through sessions, leaving it untouched outside them."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachedattn.hf.positions import PositionScheme, probe_positions
 from cachedattn.hf.probe import ModelKV, probe
@@ -18,6 +18,7 @@ class PatchState:
     positions: PositionScheme
     readahead: int | None
     options: dict
+    warned: set = field(default_factory=set)  # kinds of trouble already warned about (once per model)
 
 
 def patch(
@@ -62,9 +63,7 @@ def patch(
         if s is None or s.model is not model:
             return forward(*args, **kwargs)
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            out = forward(*args, **kwargs)  # a step of generate(), or the caller's own cache
-            s._first_forward_done()
-            return out
+            return s.run_step(forward, args, kwargs)  # a step of generate(), or the caller's own cache
         input_ids = kwargs.pop("input_ids", None)
         if args:
             if input_ids is not None:

@@ -36,6 +36,8 @@ class StoreStats:
     tokens_reused: int = 0
     corrupt_chunks: int = 0
     write_errors: int = 0
+    recovered_turns: int = 0
+    skipped_saves: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
