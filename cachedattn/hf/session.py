@@ -94,6 +94,7 @@ class Session:
         self._token = None
         self._cache: StoreBackedCache | None = None  # the turn's cache while it runs
         self._emitted = False  # the turn's first forward finished: nothing may be redone any more
+        self._prompt_len = 0  # tokens of the turn's input (after truncation)
 
     def __enter__(self) -> Session:
         if _current.get() is not None:
@@ -121,6 +122,7 @@ class Session:
             input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
             self.total_dropped += self.dropped_tokens
         self.turns += 1
+        self._prompt_len = input_ids.shape[1]
         return input_ids
 
     def _load_prefix(self, ids: torch.Tensor, limit: int):
@@ -246,7 +248,11 @@ class Session:
         cache = kwargs.get("cache")
         cache = kwargs.get("past_key_values") if cache is None else cache
         if isinstance(cache, StoreBackedCache):
-            cache.note_tokens(kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None))
+            if args:
+                kwargs["input_ids"], args = args[0], args[1:]
+            if cache is self._cache and not self._emitted:
+                kwargs = _skip_history(kwargs, cache._n, self._prompt_len)
+            cache.note_tokens(kwargs.get("input_ids"))
         out = forward(*args, **kwargs)
         self._first_forward_done()
         return out
@@ -325,6 +331,23 @@ class Session:
         # The KV saved is that of sequence 0 as far as a cache row provably holds it (see saving.provable_row).
         self._finish(cache, seqs[0], n)
         return out
+
+
+def _skip_history(kwargs: dict, n: int, prompt_len: int) -> dict:
+    """The first forward of a turn given the whole sequence (assisted decoding's first
+    verification step passes it unsliced even when the cache holds a prefix) computes
+    only the tokens after the restored history, as generate's own prefill does."""
+    ids = kwargs.get("input_ids")
+    if not n or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < prompt_len:
+        return kwargs
+    kwargs = dict(kwargs)
+    new = ids.shape[1] - n
+    kwargs["input_ids"] = ids[:, n:]
+    for name in ("position_ids", "token_type_ids"):
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.shape[-1] == ids.shape[1]:
+            kwargs[name] = t[..., -new:]
+    return kwargs
 
 
 class _StreamGate:
