@@ -28,7 +28,7 @@ from cachedattn.hf.cache import StoreBackedCache
 from cachedattn.hf.modes import check_generate
 from cachedattn.hf.saving import save_turn, warn_once
 from cachedattn.hf.truncation import POLICIES, truncate_turn
-from cachedattn.store import ChunkCorruptError, keys
+from cachedattn.store import keys
 
 log = logging.getLogger("cachedattn")
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("cachedattn_session", default=None)
@@ -128,24 +128,23 @@ class Session:
     def _load_prefix(self, ids: torch.Tensor, limit: int):
         """An open load of the longest stored prefix of ids (at most `limit` tokens), or None.
 
-        Lookup and load are one step when the store offers it; otherwise a
-        conversation cut, dropped or rewritten in between (a KeyError or
-        ValueError from load) means: look up once more, then treat it as a miss."""
+        Lookup and load are one step when the store offers it (load_prefix);
+        otherwise a conversation cut, dropped or rewritten in between surfaces
+        from load as a KeyError, ValueError or TypeError: look up once more,
+        then treat it as a miss (the turn computes everything)."""
         store = self._state.store
         load_prefix = getattr(store, "load_prefix", None)
-        if load_prefix is not None:
-            load = load_prefix(self.conv_id, ids, limit=limit, readahead=self.readahead)
-        else:
-            load = None
-            for _ in range(2):
-                n = min(store.lookup(self.conv_id, ids), limit)
-                if n <= 0:
-                    break
-                try:
-                    load = store.load(self.conv_id, n, readahead=self.readahead)
-                    break
-                except (KeyError, ValueError) as e:
-                    log.debug("cachedattn: %r changed between lookup and load (%s); looking up again", self.conv_id, e)
+        load = None
+        for _ in range(2):
+            try:
+                if load_prefix is not None:
+                    load = load_prefix(self.conv_id, ids, limit=limit, readahead=self.readahead)
+                else:
+                    n = min(store.lookup(self.conv_id, ids), limit)
+                    load = store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
+                break
+            except (KeyError, ValueError, TypeError) as e:
+                log.debug("cachedattn: %r changed between lookup and load (%s); looking up again", self.conv_id, e)
         if load is not None and load.n_tokens == 0:
             load.close()
             load = None
@@ -171,8 +170,9 @@ class Session:
     def _run(self, input_ids: torch.Tensor, call):
         """call(cache, n, attempt) with the longest stored prefix restored; returns (its result, cache, n).
 
-        A stored chunk found bad while the history is read (the store has
-        already cut the conversation before it) reruns the call from the cut;
+        A stored chunk found bad while the history is read (ChunkCorruptError:
+        the store has already cut the conversation before it; or any other
+        OSError out of the store's reads) reruns the call from the cut;
         a second failure reruns it without any history, which reads nothing
         from the store, so this ends after three attempts at most."""
         for attempt in range(3):
@@ -182,7 +182,7 @@ class Session:
                 cache, n = self._open(input_ids, history=attempt < 2)
                 self._cache = cache
                 return call(cache, n, attempt), cache, n
-            except ChunkCorruptError as e:
+            except OSError as e:  # ChunkCorruptError, or the store failing while it handles one
                 self._close(cache)
                 if self._emitted or attempt == 2:
                     raise  # not from the history (consumed in the first forward): nothing to redo
