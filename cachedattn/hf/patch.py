@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import torch
+
 from cachedattn.hf.positions import PositionScheme, probe_positions
 from cachedattn.hf.probe import ModelKV, probe
 from cachedattn.hf.session import Session, current_session, validate_options
@@ -62,6 +64,14 @@ def patch(
         s = current_session()
         if s is None or s.model is not model:
             return forward(*args, **kwargs)
+        return in_session(s, args, kwargs)
+
+    # A compiled model (model.compile(), torch.compile(model)) runs its turns inside a
+    # session eagerly: the store is read from inside the attention layers' cache
+    # updates, which dynamo must not trace, and a turn's cache length changes every
+    # turn (a recompile per turn). Outside sessions the model stays compiled.
+    @torch._dynamo.disable
+    def in_session(s, args, kwargs):
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             return s.run_step(forward, args, kwargs)  # a step of generate(), or the caller's own cache
         input_ids = kwargs.pop("input_ids", None)

@@ -61,6 +61,7 @@ class Session:
         layerwise: bool = True,
         **overrides,
     ):
+        model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the patched model
         state = getattr(model, "_cachedattn", None)
         if state is None:
             raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
