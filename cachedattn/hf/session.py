@@ -26,7 +26,7 @@ import torch
 
 from cachedattn.hf.cache import StoreBackedCache
 from cachedattn.hf.modes import check_generate
-from cachedattn.hf.saving import save_turn, warn_once
+from cachedattn.hf.saving import save_turn
 from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.store import keys
 
@@ -187,12 +187,9 @@ class Session:
                 self._close(cache)
                 if self._emitted or attempt == 2:
                     raise  # not from the history (consumed in the first forward): nothing to redo
-                if attempt == 0:
+                if attempt == 0:  # one event per turn, however many reruns it takes
                     self._state.store._stats.add(recovered_turns=1)
-                    warn_once(
-                        self._state, "recovered", "cachedattn: %r: %s; the turn is computed again from there",
-                        self.conv_id, e,
-                    )  # fmt: skip
+                    log.warning("cachedattn: %r: %s; the turn is computed again from there", self.conv_id, e)
             except BaseException:
                 self._close(cache)
                 raise
