@@ -4,16 +4,29 @@ layer at a time, exactly when that layer's attention asks for it.
 Before the forward pass it already reports the restored length (positions and
 masks come from get_seq_length / get_mask_sizes), while the store's load reads
 layers ahead. update(layer i) is the one call every attention makes: it waits
-for layer i's history only, installs it, and records the new tokens' KV so the
-session can save it after the turn. Sliding-window layers get the last
-window-1 tokens and their cumulative length, as DynamicSlidingWindowLayer
+for layer i's history only and installs it in every batch row (beam search and
+several sampled sequences run with one row each). Sliding-window layers get the
+last window-1 tokens and their cumulative length, as DynamicSlidingWindowLayer
 keeps them.
+
+What gets saved after a turn is read from the cache's own final state, never
+from a log of update() calls: transformers reorders rows (beam search), selects
+and repeats them, and crops rejected draft tokens (assisted decoding), and only
+the final tensors reflect all of that. Full-attention layers already hold every
+new token; sliding-window layers keep only their window, so the cache keeps the
+new tokens' KV of those layers aside and applies every reorder / select /
+repeat / crop to it too. Alongside, it keeps the token ids fed through the
+model per row under the same operations, so row r's new KV is provably the KV
+of `tokens[r]` after the history (KV at a position depends only on the row's
+tokens up to it; every operation moves or cuts whole rows).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+_disable = torch._dynamo.disable  # the store is plain Python and I/O: compiled code calls it, never traces it
 
 
 class StoreBackedCache(DynamicCache):
@@ -25,23 +38,31 @@ class StoreBackedCache(DynamicCache):
         self._n = n_history
         self._sliding = sliding
         self._pending = set(range(len(sliding))) if n_history else set()
-        self.new_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # New KV of sliding-window layers ([rows, heads, tokens, dim]), kept in step with the layer's rows.
+        self._side: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Token ids fed through the model per row ([rows, tokens], CPU); None once a forward ran without ids.
+        self._tokens: torch.Tensor | None = torch.zeros(1, 0, dtype=torch.long)
         for i, window in enumerate(sliding):
             if window is not None and n_history and i < len(self.layers):
                 self.layers[i].cumulative_length = n_history
 
+    # ---- history ------------------------------------------------------------
+
+    @_disable
     def _restore(self, layer_idx: int, like: torch.Tensor) -> None:
         k, v = self._loaded.pop(layer_idx) if self._loaded else self._load.read_layer(layer_idx)
-        k = k.unsqueeze(0).to(like.device, non_blocking=True)
-        v = v.unsqueeze(0).to(like.device, non_blocking=True)
+        rows = like.shape[0]
+        k = k.unsqueeze(0).to(like.device, non_blocking=True).expand(rows, -1, -1, -1)
+        v = v.unsqueeze(0).to(like.device, non_blocking=True).expand(rows, -1, -1, -1)
         layer = self.layers[layer_idx]
         layer.lazy_initialization(k, v)
         window = self._sliding[layer_idx]
         if window is not None:
             k, v = k[:, :, -(window - 1) :], v[:, :, -(window - 1) :]
             layer.cumulative_length = self._n
-        layer.keys, layer.values = k, v
+        layer.keys, layer.values = k.contiguous(), v.contiguous()
 
+    @_disable
     def _restore_full(self, layer_idx: int, key_states, value_states):
         """Full-attention layer on the CPU: the history is read straight into the
         front of the tensors the layer will hold, the new tokens copied behind it
@@ -54,6 +75,9 @@ class StoreBackedCache(DynamicCache):
             k[0, :, : self._n], v[0, :, : self._n] = hk, hv
         else:
             self._load.read_layer(layer_idx, k[0, :, : self._n], v[0, :, : self._n])
+        if b > 1:
+            k[1:, :, : self._n] = k[:1, :, : self._n]
+            v[1:, :, : self._n] = v[:1, :, : self._n]
         k[:, :, self._n :] = key_states
         v[:, :, self._n :] = value_states
         layer = self.layers[layer_idx]
@@ -61,11 +85,22 @@ class StoreBackedCache(DynamicCache):
         layer.keys, layer.values = k, v
         return k, v
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.new_kv.setdefault(layer_idx, []).append((key_states, value_states))
+    def _take_pending(self, layer_idx: int) -> bool:
         if layer_idx in self._pending:
             self._pending.discard(layer_idx)
-            if self._sliding[layer_idx] is None and key_states.device.type == "cpu" and key_states.shape[0] == 1:
+            return True
+        return False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._sliding[layer_idx] is not None:
+            old = self._side.get(layer_idx)
+            self._side[layer_idx] = (
+                (key_states, value_states)
+                if old is None
+                else (torch.cat([old[0], key_states], -2), torch.cat([old[1], value_states], -2))
+            )
+        if self._pending and self._take_pending(layer_idx):
+            if self._sliding[layer_idx] is None and key_states.device.type == "cpu":
                 return self._restore_full(layer_idx, key_states, value_states)
             self._restore(layer_idx, key_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -80,14 +115,67 @@ class StoreBackedCache(DynamicCache):
             return self._n + query_length, 0
         return super().get_mask_sizes(query_length, layer_idx)
 
-    def new_tokens(self) -> int:
-        """Tokens whose KV this cache computed (prefill and decode), same for every layer."""
-        parts = self.new_kv.get(0, [])
-        return sum(k.shape[-2] for k, _ in parts)
+    def history_consumed(self) -> bool:
+        """True when every layer's stored history has been installed (read and checked)."""
+        return not self._pending
 
-    def layer_new_kv(self, layer_idx: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV of the tokens this cache computed for one layer, leaving out the first `skip`."""
-        parts = self.new_kv[layer_idx]
-        k = torch.cat([p[0] for p in parts], dim=-2)[0, :, skip:]
-        v = torch.cat([p[1] for p in parts], dim=-2)[0, :, skip:]
-        return k, v
+    # ---- what transformers does to the rows, applied to the saved side too ----
+
+    @_disable
+    def note_tokens(self, input_ids) -> None:
+        """The ids a forward through this cache is about to compute ([rows, tokens])."""
+        if self._tokens is None:
+            return
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            self._tokens = None  # embeddings or something else: what the KV belongs to is unknown
+            return
+        ids = input_ids.detach().to("cpu", torch.long)
+        if self._tokens.shape[1] == 0:
+            self._tokens = ids.clone()
+        elif self._tokens.shape[0] == ids.shape[0]:
+            self._tokens = torch.cat([self._tokens, ids], 1)
+        else:
+            self._tokens = None
+
+    def _map_rows(self, fn) -> None:
+        self._side = {i: (fn(k), fn(v)) for i, (k, v) in self._side.items()}
+        if self._tokens is not None:
+            self._tokens = fn(self._tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._map_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)  # refuses what DynamicLayer refuses (a positive, absolute length)
+        if tokens_to_remove < 0:
+            cut = -tokens_to_remove
+            self._side = {i: (k[:, :, :-cut], v[:, :, :-cut]) for i, (k, v) in self._side.items()}
+            if self._tokens is not None:
+                self._tokens = self._tokens[:, :-cut]
+
+    def reset(self) -> None:
+        super().reset()
+        self._side, self._tokens = {}, None  # nothing of what this cache held can be saved any more
+
+    # ---- the turn's new KV, as the cache holds it at the end -----------------
+
+    def computed_tokens(self) -> torch.Tensor | None:
+        """[rows, tokens] ids whose KV this cache holds after the history, or None if unknown."""
+        return self._tokens
+
+    def row_new_kv(self, layer_idx: int, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of new tokens [start, end) (counted after the history) of one row and layer."""
+        if self._sliding[layer_idx] is not None:
+            k, v = self._side[layer_idx]
+            return k[row, :, start:end], v[row, :, start:end]
+        layer = self.layers[layer_idx]
+        return layer.keys[row, :, self._n + start : self._n + end], layer.values[row, :, self._n + start : self._n + end]

@@ -4,7 +4,9 @@ forward and generate through sessions, leaving it untouched outside them."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from cachedattn.hf.positions import PositionScheme, probe_positions
 from cachedattn.hf.probe import ModelKV, probe
@@ -18,6 +20,7 @@ class PatchState:
     positions: PositionScheme
     readahead: int | None
     options: dict
+    warned: set = field(default_factory=set)  # kinds of trouble already warned about (once per model)
 
 
 def patch(
@@ -61,10 +64,16 @@ def patch(
         s = current_session()
         if s is None or s.model is not model:
             return forward(*args, **kwargs)
+        return in_session(s, args, kwargs)
+
+    # A compiled model (model.compile(), torch.compile(model)) runs its turns inside a
+    # session eagerly: the store is read from inside the attention layers' cache
+    # updates, which dynamo must not trace, and a turn's cache length changes every
+    # turn (a recompile per turn). Outside sessions the model stays compiled.
+    @torch._dynamo.disable
+    def in_session(s, args, kwargs):
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            out = forward(*args, **kwargs)  # a step of generate(), or the caller's own cache
-            s._first_forward_done()
-            return out
+            return s.run_step(forward, args, kwargs)  # a step of generate(), or the caller's own cache
         input_ids = kwargs.pop("input_ids", None)
         if args:
             if input_ids is not None:

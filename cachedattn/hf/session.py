@@ -7,6 +7,13 @@ generated tokens) for the next turn. s.reused_tokens, s.computed_tokens,
 s.generated_tokens, s.tier_tokens and s.ttft describe the last turn.
 s.continue_turn(ids) feeds more tokens (a known answer, say) through the same
 turn's cache and stores their KV too.
+
+The cache never costs the caller a turn: a stored chunk found bad while the
+history is read reruns the turn from the store's cut (the history is consumed
+in the first forward, before anything is sampled or streamed); a save the
+store refuses (memory full, disk errors) stores nothing and the answer is
+returned; a conversation changed between lookup and load is a shorter prefix
+or a miss.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import time
 import torch
 
 from cachedattn.hf.cache import StoreBackedCache
+from cachedattn.hf.modes import check_generate
+from cachedattn.hf.saving import save_turn
 from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.store import keys
 
@@ -52,6 +61,7 @@ class Session:
         layerwise: bool = True,
         **overrides,
     ):
+        model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the patched model
         state = getattr(model, "_cachedattn", None)
         if state is None:
             raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
@@ -83,6 +93,9 @@ class Session:
         self.last_save = None  # Future: the last turn's KV is on disk
         self._t0 = None
         self._token = None
+        self._cache: StoreBackedCache | None = None  # the turn's cache while it runs
+        self._emitted = False  # the turn's first forward finished: nothing may be redone any more
+        self._prompt_len = 0  # tokens of the turn's input (after truncation)
         self._weights_current = True  # this turn's weights are those the store's KV was computed with
 
     def __enter__(self) -> Session:
@@ -96,16 +109,15 @@ class Session:
 
     # ---- one turn ---------------------------------------------------------------
 
-    def _begin(self, input_ids: torch.Tensor, extra: int = 0) -> tuple[StoreBackedCache, int, torch.Tensor]:
+    def _begin(self, input_ids: torch.Tensor, extra: int = 0) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("inside a session, pass input_ids as a [1, tokens] tensor (inputs_embeds is not supported)")
         if input_ids.shape[0] != 1:
             raise ValueError(f"a session serves batch size 1; got a batch of {input_ids.shape[0]}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty")
-        st = self._state
         # Before any KV is read: KV of other weights is never served, and this turn's is not stored under theirs.
-        self._weights_current = st.kv.identity.check(self.model)
+        self._weights_current = self._state.kv.identity.check(self.model)
         self._t0 = time.perf_counter()
         self.ttft = None
         self.dropped_tokens = 0
@@ -113,16 +125,92 @@ class Session:
         if self.options["max_context"] is not None and input_ids.shape[1] + extra > self.options["max_context"]:
             input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
             self.total_dropped += self.dropped_tokens
+        self.turns += 1
+        self._prompt_len = input_ids.shape[1]
+        return input_ids
+
+    def _load_prefix(self, ids: torch.Tensor, limit: int):
+        """An open load of the longest stored prefix of ids (at most `limit` tokens), or None.
+
+        Lookup and load are one step when the store offers it (load_prefix);
+        otherwise a conversation cut, dropped or rewritten in between surfaces
+        from load as a KeyError, ValueError or TypeError: look up once more,
+        then treat it as a miss (the turn computes everything)."""
+        store = self._state.store
+        load_prefix = getattr(store, "load_prefix", None)
+        load = None
+        for _ in range(2):
+            try:
+                if load_prefix is not None:
+                    load = load_prefix(self.conv_id, ids, limit=limit, readahead=self.readahead)
+                else:
+                    n = min(store.lookup(self.conv_id, ids), limit)
+                    load = store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
+                break
+            except (KeyError, ValueError, TypeError) as e:
+                log.debug("cachedattn: %r changed between lookup and load (%s); looking up again", self.conv_id, e)
+        if load is not None and load.n_tokens == 0:
+            load.close()
+            load = None
+        return load
+
+    def _open(self, input_ids: torch.Tensor, history: bool) -> tuple[StoreBackedCache, int]:
         # At least one token must go through the model to produce logits.
-        n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1) if self._weights_current else 0
-        load = st.store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
-        cache = StoreBackedCache(self.model.config, load, n, st.kv.sliding, layerwise=self.layerwise)
+        limit = input_ids.shape[1] - 1
+        reuse = history and limit > 0 and self._weights_current
+        load = self._load_prefix(input_ids[0], limit) if reuse else None
+        n = load.n_tokens if load is not None else 0
+        try:
+            cache = StoreBackedCache(self.model.config, load, n, self._state.kv.sliding, layerwise=self.layerwise)
+        except BaseException:
+            if load is not None:
+                load.close()
+            raise
         self.tier_tokens = load.tier_tokens() if load is not None else {"host": 0, "disk": 0}
         self.reused_tokens = n
         self.computed_tokens = input_ids.shape[1] - n
         self.generated_tokens = 0
-        self.turns += 1
-        return cache, n, input_ids
+        return cache, n
+
+    def _run(self, input_ids: torch.Tensor, call):
+        """call(cache, n, attempt) with the longest stored prefix restored; returns (its result, cache, n).
+
+        A stored chunk found bad while the history is read (ChunkCorruptError:
+        the store has already cut the conversation before it; or any other
+        OSError out of the store's reads) reruns the call from the cut;
+        a second failure reruns it without any history, which reads nothing
+        from the store, so this ends after three attempts at most."""
+        for attempt in range(3):
+            self._emitted = False
+            cache = None
+            try:
+                cache, n = self._open(input_ids, history=attempt < 2)
+                self._cache = cache
+                return call(cache, n, attempt), cache, n
+            except OSError as e:  # ChunkCorruptError, or the store failing while it handles one
+                self._close(cache)
+                if self._emitted or attempt == 2:
+                    raise  # not from the history (consumed in the first forward): nothing to redo
+                if attempt == 0:  # one event per turn, however many reruns it takes
+                    self._state.store._stats.add(recovered_turns=1)
+                    log.warning("cachedattn: %r: %s; the turn is computed again from there", self.conv_id, e)
+            except BaseException:
+                self._close(cache)
+                raise
+            finally:
+                self._cache = None
+
+    @staticmethod
+    def _close(cache: StoreBackedCache | None) -> None:
+        if cache is not None and cache._load is not None:
+            cache._load.close()
+
+    def _finish(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> None:
+        try:
+            if self.save and self._weights_current:
+                save_turn(self, cache, token_ids, n)
+        finally:
+            self._close(cache)
 
     def _fit_to_window(self, kwargs) -> dict:
         """After truncation, masks and positions given for the full ids no longer apply (batch 1: rebuilt)."""
@@ -144,6 +232,12 @@ class Session:
         return max(0, int(getattr(gc, "max_length", 20) or 20) - input_ids.shape[1])
 
     def _first_forward_done(self) -> None:
+        if self._emitted:
+            return
+        cache = self._cache
+        if cache is not None and not cache.history_consumed() and cache._load is not None:
+            cache._load.read_all()  # layers the forward never asked for: checked now, before anything is sampled
+        self._emitted = True
         if self.ttft is None and self._t0 is not None:
             if self._cuda:  # kernels run asynchronously: the first token exists when they are done
                 torch.cuda.synchronize()
@@ -151,49 +245,38 @@ class Session:
             if self.on_first_token is not None:
                 self.on_first_token()
 
-    def _end(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, ok: bool) -> None:
-        load = cache._load
-        try:
-            if ok and self.save and self._weights_current:
-                self._save(cache, token_ids, n)
-        finally:
-            if load is not None:
-                load.close()
-
-    def _save(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int, start: int | None = None) -> None:
-        """Stores the KV of tokens [start, n + new) (start defaults to n)."""
-        start = n if start is None else start
-        m = n + cache.new_tokens()
-        if m <= start:
-            return
-        st = self._state
-        try:
-            txn = st.store.begin_append(self.conv_id, token_ids[:m], start=start)
-        except ValueError as e:  # another writer changed this conversation meanwhile
-            log.warning("cachedattn: not saving turn of %r: %s", self.conv_id, e)
-            return
-        with txn:
-            for layer in range(st.kv.spec.num_layers):
-                k, v = cache.layer_new_kv(layer, skip=start - n)
-                txn.put_layer(layer, k.detach(), v.detach())
-            self.last_save = txn.commit()
+    def run_step(self, forward, args, kwargs):
+        """A forward given a cache inside the session: a step of generate(), a continue_turn, or the caller's own cache."""
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        if isinstance(cache, StoreBackedCache):
+            if args:
+                kwargs["input_ids"], args = args[0], args[1:]
+            if cache is self._cache and not self._emitted:
+                kwargs = _skip_history(kwargs, cache._n, self._prompt_len)
+            cache.note_tokens(kwargs.get("input_ids"))
+        out = forward(*args, **kwargs)
+        self._first_forward_done()
+        return out
 
     def run_forward(self, forward, input_ids, kwargs):
-        cache, n, input_ids = self._begin(input_ids, self.reserve)
+        input_ids = self._begin(input_ids, self.reserve)
         kwargs = self._fit_to_window(kwargs)
-        kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"][..., n:]
-        ok = False
-        try:
+        position_ids = kwargs.pop("position_ids", None)
+
+        def call(cache, n, attempt):
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids[..., n:]
+            kwargs[self._state.kv.cache_kwarg] = cache
+            cache.note_tokens(input_ids[:, n:])
             out = forward(input_ids=input_ids[:, n:], **kwargs)
             self._first_forward_done()
-            ok = True
-        finally:
-            self._end(cache, input_ids[0], n, ok)
-        if ok:
-            self._last = (cache, input_ids[0], n)
+            return out
+
+        out, cache, n = self._run(input_ids, call)
+        self._finish(cache, input_ids[0], n)
+        self._last = (cache, input_ids[0], n)
         return out
 
     @property
@@ -223,22 +306,83 @@ class Session:
         ids = torch.cat([ids, new_ids[0].to(ids.device)])
         self.generated_tokens += new_ids.shape[1]
         if self.save and self._weights_current:
-            self._save(cache, ids, n, start=n + cache.new_tokens() - new_ids.shape[1])
+            save_turn(self, cache, ids, n, start=ids.shape[0] - new_ids.shape[1])
         self._last = (cache, ids, n)
         return out
 
     def run_generate(self, generate, input_ids, kwargs):
-        cache, n, input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs))
+        check_generate(self.model, kwargs)  # before any work: a mode the session cannot serve is refused by name
+        input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs))
         kwargs = self._fit_to_window(kwargs)
-        kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
-        ok = False
-        try:
-            out = generate(input_ids, **kwargs)
-            ok = True
-        finally:
-            seqs = getattr(out, "sequences", out) if ok else None
-            if ok:
-                self.generated_tokens = seqs.shape[1] - input_ids.shape[1]
-            self._end(cache, seqs[0] if ok else None, n, ok)
+        if kwargs.get("streamer") is not None:
+            kwargs["streamer"] = _StreamGate(kwargs["streamer"])
+        rng = _rng_state()
+
+        def call(cache, n, attempt):
+            if attempt:  # a rerun draws and streams exactly what a first run would have
+                _set_rng_state(rng)
+                if kwargs.get("streamer") is not None:
+                    kwargs["streamer"].rerun()
+            kwargs[self._state.kv.cache_kwarg] = cache
+            return generate(input_ids, **kwargs)
+
+        out, cache, n = self._run(input_ids, call)
+        seqs = getattr(out, "sequences", out)
+        self.generated_tokens = seqs.shape[1] - input_ids.shape[1]
+        # The KV saved is that of sequence 0 as far as a cache row provably holds it (see saving.provable_row).
+        self._finish(cache, seqs[0], n)
         return out
+
+
+def _skip_history(kwargs: dict, n: int, prompt_len: int) -> dict:
+    """The first forward of a turn given the whole sequence (assisted decoding's first
+    verification step passes it unsliced even when the cache holds a prefix) computes
+    only the tokens after the restored history, as generate's own prefill does."""
+    ids = kwargs.get("input_ids")
+    if not n or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < prompt_len:
+        return kwargs
+    kwargs = dict(kwargs)
+    new = ids.shape[1] - n
+    kwargs["input_ids"] = ids[:, n:]
+    for name in ("position_ids", "token_type_ids"):
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.shape[-1] == ids.shape[1]:
+            kwargs[name] = t[..., -new:]
+    return kwargs
+
+
+class _StreamGate:
+    """The caller's streamer, seen once: a rerun of the turn repeats what the failed
+    attempt already delivered (the prompt), and that part is not delivered twice."""
+
+    def __init__(self, streamer):
+        self._streamer = streamer
+        self._delivered = 0
+        self._skip = 0
+
+    def rerun(self) -> None:
+        self._skip, self._delivered = self._delivered, 0
+
+    def put(self, value) -> None:
+        if self._skip:
+            self._skip -= 1
+            self._delivered += 1
+            return
+        self._delivered += 1
+        self._streamer.put(value)
+
+    def end(self) -> None:
+        self._streamer.end()
+
+
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
