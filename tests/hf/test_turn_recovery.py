@@ -218,8 +218,10 @@ def _race(store, how, ids):
         other = torch.randint(1, VOCAB, (30,))
         store.append("r", other, txn_layers(store, 30))
     elif how == "prefetch":
-        if not store._convs["r"].pins:  # an open load keeps it where it is
+        try:
             store.demote("r")
+        except ValueError:
+            pass  # an open load keeps it where it is
         store.prefetch("r").result()
     store.flush()
 
