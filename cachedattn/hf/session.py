@@ -18,6 +18,7 @@ import time
 import torch
 
 from cachedattn.hf.cache import StoreBackedCache
+from cachedattn.hf.masks import first_hidden, generate_pad_eos
 from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.store import keys
 
@@ -78,6 +79,7 @@ class Session:
         self.ttft: float | None = None
         self.turns = 0
         self._last: tuple[StoreBackedCache, torch.Tensor, int] | None = None  # cache, kept ids, history
+        self._hidden_from: int | None = None  # first token this turn's attention mask hides (see hf.masks)
         self._cuda = next(model.parameters()).is_cuda
         self.on_first_token = None  # called once per turn when its first token exists (the engine's read buffer)
         self.last_save = None  # Future: the last turn's KV is on disk
@@ -95,7 +97,9 @@ class Session:
 
     # ---- one turn ---------------------------------------------------------------
 
-    def _begin(self, input_ids: torch.Tensor, extra: int = 0) -> tuple[StoreBackedCache, int, torch.Tensor]:
+    def _begin(
+        self, input_ids: torch.Tensor, extra: int = 0, kwargs: dict | None = None, generating: bool = False
+    ) -> tuple[StoreBackedCache, int, torch.Tensor]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("inside a session, pass input_ids as a [1, tokens] tensor (inputs_embeds is not supported)")
         if input_ids.shape[0] != 1:
@@ -110,8 +114,16 @@ class Session:
         if self.options["max_context"] is not None and input_ids.shape[1] + extra > self.options["max_context"]:
             input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
             self.total_dropped += self.dropped_tokens
+        # Stored KV was computed with every token visible: reuse (and store) it only before
+        # the first token this turn's mask hides. A truncated turn's mask is rebuilt (all ones).
+        kwargs = kwargs or {}
+        pad_eos = generate_pad_eos(self.model, kwargs) if generating else ()
+        mask = None if self.dropped_tokens else kwargs.get("attention_mask")
+        self._hidden_from = first_hidden(input_ids, mask, *pad_eos)
         # At least one token must go through the model to produce logits.
         n = min(st.store.lookup(self.conv_id, input_ids[0]), input_ids.shape[1] - 1)
+        if self._hidden_from is not None:
+            n = min(n, self._hidden_from)
         load = st.store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
         cache = StoreBackedCache(self.model.config, load, n, st.kv.sliding, layerwise=self.layerwise)
         self.tier_tokens = load.tier_tokens() if load is not None else {"host": 0, "disk": 0}
@@ -161,6 +173,8 @@ class Session:
         """Stores the KV of tokens [start, n + new) (start defaults to n)."""
         start = n if start is None else start
         m = n + cache.new_tokens()
+        if self._hidden_from is not None:
+            m = min(m, self._hidden_from)
         if m <= start:
             return
         st = self._state
@@ -172,11 +186,11 @@ class Session:
         with txn:
             for layer in range(st.kv.spec.num_layers):
                 k, v = cache.layer_new_kv(layer, skip=start - n)
-                txn.put_layer(layer, k.detach(), v.detach())
+                txn.put_layer(layer, k[:, : m - start].detach(), v[:, : m - start].detach())
             self.last_save = txn.commit()
 
     def run_forward(self, forward, input_ids, kwargs):
-        cache, n, input_ids = self._begin(input_ids, self.reserve)
+        cache, n, input_ids = self._begin(input_ids, self.reserve, kwargs)
         kwargs = self._fit_to_window(kwargs)
         kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
@@ -219,13 +233,16 @@ class Session:
         out = self.model(input_ids=new_ids.to(ids.device), **kwargs)
         ids = torch.cat([ids, new_ids[0].to(ids.device)])
         self.generated_tokens += new_ids.shape[1]
+        hidden = first_hidden(ids[None], kwargs.get("attention_mask"))
+        if hidden is not None:
+            self._hidden_from = hidden if self._hidden_from is None else min(self._hidden_from, hidden)
         if self.save:
             self._save(cache, ids, n, start=n + cache.new_tokens() - new_ids.shape[1])
         self._last = (cache, ids, n)
         return out
 
     def run_generate(self, generate, input_ids, kwargs):
-        cache, n, input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs))
+        cache, n, input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs), kwargs, generating=True)
         kwargs = self._fit_to_window(kwargs)
         kwargs[self._state.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
