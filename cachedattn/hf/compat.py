@@ -61,10 +61,10 @@ VARIANTS = (
     },
 )
 # (kind, new tokens): generate or a plain forward; "restart" reopens the store and re-patches first.
-TURNS = (("generate", 30), ("forward", 20), ("restart+generate", 20), ("forward", 12), ("generate", 8))
-GEN = 4
+TURNS = (("generate", 20), ("forward", 14), ("restart+generate", 10), ("forward", 8))
+GEN = 3
 TOL = 1e-4
-TIMEOUT_S = 60  # per configuration
+TIMEOUT_S = 60  # per configuration (wall clock)
 log = logging.getLogger("cachedattn")
 
 
@@ -216,7 +216,9 @@ def check(arch: str) -> dict:
         finally:
             signal.alarm(0)
         runs.append(r)
-        if r["status"] in ("fails", "refused"):
+        # Refused or failing: that is the verdict. Not even the first configuration builds: nor will the others.
+        if r["status"] in ("fails", "refused") or (r["status"] == "not tested" and not any(
+                x["status"] == "works" for x in runs)):
             break
     worked = [r for r in runs if r["status"] == "works"]
     bad = [r for r in runs if r["status"] in ("fails", "refused")]
@@ -245,8 +247,6 @@ def _alarm(signum, frame):
 
 
 def main(argv=None) -> None:
-    import transformers
-
     p = argparse.ArgumentParser(prog="cachedattn compat", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="write a Markdown table and a JSON file with this stem")
     p.add_argument("--only", nargs="*", help="architectures to check (default: all)")
@@ -263,6 +263,21 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         results[arch] = check(arch)
         results[arch]["seconds"] = round(time.perf_counter() - t0, 1)
+        if args.out:
+            _write(results, args.out)  # after every architecture: a run cut short still leaves its table
+    if not args.out:
+        print(_table(results))
+
+
+def _write(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text(_table(results))
+    Path(out + ".json").write_text(json.dumps(results, indent=1))
+
+
+def _table(results: dict) -> str:
+    import transformers
+
     counts = {}
     for r in results.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -284,12 +299,7 @@ def main(argv=None) -> None:
     ]
     lines += [f"| {a} | {r['status']} | {r['configs']} | {r.get('positions', '').replace('|', '/')} | "
               f"{r['detail'].replace('|', '/')} |" for a, r in results.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".md").write_text(text)
-        Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
