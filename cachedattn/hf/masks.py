@@ -26,7 +26,7 @@ def _token_set(value) -> set[int]:
 
 def generate_pad_eos(model, kwargs: dict) -> tuple[set[int], set[int]]:
     """The pad and eos token ids generate() will use for this call."""
-    gc = kwargs.get("generation_config") or model.generation_config
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     pad = kwargs["pad_token_id"] if "pad_token_id" in kwargs else getattr(gc, "pad_token_id", None)
     eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else getattr(gc, "eos_token_id", None)
     return _token_set(pad), _token_set(eos)
