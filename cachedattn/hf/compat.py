@@ -68,8 +68,9 @@ TIMEOUT_S = 60  # per configuration (wall clock)
 log = logging.getLogger("cachedattn")
 
 
-class _Timeout(Exception):
-    """One configuration's check ran past TIMEOUT_S."""
+class _Timeout(BaseException):
+    """One configuration's check ran past TIMEOUT_S (a BaseException: the checks' own
+    `except Exception` must not turn it into a failure of the model)."""
 
 
 def _alternate(values: list, n: int) -> list:
