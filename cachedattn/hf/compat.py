@@ -94,10 +94,12 @@ def _shrink(cfg, variant: dict) -> None:
             continue
         # Every kind of layer the full model has must occur in the tiny one (sliding and full
         # attention, RoPE and NoPE layers): alternate them.
-        if isinstance(getattr(sub, "layer_types", None), list) and sub.layer_types:
-            sub.layer_types = _alternate(sub.layer_types, n)
-        if isinstance(getattr(sub, "no_rope_layers", None), list) and sub.no_rope_layers:
-            sub.no_rope_layers = _alternate([1, 0], n)
+        for name, kinds in (("layer_types", getattr(sub, "layer_types", None)), ("no_rope_layers", [1, 0])):
+            if isinstance(getattr(sub, name, None), list) and getattr(sub, name):
+                try:
+                    setattr(sub, name, _alternate(kinds, n))
+                except AttributeError:  # derived from other fields (a property): those were shrunk already
+                    pass
 
 
 def tiny_model(arch: str, variant: int = 0, seed: int = 0):
