@@ -45,6 +45,8 @@ def save_turn(session, cache, token_ids: torch.Tensor, n: int, start: int | None
     start = n if start is None else start
     row, length = provable_row(cache.computed_tokens(), token_ids[n:].cpu())
     m = n + length
+    if session._hidden_from is not None:  # KV after a token the mask hid is not what a later turn computes
+        m = min(m, session._hidden_from)
     if m <= start:
         return
     try:

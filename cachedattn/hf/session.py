@@ -25,6 +25,7 @@ import time
 import torch
 
 from cachedattn.hf.cache import StoreBackedCache
+from cachedattn.hf.masks import first_hidden, generate_pad_eos
 from cachedattn.hf.modes import check_generate
 from cachedattn.hf.saving import save_turn
 from cachedattn.hf.truncation import POLICIES, truncate_turn
@@ -97,6 +98,7 @@ class Session:
         self._emitted = False  # the turn's first forward finished: nothing may be redone any more
         self._prompt_len = 0  # tokens of the turn's input (after truncation)
         self._weights_current = True  # this turn's weights are those the store's KV was computed with
+        self._hidden_from: int | None = None  # first token this turn's attention mask hides (see hf.masks)
 
     def __enter__(self) -> Session:
         if _current.get() is not None:
@@ -109,7 +111,9 @@ class Session:
 
     # ---- one turn ---------------------------------------------------------------
 
-    def _begin(self, input_ids: torch.Tensor, extra: int = 0) -> torch.Tensor:
+    def _begin(
+        self, input_ids: torch.Tensor, extra: int = 0, kwargs: dict | None = None, generating: bool = False
+    ) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("inside a session, pass input_ids as a [1, tokens] tensor (inputs_embeds is not supported)")
         if input_ids.shape[0] != 1:
@@ -125,6 +129,12 @@ class Session:
         if self.options["max_context"] is not None and input_ids.shape[1] + extra > self.options["max_context"]:
             input_ids, self.dropped_tokens, self.position_note = truncate_turn(self, input_ids, extra)
             self.total_dropped += self.dropped_tokens
+        # Stored KV was computed with every token visible: reuse (and store) it only before
+        # the first token this turn's mask hides. A truncated turn's mask is rebuilt (all ones).
+        kwargs = kwargs or {}
+        pad_eos = generate_pad_eos(self.model, kwargs) if generating else ()
+        mask = None if self.dropped_tokens else kwargs.get("attention_mask")
+        self._hidden_from = first_hidden(input_ids, mask, *pad_eos)
         self.turns += 1
         self._prompt_len = input_ids.shape[1]
         return input_ids
@@ -157,6 +167,8 @@ class Session:
     def _open(self, input_ids: torch.Tensor, history: bool) -> tuple[StoreBackedCache, int]:
         # At least one token must go through the model to produce logits.
         limit = input_ids.shape[1] - 1
+        if self._hidden_from is not None:
+            limit = min(limit, self._hidden_from)
         reuse = history and limit > 0 and self._weights_current
         load = self._load_prefix(input_ids[0], limit) if reuse else None
         n = load.n_tokens if load is not None else 0
@@ -260,7 +272,7 @@ class Session:
         return out
 
     def run_forward(self, forward, input_ids, kwargs):
-        input_ids = self._begin(input_ids, self.reserve)
+        input_ids = self._begin(input_ids, self.reserve, kwargs)
         kwargs = self._fit_to_window(kwargs)
         kwargs["use_cache"] = True
         position_ids = kwargs.pop("position_ids", None)
@@ -305,6 +317,9 @@ class Session:
         out = self.model(input_ids=new_ids.to(ids.device), **kwargs)
         ids = torch.cat([ids, new_ids[0].to(ids.device)])
         self.generated_tokens += new_ids.shape[1]
+        hidden = first_hidden(ids[None], kwargs.get("attention_mask"))
+        if hidden is not None:
+            self._hidden_from = hidden if self._hidden_from is None else min(self._hidden_from, hidden)
         if self.save and self._weights_current:
             save_turn(self, cache, ids, n, start=ids.shape[0] - new_ids.shape[1])
         self._last = (cache, ids, n)
@@ -312,7 +327,7 @@ class Session:
 
     def run_generate(self, generate, input_ids, kwargs):
         check_generate(self.model, kwargs)  # before any work: a mode the session cannot serve is refused by name
-        input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs))
+        input_ids = self._begin(input_ids, self._new_tokens_bound(input_ids, kwargs), kwargs, generating=True)
         kwargs = self._fit_to_window(kwargs)
         kwargs["use_cache"] = True
         if kwargs.get("streamer") is not None:

@@ -8,12 +8,14 @@ sinks or a system prompt), as often as needed. The stored KV of what is kept is
 then rewritten in the store for its new positions:
 
 - policy "reapply" (default, CA in the paper): keys after the dropped span are
-  rotated by -dropped with the model's own RoPE (PositionScheme); the first
-  `keep_first` tokens keep theirs. Only layer 0 is exact: deeper layers still
-  carry context of the dropped tokens, which is the paper's trade-off. Models
-  whose keys do not hold positions (ALiBi) reuse the keys as they are; models
-  where rotation cannot be exact (learned absolute positions, dynamic or
-  longrope scaling) recompute the window instead, and say so.
+  rotated by -dropped, layer by layer with that layer's own RoPE (frequencies
+  and layout, PositionScheme); keys of layers without RoPE (NoPE layers of
+  cohere2, smollm3, llama4) stay as they are, and the first `keep_first`
+  tokens keep theirs. Only layer 0 is exact: deeper layers still carry context
+  of the dropped tokens, which is the paper's trade-off. Models whose keys do
+  not hold positions (ALiBi) reuse the keys as they are; models where rotation
+  cannot be exact (learned absolute positions, dynamic or longrope scaling, a
+  layer the probe cannot explain) recompute the window instead, and say so.
 - policy "recompute" (TT): the kept window is computed from scratch.
 - policy "keep" (NKVT, for experiments): the stored keys are reused without
   re-applying positions, which is wrong; it exists to measure how wrong.

@@ -1,14 +1,26 @@
 """Context-window overflow: dropping the oldest tokens and reusing the rest's KV."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import cachedattn
+from cachedattn.hf.positions import ROTATE, UNCHANGED
 from cachedattn.hf.truncation import plan_drop
 
-from .models import VOCAB
+from .models import NOPE_LAYERS, VOCAB
 from .test_positions import CASES
+
+COMPAT = Path(__file__).resolve().parents[2] / "docs" / "compat.json"
+
+
+def _rotating_compat_archs() -> list[str]:
+    """Every architecture docs/compat.md lists as served whose overflow re-rotates keys."""
+    table = json.loads(COMPAT.read_text())
+    return sorted(a for a, r in table.items() if r["status"] == "works" and r.get("positions", "").startswith(ROTATE))
 
 W = 96  # max_context; chunks are 16 tokens, so the default drop is 48
 
@@ -154,3 +166,82 @@ def test_bad_options(make_store):
         cachedattn.session(model, "x", position_policy="guess")
     with pytest.raises(TypeError, match="unknown session options"):
         cachedattn.session(model, "x", max_contxt=5)
+
+
+class _RecordingCache(DynamicCache):
+    """Keeps every key each layer computed, sliding-window layers included."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.keys_seen: dict[int, list[torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys_seen.setdefault(layer_idx, []).append(key_states.detach().float())
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _keys_at_positions(model, ids, positions) -> list[torch.Tensor]:
+    cache = _RecordingCache(model.config)
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=positions[None], use_cache=True, **{model._cachedattn.kv.cache_kwarg: cache})
+    return [torch.cat(cache.keys_seen[i], -2)[0] for i in sorted(cache.keys_seen)]
+
+
+def _read_all_layers(store, conv, n, layers):
+    with store.load(conv, n) as ld:
+        return [ld.read_layer(i)[0].float().clone() for i in range(layers)]
+
+
+def _check_every_layer_after_overflow(model, store, keep_first, nope_layers=()):
+    """Turn 1 stores 30 tokens computed at positions 16..45; turn 2 (40 tokens, window 32) drops
+    16 after the first keep_first and moves the rest's stored keys by -16.
+
+    Truth per layer, from the model itself: the same 30 tokens run at positions 0..29 keep every
+    relative position, so each layer's key of a kept token there is its stored key moved by -16
+    with that layer's own RoPE, or unchanged without RoPE (for layer 0: exactly the key computed
+    from scratch at the new position). The first keep_first tokens keep their positions and keys.
+    (Turn 1 starts at 16 rather than the truth at -16: some models look positions up in a table.)"""
+    ids, drop, stored = _ids(40, seed=11), 16, 30
+    layers = model._cachedattn.kv.spec.num_layers
+    with torch.no_grad(), cachedattn.session(model, "w") as s:
+        model(ids[:, :stored], position_ids=(torch.arange(stored) + drop)[None])
+        old = _read_all_layers(store, "w", stored, layers)
+        model(ids)
+        assert s.dropped_tokens == drop and "re-rotated" in s.position_note, s.position_note
+    kept = stored - drop
+    new = _read_all_layers(store, "w", kept, layers)
+    shifted = _keys_at_positions(model, ids[:, :stored], torch.arange(stored))
+    scheme = model._cachedattn.positions
+    k = keep_first
+    for layer in range(layers):
+        want = torch.cat([old[layer][:, :k], shifted[layer][:, k + drop : stored]], 1)
+        tol = 1e-4 * max(1.0, want.abs().max().item())
+        assert (new[layer] - want).abs().max().item() <= tol, f"layer {layer} ({scheme.layers[layer].kind})"
+        if scheme.layers[layer].kind == UNCHANGED or layer in nope_layers:
+            # not rotated at all: bit for bit the keys stored before the drop
+            assert torch.equal(new[layer], torch.cat([old[layer][:, :k], old[layer][:, k + drop :]], 1)), layer
+    assert [i for i, lp in enumerate(scheme.layers) if lp.kind == UNCHANGED] == sorted(nope_layers) or not nope_layers
+
+
+ROTATING_CASES = [c for c in CASES if CASES[c][2] == ROTATE]
+
+
+@pytest.mark.parametrize("case", ROTATING_CASES)
+@pytest.mark.parametrize("keep_first", [0, 4])
+def test_every_layers_keys_after_overflow_are_the_truth(case, keep_first, make_store):
+    model = _model(case)
+    store = make_store()
+    cachedattn.patch(model, store, max_context=32, keep_first=keep_first)
+    _check_every_layer_after_overflow(model, store, keep_first, NOPE_LAYERS.get(CASES[case][0], ()))
+
+
+@pytest.mark.parametrize("arch", _rotating_compat_archs())
+def test_every_layers_keys_after_overflow_on_every_rotating_architecture(arch, make_store):
+    """Each architecture docs/compat.md lists as working with re-rotated keys, in the compat
+    checker's first tiny configuration (NoPE and sliding layers alternate where it has them)."""
+    from cachedattn.hf import compat
+
+    model = compat.tiny_model(arch, 0)
+    store = make_store()
+    cachedattn.patch(model, store, max_context=32)
+    _check_every_layer_after_overflow(model, store, 0)
