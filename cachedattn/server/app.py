@@ -111,9 +111,9 @@ def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
             raise bad_request(f"the chat template cannot render these messages: {e}", "messages") from None
         conv = identity.explicit_id(request.headers, req.conversation_id, req.user)
         if conv is None:
-            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-            earlier = (prompt if i == len(messages) - 1 else tok.render(messages[: i + 1]) for i in reversed(users))
-            conv = server.conversations.find(earlier) or server.conversations.new_id()
+            answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            turns = ((tok.render(messages[:i]), messages[i]["content"]) for i in reversed(answers))
+            conv = server.conversations.find(prompt, turns) or server.conversations.new_id()
         ids = server.conversations.token_ids(conv, prompt, tok.encode, tok.encode)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         turn = Turn(conv, prompt, ids, max_tokens, **sampling(req))

@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
                    "same server")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="requests in flight before answering 503")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413")
     p.add_argument("--default-max-tokens", type=int, default=256, help="answer length when a request names none")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM/Ctrl-C before they are cancelled")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     server = build(args)
     log.info("cachedattn: serving %r (max_model_len %d, %s) on http://%s:%d", server.model_name,
              server.max_model_len, "no reuse" if args.no_reuse else "KV reuse", args.host, args.port)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(create_app(server, args.max_body_bytes), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
 
 

@@ -3,10 +3,17 @@
 Rule, first match wins:
 1. an explicit id: the X-Session-ID header, the x-user-id header, the
    `conversation_id` field, the `user` field (in this order);
-2. chat requests without one: the conversation whose earlier turn's prompt is a
-   prefix of this request's, found by digest: for every user message of the
-   request, latest first, the conversation is rendered up to it (with the
-   generation prompt) and its digest looked up among the prompts served before;
+2. chat requests without one: a conversation found by digest among the turns
+   served before. For each assistant message of the request, latest first:
+   the conversation rendered up to that message (with the generation prompt)
+   plus the message's text is looked up among the turns' prompts-plus-answers
+   as sent (the client continues that very turn); failing that, the rendered
+   prefix alone among the turns' prompts (the client or its template rewrote
+   the answer). Of the conversations that served the turn found, the most
+   recent one that has not moved on is taken: one whose last prompt is a
+   prefix of this request's. So conversations that open alike (same
+   messages, same greedy answers) share an id only until they differ, then
+   each keeps its own;
 3. otherwise a new conversation (a fresh id).
 
 Token ids: a request whose rendered prompt starts with the text of the
@@ -27,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 HEADERS = ("x-session-id", "x-user-id")
+SHARERS = 8  # conversations remembered per served turn (alike openings)
 
 
 def explicit_id(headers, conversation_id: str | None, user: str | None) -> str | None:
@@ -47,18 +55,24 @@ def _digest(text: str) -> bytes:
 class Conversations:
     def __init__(self, capacity: int = 100_000):
         self.capacity = capacity
-        self._last: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()  # id -> (text, ids) of its last turn
-        self._prompts: OrderedDict[bytes, str] = OrderedDict()  # digest of a served prompt -> id
+        # id -> its last turn: (prompt text, prompt + answer text as sent, their token ids)
+        self._last: OrderedDict[str, tuple[str, str, list[int]]] = OrderedDict()
+        # digest of a served prompt / prompt + answer -> the ids that served it, most recent last
+        self._prompts: OrderedDict[bytes, list[str]] = OrderedDict()
+        self._turns: OrderedDict[bytes, list[str]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def find(self, prompts: Iterable[str]) -> str | None:
-        """The conversation that served one of these prompts (tried in order)."""
-        with self._lock:
-            for p in prompts:
-                conv = self._prompts.get(_digest(p))
-                if conv is not None:
-                    self._prompts.move_to_end(_digest(p))
-                    return conv
+    def find(self, prompt: str, turns: Iterable[tuple[str, str]]) -> str | None:
+        """The conversation a request with this rendered prompt continues, from
+        (rendered prefix, assistant text) pairs of its assistant messages, latest first."""
+        for prefix, answer in turns:
+            with self._lock:
+                for index, key in ((self._turns, _digest(prefix + answer)), (self._prompts, _digest(prefix))):
+                    for conv in reversed(index.get(key, ())):
+                        last = self._last.get(conv)
+                        if last is not None and prompt.startswith(last[0]):
+                            index.move_to_end(key)
+                            return conv
         return None
 
     @staticmethod
@@ -69,17 +83,21 @@ class Conversations:
                   encode_rest: Callable[[str], list[int]]) -> list[int]:
         with self._lock:
             last = self._last.get(conv_id)
-        if last is not None and last[0] and text.startswith(last[0]):
-            return last[1] + encode_rest(text[len(last[0]):])
+        if last is not None and last[1] and text.startswith(last[1]):
+            return last[2] + encode_rest(text[len(last[1]):])
         return encode(text)
 
     def record(self, conv_id: str, prompt_text: str, full_text: str, full_ids: list[int]) -> None:
         with self._lock:
-            self._last[conv_id] = (full_text, list(full_ids))
+            self._last[conv_id] = (prompt_text, full_text, list(full_ids))
             self._last.move_to_end(conv_id)
-            self._prompts[_digest(prompt_text)] = conv_id
-            self._prompts.move_to_end(_digest(prompt_text))
-            while len(self._last) > self.capacity:
-                self._last.popitem(last=False)
-            while len(self._prompts) > self.capacity:
-                self._prompts.popitem(last=False)
+            for index, text in ((self._prompts, prompt_text), (self._turns, full_text)):
+                ids = index.setdefault(_digest(text), [])
+                if conv_id in ids:
+                    ids.remove(conv_id)
+                ids.append(conv_id)
+                del ids[:-SHARERS]
+                index.move_to_end(_digest(text))
+            for index in (self._last, self._prompts, self._turns):
+                while len(index) > self.capacity:
+                    index.popitem(last=False)
