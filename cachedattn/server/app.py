@@ -34,6 +34,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), param
 
 
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def _endpoint(request) -> str:
+    """The metrics label of a request's path (a fixed set: no label per unknown path)."""
+    path = request.url.path
+    return path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+
+
 def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -45,27 +54,32 @@ def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
+        server.metrics.requests.labels(_endpoint(request), str(exc.status)).inc()
         return _error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         message, param = _validation_message(exc)
+        server.metrics.requests.labels(_endpoint(request), "400").inc()
         return _error(bad_request(message, param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
+        server.metrics.requests.labels(_endpoint(request), str(exc.status_code)).inc()
         return _error(APIError(exc.status_code, str(exc.detail), code=None,
                                type="invalid_request_error" if exc.status_code < 500 else "server_error"))
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
         log.exception("cachedattn: unexpected error serving %s", request.url.path)
+        server.metrics.requests.labels(_endpoint(request), "500").inc()
         return _error(APIError(500, f"internal error: {exc}", code="internal_error"))
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            server.metrics.requests.labels(_endpoint(request), "413").inc()
             return _error(APIError(413, f"the request body is {length} bytes; the limit is {max_body_bytes}",
                                    code="request_too_large"))
         return await call_next(request)
@@ -158,9 +172,6 @@ def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
             async for item in server.pieces(turn, run, disconnected=request.is_disconnected):
                 if isinstance(item, Answer):
                     answer = item
-        except APIError as e:
-            server.metrics.requests.labels(endpoint, str(e.status)).inc()
-            raise
         finally:
             run.cancel.set()
         if answer is None:  # the client went away
