@@ -84,13 +84,13 @@ def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
                                    code="request_too_large"))
         return await call_next(request)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if server.closing:
             return _error(APIError(503, "the server is shutting down", code="shutting_down"))
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
