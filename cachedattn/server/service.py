@@ -53,9 +53,12 @@ class Server:
         self.pad_token_id = getattr(model.generation_config, "pad_token_id", None)
         if self.pad_token_id is None:
             self.pad_token_id = tokenizer.eos_token_id
-        self.eos_token_id = tokenizer.eos_token_id
-        if self.eos_token_id is None:
-            self.eos_token_id = model.generation_config.eos_token_id
+        # The model's end tokens (a list for some chat models: end of text, end of turn) and the tokenizer's.
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids = eos
         self._runs: set[Run] = set()
         self._lock = threading.Lock()
         self.closing = False
@@ -94,7 +97,7 @@ class Server:
             self.metrics.in_flight.set(len(self._runs))
         try:
             run.job = self.engine.submit(turn.conv_id, torch.tensor(turn.ids), max_new_tokens=max_new,
-                                         **run.gen_kwargs(sampler, self.eos_token_id, self.pad_token_id))
+                                         **run.gen_kwargs(sampler, self.eos_token_ids or None, self.pad_token_id))
         except BaseException:
             self._forget(run)
             raise
@@ -149,11 +152,11 @@ class Server:
         ids = text.ids
         if text.stopped:
             finish = "stop"
-        elif ids and ids[-1] == self.eos_token_id:
+        elif ids and ids[-1] in self.eos_token_ids:
             finish = "stop"
         else:
             finish = "length" if len(ids) >= turn.max_tokens else "stop"
-        answer_ids = ids[:-1] if ids and ids[-1] == self.eos_token_id else ids
+        answer_ids = ids[:-1] if ids and ids[-1] in self.eos_token_ids else ids
         if text.stopped:  # the ids run past the text the client keeps: remember the prompt only
             self.conversations.record(turn.conv_id, turn.prompt_text, turn.prompt_text, turn.ids)
         else:
