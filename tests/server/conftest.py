@@ -34,7 +34,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="cachedattn-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "cachedattn", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
-               "--port", str(self.port), "--threads", "1", "--log-level", "warning", *args]
+               "--port", str(self.port), "--threads", "1", "--host-bytes", "256M", "--log-level", "warning",
+               *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT
         while True:

@@ -80,3 +80,21 @@ def test_end_tokens_are_the_models_and_the_tokenizers(monkeypatch):
     assert srv.eos_token_ids == [7, 9, 5] and srv.pad_token_id == 5
     model.generation_config.eos_token_id = 5
     assert service.Server(model, None, None, tok, "m", 100).eos_token_ids == [5]
+
+
+def test_chat_template_override_and_the_tiny_template(tiny_dir):
+    from cachedattn.server.tokenizer import ChatTokenizer
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ChatTokenizer(tiny_dir).render(msgs) == "<|user|>hi<|end|>\n<|assistant|>"
+    assert ChatTokenizer(tiny_dir, "X{{ messages[0]['content'] }}").render(msgs) == "Xhi"
+
+
+def test_directories_without_what_the_server_reads_are_refused(tmp_path):
+    from cachedattn.server import model
+    from cachedattn.server.tokenizer import ChatTokenizer
+
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        model.resolve(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        ChatTokenizer(tmp_path)
