@@ -73,7 +73,8 @@ class Run:
 
     def gen_kwargs(self, sampler: Sampler | None, eos_token_id: int | list[int] | None,
                    pad_token_id: int | None) -> dict:
-        kw = dict(do_sample=False, streamer=self, stopping_criteria=[self], logits_processor=[sampler] if sampler else [])
+        kw = dict(do_sample=False, streamer=self, stopping_criteria=[self],
+                  logits_processor=[sampler] if sampler else [])
         if eos_token_id is not None:
             kw["eos_token_id"] = eos_token_id
         if pad_token_id is not None:

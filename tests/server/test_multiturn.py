@@ -51,7 +51,8 @@ def test_next_turn_reuses_the_whole_previous_prompt_and_answer(reuse, identify):
     assert turns[0].usage.prompt_tokens_details.cached_tokens == 0
     for prev, nxt in zip(turns, turns[1:]):
         # Every token of the previous turn but its last answer token (which never went through the model).
-        assert nxt.usage.prompt_tokens_details.cached_tokens == prev.usage.prompt_tokens + prev.usage.completion_tokens - 1
+        previous = prev.usage.prompt_tokens + prev.usage.completion_tokens
+        assert nxt.usage.prompt_tokens_details.cached_tokens == previous - 1
         assert nxt.usage.prompt_tokens > prev.usage.prompt_tokens + prev.usage.completion_tokens
 
 
