@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, *args: str):
+    def __init__(self, model_dir: Path, *args: str, wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="cachedattn-serve-", suffix=".log", delete=False)
@@ -37,6 +37,10 @@ class ServerProcess:
                "--port", str(self.port), "--threads", "1", "--host-bytes", "256M", "--log-level", "warning",
                *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -77,11 +81,24 @@ def tiny_dir() -> Path:
     return model.resolve(MODEL)
 
 
-def serve(model_dir: Path, *args: str):
-    """A generator for a module-scoped fixture: the server, stopped after the module."""
-    s = ServerProcess(model_dir, *args)
+def serve(model_dir: Path, *arg_lists: tuple[str, ...]):
+    """A generator for a module-scoped fixture: servers started together (one per
+    argument list), yielded as one or a list, stopped after the module."""
+    servers = [ServerProcess(model_dir, *args, wait=False) for args in arg_lists or [()]]
     try:
-        yield s
+        for s in servers:
+            s.wait_ready()
+        yield servers[0] if len(servers) == 1 else servers
     finally:
-        s.stop()
-        os.unlink(s.log.name)
+        for s in servers:
+            s.stop()
+            os.unlink(s.log.name)
+
+
+# One server for the modules that only talk to it (each start costs ~20 s of imports on 2 cores).
+SHARED_ARGS = ("--max-queue", "4", "--max-body-bytes", "100000", "--max-model-len", "512", "--chunk-tokens", "16")
+
+
+@pytest.fixture(scope="session")
+def shared_server(tiny_dir):
+    yield from serve(tiny_dir, SHARED_ARGS)

@@ -13,13 +13,18 @@ QUESTIONS = ["Tell me about the history of Rome, in as much detail as you can ma
 
 
 @pytest.fixture(scope="module")
-def reuse(tiny_dir):
-    yield from serve(tiny_dir)
+def servers(tiny_dir):
+    yield from serve(tiny_dir, (), ("--no-reuse",))
 
 
 @pytest.fixture(scope="module")
-def recompute(tiny_dir):
-    yield from serve(tiny_dir, "--no-reuse")
+def reuse(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def recompute(servers):
+    return servers[1]
 
 
 def converse(server, name: str, identify: dict, answers: list[str] | None = None, max_tokens: int = 24):

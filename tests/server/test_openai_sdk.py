@@ -7,12 +7,12 @@ import asyncio
 import openai
 import pytest
 
-from tests.server.conftest import MODEL, serve
+from tests.server.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
-    yield from serve(tiny_dir)
+def server(shared_server):
+    return shared_server
 
 
 def messages(text: str) -> list[dict]:
@@ -23,7 +23,7 @@ def test_models_lists_the_served_model_with_its_context_length(server):
     client = openai.OpenAI(base_url=server.base_url, api_key="unused")
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
-    assert models[0].model_extra["max_model_len"] == 16384
+    assert models[0].model_extra["max_model_len"] == 512  # --max-model-len
     assert client.models.retrieve(MODEL).id == MODEL
 
 
@@ -70,7 +70,7 @@ def test_async_concurrent_requests_all_answered(server):
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused")
         rs = await asyncio.gather(*[
             client.chat.completions.create(model=MODEL, messages=messages(f"Question number {i}"), max_tokens=4,
-                                           temperature=0, user=f"user-{i}") for i in range(6)])
+                                           temperature=0, user=f"user-{i}") for i in range(4)])
         await client.close()
         return rs
 
