@@ -43,6 +43,25 @@ def _endpoint(request) -> str:
     return path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
 
 
+class BodyLimit:
+    """413 for a body declared larger than the limit. Plain ASGI: a BaseHTTPMiddleware
+    would wrap `receive` and hide a client's disconnect from the routes."""
+
+    def __init__(self, app, limit: int, server: Server):
+        self.app, self.limit, self.server = app, limit, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                path = scope["path"]
+                self.server.metrics.requests.labels(path if path in ENDPOINTS else "other", "413").inc()
+                err = APIError(413, f"the request body is {int(length)} bytes; the limit is {self.limit}",
+                               code="request_too_large")
+                return await _error(err)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -75,14 +94,7 @@ def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
         server.metrics.requests.labels(_endpoint(request), "500").inc()
         return _error(APIError(500, f"internal error: {exc}", code="internal_error"))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            server.metrics.requests.labels(_endpoint(request), "413").inc()
-            return _error(APIError(413, f"the request body is {length} bytes; the limit is {max_body_bytes}",
-                                   code="request_too_large"))
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, server=server)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():

@@ -18,6 +18,7 @@ from cachedattn.server.identity import Conversations
 from cachedattn.server.metrics import Metrics
 
 log = logging.getLogger("cachedattn")
+DISCONNECT_POLL_S = 0.5  # how often a request that does not stream checks that its client is still there
 
 
 @dataclass
@@ -121,16 +122,21 @@ class Server:
         """Yields the answer's text as it becomes final, then an Answer. `disconnected`:
         an async callable polled while waiting (requests that do not stream)."""
         text = TextStream(self.tokenizer.decode, turn.stops)
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         while True:
             if disconnected is None:
                 kind, ids = await run.queue.get()
             else:
-                try:
-                    kind, ids = await asyncio.wait_for(run.queue.get(), 0.5)
-                except asyncio.TimeoutError:
+                # Polled on a clock, not only when no token comes: tokens may come all the time.
+                if loop.time() >= next_check:
                     if await disconnected():
                         self.abandon(turn, run)
                         return
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                try:
+                    kind, ids = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
                     continue
             if kind == "done":
                 break

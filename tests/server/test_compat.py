@@ -215,6 +215,18 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_its_kv_is_stored(server,
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
 
 
+def test_a_client_leaving_an_unstreamed_request_frees_its_slot(server, http):
+    wait_idle(http)
+    before = metrics(http)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + CHAT, json=chat_body(max_tokens=400), timeout=httpx.Timeout(120, read=1.0))
+    after = wait_idle(http)
+    assert after[("cachedattn_cancelled_total", ())] == before[("cachedattn_cancelled_total", ())] + 1
+    generated = after[("cachedattn_generation_tokens_total", ())] - before[("cachedattn_generation_tokens_total", ())]
+    assert 0 < generated < 400
+    assert http.post(CHAT, json=chat_body()).status_code == 200
+
+
 def test_overload_is_a_503_in_openai_shape_and_the_server_recovers(server, http):
     wait_idle(http)
     with contextlib.ExitStack() as stack:
