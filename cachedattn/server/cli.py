@@ -73,13 +73,17 @@ def build(args):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     import uvicorn
 
     from cachedattn.server.app import create_app
 
-    server = build(args)
+    try:
+        server = build(args)
+    except (OSError, ValueError) as e:  # the caller's own options: said in one line, not a traceback
+        p.error(str(e))
     log.info("cachedattn: serving %r (max_model_len %d, %s) on http://%s:%d", server.model_name,
              server.max_model_len, "no reuse" if args.no_reuse else "KV reuse", args.host, args.port)
     uvicorn.run(create_app(server, args.max_body_bytes), host=args.host, port=args.port, log_level=args.log_level,

@@ -98,3 +98,17 @@ def test_directories_without_what_the_server_reads_are_refused(tmp_path):
         model.resolve(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         ChatTokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "never downloaded"),
+    (["--host-bytes", "lots"], "host_bytes"),
+    (["--max-model-len", "999999"], "exceeds the model's"),
+])
+def test_bad_options_end_the_command_with_one_line(tiny_dir, capsys, args, message):
+    from cachedattn.server import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(tiny_dir), *args] if args[0] != "--model" else args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
