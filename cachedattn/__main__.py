@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("compat", help="check every causal-LM architecture of transformers (see --help there)", add_help=False)
     sub.add_parser("replay", help="the ShareGPT multi-turn replay: every system on one trace (see --help there)",
                    add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible server with KV reuse (see --help there)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "compat":
         from cachedattn.hf import compat
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         from cachedattn.replay import cli
 
         return cli.main(rest)
+    if args.command == "serve":
+        from cachedattn.server import cli as serve_cli
+
+        return serve_cli.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

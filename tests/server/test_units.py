@@ -1,0 +1,114 @@
+"""The server's parts without HTTP: text release and stop strings, sampling,
+conversation identity, end tokens."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cachedattn.server.generation import Sampler, TextStream
+from cachedattn.server.identity import Conversations, explicit_id
+
+
+def chars(ids):
+    return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("stops,pieces,expected", [
+    ([], ["ab", "cd"], "abcd"),
+    (["cd"], ["ab", "c", "d", "ef"], "ab"),          # a stop split across tokens
+    (["xyz"], ["ab", "xy", "q"], "abxyq"),           # a tail that looked like a stop, then was not
+    (["b", "c"], ["a", "cb"], "a"),                  # the earliest of several
+])
+def test_text_stream_releases_final_text_and_ends_before_a_stop(stops, pieces, expected):
+    ts = TextStream(chars, stops)
+    out = "".join(ts.add([ord(c) for c in p]) for p in pieces) + ts.finish()
+    assert out == expected
+    assert ts.text == expected
+
+
+def test_text_stream_holds_a_partial_character_back():
+    def decode(ids):  # bytes ids, decoded as a byte-level tokenizer would
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    ts = TextStream(decode, [])
+    e_acute = "é".encode()
+    assert ts.add([ord("a"), e_acute[0]]) == "a"
+    assert ts.add([e_acute[1]]) == "é"
+
+
+def test_sampler_is_reproducible_by_seed_and_top_p_keeps_the_top_token():
+    scores = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+
+    def draws(seed, top_p=1.0):
+        s = Sampler(1.0, top_p, seed)
+        return [int(s(None, scores).argmax()) for _ in range(20)]
+
+    assert draws(3) == draws(3)
+    assert draws(3) != draws(4)
+    assert set(draws(5, top_p=1e-6)) == {int(scores.argmax())}
+
+
+def test_explicit_ids_in_order_of_precedence():
+    assert explicit_id({"x-session-id": "s", "x-user-id": "u"}, "c", "v") == "id:s"
+    assert explicit_id({"x-user-id": "u"}, "c", "v") == "id:u"
+    assert explicit_id({}, "c", "v") == "id:c"
+    assert explicit_id({}, None, "v") == "id:v"
+    assert explicit_id({}, None, None) is None
+
+
+def test_a_continued_turn_keeps_its_generated_token_ids():
+    convs = Conversations()
+    convs.record("c", "P", "P answer", [1, 2, 3, 4])
+    assert convs.find("P answer NEXT", [("P", " answer")]) == "c"
+    ids = convs.token_ids("c", "P answer NEXT", lambda t: [99], lambda t: [7] * len(t))
+    assert ids == [1, 2, 3, 4] + [7] * len(" NEXT")
+    # A rewritten answer: found by its prompt, text encoded whole.
+    assert convs.find("P other NEXT", [("P", " other")]) == "c"
+    assert convs.token_ids("c", "P other NEXT", lambda t: [99], lambda t: [7]) == [99]
+
+
+def test_end_tokens_are_the_models_and_the_tokenizers(monkeypatch):
+    from cachedattn.server import service
+
+    monkeypatch.setattr(service, "Metrics", lambda store: None)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 9], pad_token_id=None))
+    tok = SimpleNamespace(eos_token_id=5)
+    srv = service.Server(model, None, None, tok, "m", 100)
+    assert srv.eos_token_ids == [7, 9, 5] and srv.pad_token_id == 5
+    model.generation_config.eos_token_id = 5
+    assert service.Server(model, None, None, tok, "m", 100).eos_token_ids == [5]
+
+
+def test_chat_template_override_and_the_tiny_template(tiny_dir):
+    from cachedattn.server.tokenizer import ChatTokenizer
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ChatTokenizer(tiny_dir).render(msgs) == "<|user|>hi<|end|>\n<|assistant|>"
+    assert ChatTokenizer(tiny_dir, "X{{ messages[0]['content'] }}").render(msgs) == "Xhi"
+
+
+def test_directories_without_what_the_server_reads_are_refused(tmp_path):
+    from cachedattn.server import model
+    from cachedattn.server.tokenizer import ChatTokenizer
+
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        model.resolve(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        ChatTokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "never downloaded"),
+    (["--host-bytes", "lots"], "host_bytes"),
+    (["--max-model-len", "999999"], "exceeds the model's"),
+])
+def test_bad_options_end_the_command_with_one_line(tiny_dir, capsys, args, message):
+    from cachedattn.server import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(tiny_dir), *args] if args[0] != "--model" else args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
