@@ -179,10 +179,7 @@ class Engine:
         try:
             self._pending_prefetch = []
             if self.prefetch and self.save:
-                window = self.queued_conversations()[: self.prefetch_window()]
-                need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
-                self._best_effort(problems, "prefetching", lambda: self._pending_prefetch.extend(
-                    fetching.prefetch_window(self.store, window, job.conv_id, need)))
+                self._best_effort(problems, "prefetching", lambda: self._prefetch_for(job))
             try:
                 out = self._execute(job, problems)
             except BaseException as e:  # the job's own failure: its caller gets it from the future
@@ -210,6 +207,12 @@ class Engine:
         if error is not None and not isinstance(error, Exception) and threading.current_thread() is not self._worker:
             raise error  # Ctrl-C (or an exit) of whoever steps the engine: theirs to see, not only the job's
         return job
+
+    def _prefetch_for(self, job: Job) -> None:
+        """Starts the look-ahead window's prefetches, leaving room for what `job` needs."""
+        window = self.queued_conversations()[: self.prefetch_window()]
+        need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
+        self._pending_prefetch.extend(fetching.prefetch_window(self.store, window, job.conv_id, need))
 
     @staticmethod
     def _best_effort(problems: list[str], what: str, fn) -> None:

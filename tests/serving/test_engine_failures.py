@@ -188,11 +188,13 @@ def _broken(monkeypatch, hook, engine_kw):
         from cachedattn.serving.policies import QueueAwarePolicy
 
         monkeypatch.setattr(QueueAwarePolicy, hook.split(".")[1], fail)
+    elif hook == "look-ahead window":
+        monkeypatch.setattr(Engine, "prefetch_window", fail)
     elif hook == "demotion":
         monkeypatch.setattr(AttentionStore, "make_host_room", fail)
 
 
-HOOKS = ["clock.charge", "prefetch", "policy.on_submit", "policy.on_finish", "demotion"]
+HOOKS = ["clock.charge", "prefetch", "look-ahead window", "policy.on_submit", "policy.on_finish", "demotion"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)
