@@ -19,7 +19,7 @@ from cachedattn.hf.probe import probe
 from cachedattn.replay import report
 from cachedattn.replay.clock import ServiceModel, calibrate
 from cachedattn.replay.metrics import summarize
-from cachedattn.replay.systems import SYSTEMS, Capacities, run_system, working_set
+from cachedattn.replay.systems import SYSTEMS, Capacities, run_systems, working_set
 from cachedattn.replay.trace import build_trace
 from cachedattn.store.spec import ChunkGeometry
 
@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         task = progress.add_task("replay", total=trace.rounds * len(names) * len(plan))
         for h, d in plan:
             caps = Capacities(max(int(h * ws), min_host), max(int(d * ws), 2 * block), args.chunk_tokens, ws, block)
-            for name in names:
-                progress.update(task, description=f"{name:8s} host {100 * h:.0f}% disk {100 * d:.0f}%")
-                res = run_system(SYSTEMS[name], trace, model, vocab, caps, service, args.max_context, tmp,
-                                 on_job=lambda: progress.advance(task))
+            progress.update(task, description=f"host {100 * h:.0f}% disk {100 * d:.0f}%")
+            results = run_systems([SYSTEMS[n] for n in names], trace, model, vocab, caps, service, args.max_context,
+                                  tmp, on_job=lambda *_: progress.advance(task))
+            for res in results:
                 row = summarize(res, caps.host_bytes, caps.disk_bytes)
                 row.update(host_fraction=h, disk_fraction=d, host_bytes=caps.host_bytes, disk_bytes=caps.disk_bytes)
                 runs.append((row, res.records))
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         machine=dict(platform=platform.platform(), cpu=platform.processor() or "?", threads=torch.get_num_threads(),
                      io_backend=native.io_backend()),
         clock="virtual: advanced by the service-time model (see cachedattn/replay/clock.py); TTFT measured",
+        schedule="systems interleaved turn by turn (order rotating); background I/O overlaps the next job",
     )
     _write(Path(args.out), args.sweep, config, runs)
     rows = [r for r, _ in runs]

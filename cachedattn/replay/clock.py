@@ -1,8 +1,12 @@
 """The replay's virtual clock: time advances by a model of each job's service
 time, so hundreds of turns (and the minutes of think time between them) replay
-in minutes, and the schedule, and with it the cache decisions, is the same
-for a given seed on any machine (where the disk is nearly full, whether a
-chunk's background write has finished can still change a demotion).
+in minutes, and the queueing does not depend on how fast this machine is.
+The cache decisions, and through the modelled load time the schedule, are
+not fully deterministic: background I/O (disk writes, prefetches, the read
+buffer) overlaps the next job as in a server, so whether a chunk is read
+from host memory or disk, or may be demoted yet, can follow its timing.
+Without a disk tier (RE, ideal) the replay is the same for a seed on any
+machine.
 
     prefill = c0 + c1 * computed + c2 * computed * context / 1000     (context = prompt tokens)
             + load stall: all of it when loading before computing, else what

@@ -1,11 +1,16 @@
 """The systems a replay compares, and how one of them serves the whole trace.
 
 Every system is the same Engine on the same model and trace; they differ in
-the store behind it and the engine's options.
+the store behind it and the engine's options. The systems run side by side,
+turn by turn (run_systems), each with its own copy of the model, store,
+engine and virtual clock, so that a busy machine slows them alike; and
+nothing waits for a system's background I/O between its jobs (disk writes,
+prefetches and the read buffer overlap the next job, as in a server).
 """
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import tempfile
@@ -79,71 +84,126 @@ def conversation_tokens(conv, vocab: int) -> list[tuple[torch.Tensor, torch.Tens
     ]
 
 
-def run_system(system: System, trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
-               max_context: int, workdir: str, on_job=None) -> RunResult:
-    if system.unlimited:
-        # The whole working set, plus room for the copy-on-write of partial chunks and the running job.
-        host = caps.working_set_bytes + caps.working_set_bytes // 8 + (64 << 20)
-        store = AttentionStore(host_bytes=host, chunk_tokens=caps.chunk_tokens, eviction=system.eviction)
-    elif not system.save:
-        # RE stores nothing; the store only has to attach.
-        store = AttentionStore(host_bytes=2 * caps.block_bytes, chunk_tokens=caps.chunk_tokens)
-    else:
-        disk = tempfile.mkdtemp(prefix=f"{system.name}-", dir=workdir)
-        store = AttentionStore(host_bytes=caps.host_bytes, disk_dir=disk, disk_bytes=caps.disk_bytes,
-                               chunk_tokens=caps.chunk_tokens, eviction=system.eviction)
-    try:
-        cachedattn.patch(model, store, max_context=max_context)
-        clock = VirtualClock(service, store.spec.kv_bytes_per_token(), system.layerwise)
-        engine = Engine(model, store, prefetch=system.prefetch, read_buffer=system.read_buffer,
-                        layerwise=system.layerwise, save=system.save, clock=clock, background=False)
-        result = _serve(engine, clock, trace, vocab, system, on_job)
-        store.flush()
-        result.stats = store.stats()
-        if system.unlimited and result.stats["host"]["evictions"]:
-            raise RuntimeError("the ideal system evicted KV: its host memory was sized too small")
-        return result
-    finally:
-        cachedattn.unpatch(model)
-        store.close()
+class _Replay:
+    """One system serving the trace, one job per step(): its own model copy, store, engine and virtual clock."""
 
+    def __init__(self, system: System, trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
+                 max_context: int, workdir: str):
+        self.system, self.model = system, model
+        if system.unlimited:
+            # The whole working set, plus room for the copy-on-write of partial chunks and the running job.
+            host = caps.working_set_bytes + caps.working_set_bytes // 8 + (64 << 20)
+            self.store = AttentionStore(host_bytes=host, chunk_tokens=caps.chunk_tokens, eviction=system.eviction)
+        elif not system.save:
+            # RE stores nothing; the store only has to attach.
+            self.store = AttentionStore(host_bytes=2 * caps.block_bytes, chunk_tokens=caps.chunk_tokens)
+        else:
+            disk = tempfile.mkdtemp(prefix=f"{system.name}-", dir=workdir)
+            self.store = AttentionStore(host_bytes=caps.host_bytes, disk_dir=disk, disk_bytes=caps.disk_bytes,
+                                        chunk_tokens=caps.chunk_tokens, eviction=system.eviction)
+        self._patched = False
+        try:
+            cachedattn.patch(model, self.store, max_context=max_context)
+            self._patched = True
+            self.clock = VirtualClock(service, self.store.spec.kv_bytes_per_token(), system.layerwise)
+            self.engine = Engine(model, self.store, prefetch=system.prefetch, read_buffer=system.read_buffer,
+                                 layerwise=system.layerwise, save=system.save, clock=self.clock, background=False)
+        except BaseException:
+            self.close()
+            raise
+        self.vocab = vocab
+        self.convs = {c.id: c for c in trace.conversations}
+        self.tokens = {c.id: conversation_tokens(c, vocab) for c in trace.conversations}
+        self.history = {c.id: torch.zeros(1, 0, dtype=torch.long) for c in trace.conversations}
+        self.arrivals = [(c.start, i, c.id, 0) for i, c in enumerate(trace.conversations)]
+        heapq.heapify(self.arrivals)
+        self.seq = len(self.arrivals)
+        self.pending = {}  # job -> (conversation, round)
+        self.records: list[dict] = []
+        self.queue_lengths: list[int] = []
+        self.start = min(c.start for c in trace.conversations)
 
-def _serve(engine: Engine, clock: VirtualClock, trace: Trace, vocab: int, system: System, on_job) -> RunResult:
-    convs = {c.id: c for c in trace.conversations}
-    tokens = {c.id: conversation_tokens(c, vocab) for c in trace.conversations}
-    history = {c.id: torch.zeros(1, 0, dtype=torch.long) for c in trace.conversations}
-    arrivals = [(c.start, i, c.id, 0) for i, c in enumerate(trace.conversations)]
-    heapq.heapify(arrivals)
-    seq = len(arrivals)
-    pending = {}  # job -> (conversation, round)
-    records, queue_lengths = [], []
-    while arrivals or engine.queued_conversations():
+    @property
+    def done(self) -> bool:
+        return not self.arrivals and not self.engine.queued_conversations()
+
+    def step(self) -> dict:
+        """Admits what has arrived by the virtual clock, runs the next job, returns its record."""
+        engine, clock = self.engine, self.clock
         if not engine.queued_conversations():
-            clock.advance_to(arrivals[0][0])
-        while arrivals and arrivals[0][0] <= clock.now:
-            t, _, cid, k = heapq.heappop(arrivals)
-            user, answer = tokens[cid][k]
-            job = engine.submit(cid, torch.cat([history[cid], user], 1), answer=answer, submitted=t)
-            pending[job] = (cid, k)
-        queue_lengths.append(len(engine.queued_conversations()))
+            clock.advance_to(self.arrivals[0][0])
+        while self.arrivals and self.arrivals[0][0] <= clock.now:
+            t, _, cid, k = heapq.heappop(self.arrivals)
+            user, answer = self.tokens[cid][k]
+            job = engine.submit(cid, torch.cat([self.history[cid], user], 1), answer=answer, submitted=t)
+            self.pending[job] = (cid, k)
+        self.queue_lengths.append(len(engine.queued_conversations()))
+        # No wait for background I/O here: this job's disk writes and the prefetches it started
+        # run on, concurrently with the next job, as in a server.
         job = engine.step()
-        engine.wait_background_io()  # the modelled decode time dwarfs these: they are done by the next job
-        cid, k = pending.pop(job)
-        history[cid] = job.result()
-        rnd = convs[cid].rounds[k]
+        cid, k = self.pending.pop(job)
+        self.history[cid] = job.result()
+        rnd = self.convs[cid].rounds[k]
         reusable = 0 if k == 0 else min(job.prompt_tokens - rnd.user_tokens, job.prompt_tokens - 1)
-        records.append(dict(
+        record = dict(
             conversation=cid, round=k, arrival=job.submitted, start=job.started, finish=job.finished,
             wait=job.started - job.submitted, ttft=job.ttft, modelled_prefill=job.modelled_prefill,
             service=job.service_time, prompt_tokens=job.prompt_tokens, user_tokens=rnd.user_tokens,
             answer_tokens=job.answer_tokens, reused=job.reused_tokens, computed=job.computed_tokens,
             dropped=job.dropped_tokens, host_tokens=job.tier_tokens["host"], disk_tokens=job.tier_tokens["disk"],
             reusable=max(0, reusable),
-        ))
-        if k + 1 < len(convs[cid].rounds):
-            seq += 1
-            heapq.heappush(arrivals, (job.finished + convs[cid].rounds[k + 1].think, seq, cid, k + 1))
-        if on_job is not None:
-            on_job()
-    start = min(c.start for c in trace.conversations)
-    return RunResult(system, records, {}, clock.busy, clock.now - start, queue_lengths)
+        )
+        self.records.append(record)
+        if k + 1 < len(self.convs[cid].rounds):
+            self.seq += 1
+            heapq.heappush(self.arrivals, (job.finished + self.convs[cid].rounds[k + 1].think, self.seq, cid, k + 1))
+        return record
+
+    def result(self) -> RunResult:
+        self.store.flush()  # the last writes, so that the byte counts are complete
+        stats = self.store.stats()
+        if self.system.unlimited and stats["host"]["evictions"]:
+            raise RuntimeError("the ideal system evicted KV: its host memory was sized too small")
+        return RunResult(self.system, self.records, stats, self.clock.busy, self.clock.now - self.start,
+                         self.queue_lengths)
+
+    def close(self) -> None:
+        if self._patched:
+            cachedattn.unpatch(self.model)
+            self._patched = False
+        self.store.close()
+
+
+def run_systems(systems: list[System], trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
+                max_context: int, workdir: str, on_job=None) -> list[RunResult]:
+    """Serves the trace on every system, interleaved turn by turn: job t runs on each system before
+    job t+1 runs on any, the order within a turn rotating, so that whatever else loads the machine
+    meanwhile falls on every system alike. Each system gets its own copy of `model` (the first uses it
+    as it is). ``on_job(system_name, turn)`` is called after each job."""
+    if len({s.name for s in systems}) != len(systems):
+        raise ValueError(f"systems must be distinct, got {[s.name for s in systems]}")
+    # Copied before any is patched: a copy of a patched model would carry the first system's store.
+    models = [model] + [copy.deepcopy(model) for _ in systems[1:]]
+    replays: list[_Replay] = []
+    try:
+        for system, m in zip(systems, models):
+            replays.append(_Replay(system, trace, m, vocab, caps, service, max_context, workdir))
+        turn = 0
+        while not all(r.done for r in replays):
+            k = turn % len(replays)
+            for r in replays[k:] + replays[:k]:
+                if not r.done:
+                    r.step()
+                    if on_job is not None:
+                        on_job(r.system.name, turn)
+            turn += 1
+        return [r.result() for r in replays]
+    finally:
+        for r in replays:
+            r.close()
+
+
+def run_system(system: System, trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
+               max_context: int, workdir: str, on_job=None) -> RunResult:
+    """One system alone (run_systems with one)."""
+    return run_systems([system], trace, model, vocab, caps, service, max_context, workdir, on_job)[0]

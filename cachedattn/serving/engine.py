@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -28,8 +30,42 @@ import cachedattn
 from cachedattn.serving import fetching
 from cachedattn.serving.job import Job
 from cachedattn.serving.policies import QueueAwarePolicy
+from cachedattn.store.keys import validate_conversation_id
 
 log = logging.getLogger("cachedattn")
+
+
+def _token_ids(name: str, value) -> torch.Tensor:
+    """A non-empty 1-D or [1, n] tensor of integer token ids, as [1, n]."""
+    try:
+        ids = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a tensor or a sequence of token ids, got {type(value).__name__} ({e})") from None
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"{name} must be 1-D or [1, n] (one conversation per job), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    return ids
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _time(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds on the engine's clock, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    return float(value)
 
 
 class Engine:
@@ -92,21 +128,28 @@ class Engine:
     ) -> Job:
         """Queues one turn (full history + new message); returns its Job at once.
         ``answer``: token ids to feed as the answer instead of generating one;
-        ``submitted``: when the job arrived on the engine's clock (default: now; replays)."""
-        ids = torch.as_tensor(input_ids)
-        ids = ids[None] if ids.dim() == 1 else ids
+        ``submitted``: when the job arrived on the engine's clock (default: now; replays).
+        Bad arguments raise here (TypeError / ValueError); ``gen_kwargs`` go to generate() as they are,
+        and what it rejects fails that job alone."""
+        validate_conversation_id(conv_id)
+        ids = _token_ids("input_ids", input_ids)
+        max_new_tokens = _count("max_new_tokens", max_new_tokens)
         if answer is not None:
-            answer = torch.as_tensor(answer)
-            answer = answer[None] if answer.dim() == 1 else answer
-        job = Job(conv_id, ids, int(max_new_tokens), answer, gen_kwargs)
-        job.submitted = self.clock() if submitted is None else float(submitted)
+            answer = _token_ids("answer", answer)
+        if submitted is not None:
+            submitted = _time("submitted", submitted)
+        job = Job(conv_id, ids, max_new_tokens, answer, gen_kwargs)
+        job.submitted = self.clock() if submitted is None else submitted
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is closed")
             self._queue.append(job)
             self._cv.notify()
         if self._policy is not None:
-            self._policy.on_submit(conv_id, job.submitted)
+            problems: list[str] = []
+            self._best_effort(problems, "telling the policy of the job",
+                              lambda: self._policy.on_submit(conv_id, job.submitted))
+            self._log_problems(job, problems)
         return job
 
     def queued_conversations(self) -> list[str]:
@@ -124,35 +167,66 @@ class Engine:
     # ---- the worker -------------------------------------------------------------
 
     def step(self) -> Job | None:
-        """Runs the next queued job to its end; None when the queue is empty."""
+        """Runs the next queued job to its end; None when the queue is empty. A job that fails
+        fails alone: its future holds the exception and the queue goes on; the optimisations
+        around it (prefetch, read buffer, reserve, policy and clock hooks) are best effort."""
         with self._cv:
             if not self._queue:
                 return None
             job = self._queue.popleft()
-        self._pending_prefetch = []
-        if self.prefetch and self.save:
-            window = self.queued_conversations()[: self.prefetch_window()]
-            need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
-            self._best_effort("prefetching", lambda: self._pending_prefetch.extend(
-                fetching.prefetch_window(self.store, window, job.conv_id, need)))
-        self._execute(job)
-        if hasattr(self.clock, "charge"):
-            self.clock.charge(job)
-        job.finished = self.clock()
-        if self._policy is not None:
-            self._policy.on_finish(job.conv_id, job.finished, job.answer_tokens)
-        if self.save and self.reserve:
-            self._best_effort("keeping the reserve free",
-                              lambda: self.store.make_host_room(int(self.reserve * self._host_cap)))
+        problems: list[str] = []
+        out = error = None
+        try:
+            self._pending_prefetch = []
+            if self.prefetch and self.save:
+                self._best_effort(problems, "prefetching", lambda: self._prefetch_for(job))
+            try:
+                out = self._execute(job, problems)
+            except BaseException as e:  # the job's own failure: its caller gets it from the future
+                error = e
+            if hasattr(self.clock, "charge"):
+                self._best_effort(problems, "charging the clock", lambda: self.clock.charge(job))
+            self._best_effort(problems, "reading the clock", lambda: setattr(job, "finished", self.clock()))
+            if self._policy is not None:
+                self._best_effort(problems, "telling the policy the job ended",
+                                  lambda: self._policy.on_finish(job.conv_id, job.finished, job.answer_tokens))
+            if self.save and self.reserve:
+                self._best_effort(problems, "keeping the reserve free",
+                                  lambda: self.store.make_host_room(int(self.reserve * self._host_cap)))
+        except BaseException as e:  # a failure of the engine itself around this job: it too ends only this job
+            error = error or e
+        finally:
+            if error is not None:
+                problems.insert(0, f"the job failed ({type(error).__name__}: {error})")
+            self._log_problems(job, problems)
+            # Completed last, so whoever waits on the job sees its timings set.
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(out)
+        if error is not None and not isinstance(error, Exception) and threading.current_thread() is not self._worker:
+            raise error  # Ctrl-C (or an exit) of whoever steps the engine: theirs to see, not only the job's
         return job
 
+    def _prefetch_for(self, job: Job) -> None:
+        """Starts the look-ahead window's prefetches, leaving room for what `job` needs."""
+        window = self.queued_conversations()[: self.prefetch_window()]
+        need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
+        self._pending_prefetch.extend(fetching.prefetch_window(self.store, window, job.conv_id, need))
+
     @staticmethod
-    def _best_effort(what: str, fn) -> None:
-        """Prefetching and demoting ahead of time are optimisations: a failure is logged, not fatal to a job."""
+    def _best_effort(problems: list[str], what: str, fn) -> None:
+        """Prefetching, demoting and bookkeeping are not the job: a failure is noted, never fatal to it."""
         try:
             fn()
         except Exception as e:  # e.g. the disk failed or host memory is held by open loads
-            log.warning("cachedattn: %s failed (%s); the jobs go on without it", what, e)
+            problems.append(f"{what} failed ({type(e).__name__}: {e})")
+
+    @staticmethod
+    def _log_problems(job: Job, problems: list[str]) -> None:
+        """One line per job, whatever went wrong around it."""
+        if problems:
+            log.warning("cachedattn: job of %r: %s; the queue goes on", job.conv_id, "; ".join(problems))
 
     def wait_background_io(self) -> None:
         """Waits for prefetches and disk writes started so far (a virtual clock's idea of time passing)."""
@@ -167,44 +241,44 @@ class Engine:
                     self._cv.wait()
                 if not self._queue:
                     return
-            self.step()
+            try:
+                self.step()
+            except BaseException:  # step() completes its job whatever happens; the worker must outlive it anyway
+                log.exception("cachedattn: the engine's worker caught an error; it goes on")
 
-    def _read_ahead(self, current: Job) -> None:
+    def _read_ahead(self, current: Job, problems: list[str]) -> None:
         """Read buffer: while `current` decodes, bring the next job's disk-resident KV into host memory."""
         with self._cv:
             nxt = next((j for j in self._queue if j.conv_id != current.conv_id), None)
         if nxt is not None:
-            self._best_effort("reading ahead", lambda: self._pending_prefetch.extend(
+            self._best_effort(problems, "reading ahead", lambda: self._pending_prefetch.extend(
                 fetching.prefetch_window(self.store, [nxt.conv_id], current.conv_id, 0)))
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job, problems: list[str]) -> torch.Tensor:
+        """Runs the turn; returns the sequence after it (CPU). Raises what the turn raises."""
         job.started = self.clock()
         reserve = 0 if job.answer is None else job.answer.shape[1]
         ids = job.input_ids.to(self._device)
-        try:
-            with torch.no_grad(), cachedattn.session(
-                self.model, job.conv_id, save=self.save, reserve=reserve, layerwise=self.layerwise
-            ) as s:
-                if self.read_buffer and self.save:
-                    s.on_first_token = lambda: self._read_ahead(job)
-                if job.answer is None:
-                    out = self.model.generate(ids, max_new_tokens=job.max_new_tokens, **job.gen_kwargs)
-                    out = getattr(out, "sequences", out)
-                    job.answer_tokens = s.generated_tokens
-                else:
-                    self.model(ids, **self._fwd_kwargs)
-                    kept = s.turn_ids[None]
-                    if self.save:
-                        s.continue_turn(job.answer.to(self._device), **self._fwd_kwargs)
-                    out = torch.cat([kept.cpu(), job.answer.cpu()], 1)
-                    job.answer_tokens = job.answer.shape[1]
-        except BaseException as e:
-            job.future.set_exception(e)
-            return
+        with torch.no_grad(), cachedattn.session(
+            self.model, job.conv_id, save=self.save, reserve=reserve, layerwise=self.layerwise
+        ) as s:
+            if self.read_buffer and self.save:
+                s.on_first_token = lambda: self._read_ahead(job, problems)
+            if job.answer is None:
+                out = self.model.generate(ids, max_new_tokens=job.max_new_tokens, **job.gen_kwargs)
+                out = getattr(out, "sequences", out)
+                job.answer_tokens = s.generated_tokens
+            else:
+                self.model(ids, **self._fwd_kwargs)
+                kept = s.turn_ids[None]
+                if self.save:
+                    s.continue_turn(job.answer.to(self._device), **self._fwd_kwargs)
+                out = torch.cat([kept.cpu(), job.answer.cpu()], 1)
+                job.answer_tokens = job.answer.shape[1]
         job.ttft, job.reused_tokens, job.computed_tokens = s.ttft, s.reused_tokens, s.computed_tokens
         job.dropped_tokens, job.tier_tokens = s.dropped_tokens, dict(s.tier_tokens)
         job.prompt_tokens = s.reused_tokens + s.computed_tokens
-        job.future.set_result(out.cpu())
+        return out.cpu()
 
     def close(self) -> None:
         """Finishes the queued jobs (a background worker), then stops."""

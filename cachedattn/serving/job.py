@@ -38,7 +38,8 @@ class Job:
         return self.tier_tokens
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
-        """The sequence after the turn (the kept window plus the answer), as [1, tokens] on the CPU."""
+        """The sequence after the turn (the kept window plus the answer), as [1, tokens] on the CPU;
+        raises what the turn raised if it failed. Timings are set by the time it returns."""
         return self.future.result(timeout)
 
     def done(self) -> bool:

@@ -2,11 +2,13 @@ import json
 
 import pytest
 
+from cachedattn import AttentionStore
 from cachedattn.replay import cli
 from cachedattn.replay.clock import ServiceModel
 from cachedattn.replay.metrics import summarize
-from cachedattn.replay.systems import SYSTEMS, Capacities, run_system, working_set
+from cachedattn.replay.systems import SYSTEMS, Capacities, run_system, run_systems, working_set
 from cachedattn.replay.trace import build_trace
+from cachedattn.serving import Engine
 
 from ..hf.models import VOCAB, tiny_model
 from .test_trace import _dataset
@@ -26,13 +28,27 @@ def setup(tmp_path_factory):
     return trace, model, block, ws
 
 
-def _run(setup, name, tmp_path, host_frac=0.3, disk_frac=0.6):
+def _caps(setup, host_frac=0.3, disk_frac=0.6):
     trace, model, block, ws = setup
     host = max(int(host_frac * ws), 2 * (CTX // CHUNK + 1) * block)
-    caps = Capacities(host, max(int(disk_frac * ws), 2 * block), CHUNK, ws, block)
+    return Capacities(host, max(int(disk_frac * ws), 2 * block), CHUNK, ws, block)
+
+
+def _run(setup, name, tmp_path, host_frac=0.3, disk_frac=0.6):
+    trace, model, block, ws = setup
+    caps = _caps(setup, host_frac, disk_frac)
     tmp_path.mkdir(parents=True, exist_ok=True)
     res = run_system(SYSTEMS[name], trace, model, VOCAB, caps, ServiceModel(), CTX, str(tmp_path))
     return res, summarize(res, caps.host_bytes, caps.disk_bytes)
+
+
+def _run_together(setup, names, tmp_path, on_job=None):
+    trace, model, block, ws = setup
+    caps = _caps(setup)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    results = run_systems([SYSTEMS[n] for n in names], trace, model, VOCAB, caps, ServiceModel(), CTX, str(tmp_path),
+                          on_job=on_job)
+    return {r.system.name: (r, summarize(r, caps.host_bytes, caps.disk_bytes)) for r in results}
 
 
 def _decisions(res):
@@ -40,16 +56,31 @@ def _decisions(res):
     return [tuple(r[k] for k in keys) for r in res.records]
 
 
-def test_replay_is_deterministic_for_a_seed(setup, tmp_path):
-    a, _ = _run(setup, "CA", tmp_path / "a")
-    b, _ = _run(setup, "CA", tmp_path / "b")
+@pytest.mark.parametrize("name", ["RE", "ideal"])
+def test_replay_is_deterministic_for_a_seed_without_disk_io(setup, tmp_path, name):
+    # With a disk tier, background writes and prefetches overlap the next job, so whether a chunk
+    # is read from host memory or disk (and the modelled load time) may follow their timing.
+    a, _ = _run(setup, name, tmp_path / "a")
+    b, _ = _run(setup, name, tmp_path / "b")
     assert _decisions(a) == _decisions(b)
     assert len(a.records) == setup[0].rounds
 
 
+def test_replay_turns_are_the_same_whatever_the_io_timing(setup, tmp_path):
+    a, _ = _run(setup, "CA", tmp_path / "a")
+    b, _ = _run(setup, "CA", tmp_path / "b")
+    def turns(res):
+        return sorted((r["conversation"], r["round"], r["prompt_tokens"], r["user_tokens"]) for r in res.records)
+
+    assert turns(a) == turns(b) and len(a.records) == setup[0].rounds
+    for r in a.records + b.records:
+        assert r["reused"] + r["computed"] == r["prompt_tokens"]
+        assert r["host_tokens"] + r["disk_tokens"] == r["reused"]
+
+
 def test_systems_on_one_trace(setup, tmp_path):
     trace = setup[0]
-    rows = {name: _run(setup, name, tmp_path / name)[1] for name in ["RE", "CA", "CA-FIFO", "ideal"]}
+    rows = {name: row for name, (_, row) in _run_together(setup, ["RE", "CA", "CA-FIFO", "ideal"], tmp_path).items()}
     assert rows["RE"]["hit_rate"] == 0 and rows["RE"]["computed_tokens"] == rows["RE"]["prompt_tokens"]
     assert rows["ideal"]["hit_rate"] == 1.0 and rows["ideal"]["hit_host"] == 1.0
     assert 0 < rows["CA"]["hit_rate"] <= 1 and rows["CA"]["bytes_disk_written"] > 0
@@ -58,6 +89,34 @@ def test_systems_on_one_trace(setup, tmp_path):
         assert r["hit_rate"] is None or r["hit_host"] + r["hit_disk"] + r["miss"] == pytest.approx(1)
     # Every system computes what it does not reuse, and nothing else.
     assert rows["CA"]["computed_tokens"] < rows["RE"]["computed_tokens"]
+
+
+def test_systems_run_side_by_side_turn_by_turn(setup, tmp_path):
+    names = ["RE", "CA", "CA-LRU"]
+    order = []
+    results = _run_together(setup, names, tmp_path, on_job=lambda name, turn: order.append((turn, name)))
+    rounds = setup[0].rounds
+    assert len(order) == rounds * len(names)
+    for turn in range(rounds):
+        ran = [name for t, name in order[turn * len(names):(turn + 1) * len(names)] if t == turn]
+        assert sorted(ran) == sorted(names), f"turn {turn} ran {ran}"  # every system, before the next turn
+        k = turn % len(names)
+        assert ran == names[k:] + names[:k]  # nobody is always first
+    for name, (res, _) in results.items():
+        assert res.system.name == name and len(res.records) == rounds
+
+
+def test_replay_does_not_wait_for_background_io_between_jobs(setup, tmp_path, monkeypatch):
+    jobs_done, flushed_at, waits = [0], [], []
+    monkeypatch.setattr(Engine, "wait_background_io", lambda self: waits.append(jobs_done[0]))
+    real_flush = AttentionStore.flush
+    monkeypatch.setattr(AttentionStore, "flush", lambda self: (flushed_at.append(jobs_done[0]), real_flush(self))[1])
+    results = _run_together(setup, ["CA", "CA-noPL"], tmp_path,
+                            on_job=lambda *_: jobs_done.__setitem__(0, jobs_done[0] + 1))
+    total = 2 * setup[0].rounds
+    assert jobs_done[0] == total and not waits
+    assert flushed_at and all(n == total for n in flushed_at)  # only after the last job, for the stats
+    assert all(row["bytes_disk_written"] > 0 for _, row in results.values())
 
 
 def test_small_replay_from_the_command_line(tmp_path):
