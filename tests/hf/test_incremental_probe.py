@@ -1,0 +1,57 @@
+"""patch() refuses models whose cached decoding cannot reproduce a full forward, naming why."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import cachedattn
+from cachedattn import UnsupportedModel
+
+from .models import COMMON
+
+BIDIRECTIONAL = "logits depend on later tokens"
+TOKEN_POSITIONS = "does not reproduce a full forward"
+EXTRA = {"rembert": dict(input_embedding_size=64, output_embedding_size=64), "roformer": dict(embedding_size=64)}
+
+
+def _model(arch, **kw):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(arch, **{**COMMON, **EXTRA.get(arch, {}), **kw})
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "arch", ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "rembert", "roformer", "bert"]
+)
+def test_encoders_without_causal_attention_are_refused_at_patch(make_store, arch):
+    # is_decoder=False (the configs' default): every token attends to later ones, so a turn's
+    # logits depend on tokens of later turns and no stored KV can match a recompute.
+    model = _model(arch)
+    with pytest.raises(UnsupportedModel, match=BIDIRECTIONAL):
+        cachedattn.patch(model, make_store())
+    assert not hasattr(model, "_cachedattn")
+
+
+@pytest.mark.parametrize("arch", ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"])
+def test_positions_counted_from_token_ids_are_refused_at_patch(make_store, arch):
+    # Causal, but positions count the non-pad tokens of each call (padding_idx): after a pad id in
+    # the history, the cached turn's positions are off by the pads seen.
+    model = _model(arch, is_decoder=True)
+    with pytest.raises(UnsupportedModel, match=TOKEN_POSITIONS):
+        cachedattn.patch(model, make_store())
+
+
+@pytest.mark.parametrize("arch", ["bert", "rembert", "roformer", "electra"])
+def test_causal_decoders_of_encoder_families_are_served_exactly(make_store, arch):
+    model = _model(arch, is_decoder=True)
+    cachedattn.patch(model, make_store())
+    g = torch.Generator().manual_seed(3)
+    first, second = torch.randint(2, 300, (1, 12), generator=g), torch.randint(2, 300, (1, 7), generator=g)
+    with torch.no_grad():
+        with cachedattn.session(model, "c"):
+            model(input_ids=first)
+        with cachedattn.session(model, "c"):
+            got = model(input_ids=torch.cat([first, second], 1)).logits
+        cachedattn.unpatch(model)
+        ref = model(input_ids=torch.cat([first, second], 1)).logits
+    assert (got[0, -7:] - ref[0, -7:]).abs().max().item() <= 1e-4
