@@ -55,3 +55,20 @@ def test_causal_decoders_of_encoder_families_are_served_exactly(make_store, arch
         cachedattn.unpatch(model)
         ref = model(input_ids=torch.cat([first, second], 1)).logits
     assert (got[0, -7:] - ref[0, -7:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_config_without_a_context_limit_patches_with_no_limit(make_store, limit):
+    # xlnet's config says max_position_embeddings=-1 ("no limit"): patch derives no window from it.
+    model = _model("llama", num_key_value_heads=2, max_position_embeddings=limit)
+    cachedattn.patch(model, make_store())
+    assert model._cachedattn.options["max_context"] is None
+
+
+def test_xlnet_is_refused_for_its_cache_not_for_its_context_limit(make_store):
+    # xlnet keeps "mems" instead of a KV cache: refused with that reason (it used to fail on -1).
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("xlnet", vocab_size=320, d_model=64, n_layer=2, n_head=4, d_inner=96)
+    ).eval()
+    with pytest.raises(UnsupportedModel, match="does not use a KV cache"):
+        cachedattn.patch(model, make_store())
