@@ -24,6 +24,8 @@ PROBE_TOKENS = 5
 # The incremental-decoding check: a longer sequence, cut at several points.
 CHECK_TOKENS = 16
 CHECK_CUTS = (1, 3, 8, 15)
+# A sliding window is checked past its end when it is at most this long (one forward of that many tokens).
+WINDOW_CHECK_MAX = 8192
 
 
 class UnsupportedModel(ValueError):
@@ -59,13 +61,14 @@ def _probe_ids(cfg, n: int, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def _check_incremental(model, kwarg: str, dtype) -> None:
+def _check_incremental(model, kwarg: str, dtype, sliding: list[int | None]) -> None:
     """Refuses models whose cached decoding does not reproduce a full forward: serving them
     from a KV store would silently change their output. Two ways it fails, both checked at
     several cut points of a random sequence: a token's logits depend on later tokens
     (bidirectional attention, e.g. an encoder without is_decoder=True), or the tokens after
     a cut are computed differently with the history cached than in one forward (positions
-    derived from the token ids, as RoBERTa's padding_idx positions)."""
+    derived from the token ids, as RoBERTa's padding_idx positions); and once past the longest
+    sliding window, the cache and the model's mask must have dropped the same tokens."""
     ids = _probe_ids(model.config, CHECK_TOKENS, model.device)
     # fp32 to the compat checker's 1e-4; half precision only catches gross differences.
     rel = 1e-4 if dtype == torch.float32 else 5e-2
@@ -84,13 +87,31 @@ def _check_incremental(model, kwarg: str, dtype) -> None:
             cache = DynamicCache(config=model.config)
             model(input_ids=ids[:, :cut], use_cache=True, **{kwarg: cache})
             inc = model(input_ids=ids[:, cut:], use_cache=True, **{kwarg: cache}).logits[0].float()
-            diff = (full[cut:] - inc).abs().max().item()
-            if not diff <= tol:
-                raise UnsupportedModel(
-                    f"{model.config.model_type}: decoding with a KV cache does not reproduce a full forward (logits "
-                    f"after {cut} cached tokens differ by {diff:.2e}; e.g. positions derived from the token ids), so "
-                    "stored KV could not be served exactly"
-                )
+            _compare_incremental(model, full[cut:], inc, cut, tol)
+    windows = [w for w in sliding if w is not None]
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    # Bounded cost at patch time: windows longer than WINDOW_CHECK_MAX tokens go unchecked.
+    if windows and max(windows) + 4 <= min(WINDOW_CHECK_MAX, limit if isinstance(limit, int) and limit > 0 else WINDOW_CHECK_MAX):
+        # Past the longest window the cache has dropped tokens: the model's own mask must have
+        # dropped the same ones (moshi's full forward attends to all of them).
+        n = max(windows) + 4
+        ids = _probe_ids(model.config, n, model.device)
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits[0, n - 3:].float()
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, : n - 3], use_cache=True, **{kwarg: cache})
+            inc = model(input_ids=ids[:, n - 3:], use_cache=True, **{kwarg: cache}).logits[0].float()
+        _compare_incremental(model, full, inc, n - 3, rel * max(1.0, full.abs().max().item()))
+
+
+def _compare_incremental(model, full, inc, cut: int, tol: float) -> None:
+    diff = (full - inc).abs().max().item()
+    if not diff <= tol:
+        raise UnsupportedModel(
+            f"{model.config.model_type}: decoding with a KV cache does not reproduce a full forward (logits after "
+            f"{cut} cached tokens differ by {diff:.2e}; e.g. positions derived from the token ids, or a sliding "
+            "window the cache keeps and the model's mask does not), so stored KV could not be served exactly"
+        )
 
 
 def probe(model) -> ModelKV:
@@ -144,7 +165,7 @@ def probe(model) -> ModelKV:
         raise UnsupportedModel(f"{cfg.model_type}: {len(layers)} cache layers for {n_layers} decoder layers")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedModel(f"{cfg.model_type}: KV dtype {dtype} is not supported")
-    _check_incremental(model, kwarg, dtype)
+    _check_incremental(model, kwarg, dtype, sliding)
     try:
         identity = WeightsIdentity(model)  # hashes every weight byte (~0.2 s per GB on one CPU core)
     except Exception as e:  # without a digest, stored KV could be served to other weights

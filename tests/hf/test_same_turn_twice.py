@@ -99,25 +99,29 @@ def test_same_generate_turn_twice(make_store, regenerate, to_disk):
 
 
 @pytest.mark.parametrize("to_disk", [False, True])
-@pytest.mark.parametrize("regenerate", [False, True])
-def test_same_engine_turn_twice(make_store, regenerate, to_disk):
+@pytest.mark.parametrize("how", ["retry", "sampled again", "another answer"])
+def test_same_engine_turn_twice(make_store, how, to_disk):
     model = tiny_model("llama")
     store = make_store()
     prompt = _ids(0, PROMPT)
-    answers = [_ids(1, ANSWER), _ids(2, ANSWER) if regenerate else _ids(1, ANSWER)]
     with torch.no_grad():
         with Engine(model, store, background=False) as engine:
-            for answer in answers:  # the same job submitted twice, or regenerated with another answer
-                job = engine.submit("c", prompt, answer=answer)
+            for seed in (1, 2):  # the same job submitted twice, or regenerated
+                if how == "another answer":
+                    job = engine.submit("c", prompt, answer=_ids(seed, ANSWER))
+                else:
+                    job = engine.submit("c", prompt, max_new_tokens=GEN, do_sample=how != "retry", pad_token_id=0)
+                torch.manual_seed(seed)
                 engine.step()
-                job.future.result()
+                hist = job.future.result()
                 _settle(store, "c", to_disk)
-            hist = torch.cat([prompt, answers[1]], 1)
+            # Generated: the last token was never computed; a given answer was stored whole.
+            stored = hist.shape[1] - (how != "another answer")
             full = torch.cat([hist, _ids(3, NEXT)], 1)
             job = engine.submit("c", full, max_new_tokens=GEN, do_sample=False, pad_token_id=0)
             engine.step()
             got = job.future.result()
-            assert job.reused_tokens == hist.shape[1]
+            assert job.reused_tokens == stored
             assert torch.equal(got, _gen(model, full).sequences)
             _settle(store, "c", to_disk)
         stored = got.shape[1] - 1  # the last generated token was never computed
