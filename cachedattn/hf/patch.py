@@ -50,6 +50,10 @@ def patch(
     cfg = model.config.get_text_config(decoder=True)
     if max_context is None:
         max_context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        # Configs say "no known limit" with a non-positive value (xlnet: -1): the caller's own
+        # max_context is still validated strictly.
+        if isinstance(max_context, int) and max_context <= 0:
+            max_context = None
     options = validate_options(
         dict(max_context=max_context, truncate_ratio=truncate_ratio, keep_first=keep_first, position_policy=position_policy)
     )
