@@ -63,7 +63,8 @@ class Run:
         self._post(("tokens", value.reshape(-1).tolist()))
 
     def end(self) -> None:
-        pass
+        """generate() ends here; the request learns the end from the job's future (job_done),
+        which also carries an error, so nothing is posted twice."""
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
