@@ -156,9 +156,10 @@ class AttentionStore:
                 f"for {cfg.chunk_tokens} tokens); raise host_bytes or lower chunk_tokens"
             )
         host = HostTier(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
+        disk = None
         try:
             engine = native.io_engine(cfg.io_backend, threads=cfg.io_threads, pool=host.pool)
-            disk, found = None, {}
+            found = {}
             if cfg.disk_dir:
                 disk = DiskTier(cfg.disk_dir, spec.fingerprint, cfg.disk_bytes, geo, engine, cfg.sync_writes)
                 if cfg.disk_bytes < disk.file_bytes:
@@ -178,11 +179,18 @@ class AttentionStore:
                     self._mover.make_disk_room(need=0)
                     log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(self._convs))
         except _AlreadyAttached:
-            host.close()
+            self._discard(host, disk)
             self._same_model(spec)
         except BaseException:
-            host.close()
+            self._discard(host, disk)
             raise
+
+    @staticmethod
+    def _discard(host: HostTier, disk: DiskTier | None) -> None:
+        """What a failed or redundant attach() made: the pinned pool now, the directory descriptors too."""
+        host.close()
+        if disk is not None:
+            disk.close()
 
     def _same_model(self, spec: KVSpec) -> bool:
         with self._critical():
@@ -495,4 +503,4 @@ class AttentionStore:
 
 
 class _AlreadyAttached(Exception):
-    pass
+    """Another thread attached this store while attach() read the disk outside the lock."""
