@@ -54,6 +54,15 @@ class StoreConfig:
     io_threads: int = 2
     hugepages: str = "auto"
     eviction: str = "lru"
+    remote: str | None = None
+    """Shared remote tier: redis://host:port, redis+cluster://h1:p1,h2:p2 or
+    redis+sentinel://h1:p1/service (README: "Several servers, one Redis"); None: none."""
+    remote_ttl_s: int | None = None
+    """Expiry of each chunk written to the remote tier, seconds; None: Redis's eviction alone."""
+    remote_timeout_s: float = 1.0
+    """Socket timeout of remote requests: a slow Redis costs a lookup at most this, then backs off."""
+    remote_inflight_bytes: int = 256 << 20
+    """Bytes of chunks queued for the remote tier at most; more are skipped (never waited for)."""
 
     def __post_init__(self):
         self.host_bytes = parse_size("host_bytes", self.host_bytes)
@@ -78,8 +87,24 @@ class StoreConfig:
             raise ValueError(f"io_threads: must be an integer in 1..64, got {self.io_threads!r}")
         if self.hugepages not in ("off", "auto", "on"):
             raise ValueError(f"hugepages: must be 'off', 'auto' or 'on', got {self.hugepages!r}")
+        self._check_remote()
         if not isinstance(self.eviction, str) or not self.eviction:
             raise ValueError(f"eviction: must be a policy name, got {self.eviction!r}")
+
+    def _check_remote(self) -> None:
+        from cachedattn.store.remote_url import parse_remote_url
+
+        if self.remote is not None:
+            parse_remote_url(self.remote)  # raises ValueError naming what is wrong
+        self.remote_inflight_bytes = parse_size("remote_inflight_bytes", self.remote_inflight_bytes)
+        if self.remote_inflight_bytes <= 0:
+            raise ValueError(f"remote_inflight_bytes: must be positive, got {self.remote_inflight_bytes}")
+        t = self.remote_ttl_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t <= 0):
+            raise ValueError(f"remote_ttl_s: must be a positive integer (seconds) or None, got {t!r}")
+        t = self.remote_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 60:
+            raise ValueError(f"remote_timeout_s: must be a number of seconds in (0, 60], got {t!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> StoreConfig:
@@ -90,12 +115,17 @@ class StoreConfig:
             raw = env.get(f"CACHEDATTN_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name in ("chunk_tokens", "io_threads"):
+            if f.name in ("chunk_tokens", "io_threads", "remote_ttl_s"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ValueError(f"{f.name} (CACHEDATTN_{f.name.upper()}): not an integer: {raw!r}") from None
-            elif f.name == "disk_dir":
+            elif f.name == "remote_timeout_s":
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise ValueError(f"{f.name} (CACHEDATTN_{f.name.upper()}): not a number: {raw!r}") from None
+            elif f.name in ("disk_dir", "remote"):
                 values[f.name] = raw or None
             else:
                 values[f.name] = raw

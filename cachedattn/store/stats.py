@@ -9,6 +9,11 @@ named bytes or tokens):
 - evictions: chunks demoted out of host memory / chunk files removed for space.
 - prefetches: chunks brought from disk into host memory ahead of use.
 - tokens_stored: tokens appended; tokens_reused: tokens served by loads.
+- remote.*: the shared Redis tier (cachedattn.store.remote_tier): hits (chunks
+  adopted from it), misses (missing or damaged there), bytes read/written,
+  requests and their summed latency_s, errors (failed requests), corrupt
+  (damaged values removed), skipped_writes (not written: backing off or too
+  many bytes in flight). All zero without a remote tier.
 - recovered_turns: turns redone because a chunk failed while it was loading.
 - skipped_saves: turns whose KV was not stored (e.g. host memory full at save).
 """
@@ -30,9 +35,19 @@ class TierStats:
 
 
 @dataclass
+class RemoteTierStats(TierStats):
+    requests: int = 0
+    latency_s: float = 0.0
+    errors: int = 0
+    corrupt: int = 0
+    skipped_writes: int = 0
+
+
+@dataclass
 class StoreStats:
     host: TierStats = field(default_factory=TierStats)
     disk: TierStats = field(default_factory=TierStats)
+    remote: RemoteTierStats = field(default_factory=RemoteTierStats)
     lookups: int = 0
     tokens_stored: int = 0
     tokens_reused: int = 0
@@ -47,7 +62,7 @@ class StoreStats:
         with self._lock:
             for name, d in deltas.items():
                 tier, _, counter = name.partition("_")
-                if tier in ("host", "disk") and counter:
+                if tier in ("host", "disk", "remote") and counter:
                     obj = getattr(self, tier)
                     setattr(obj, counter, getattr(obj, counter) + d)
                 else:
@@ -56,7 +71,9 @@ class StoreStats:
     def snapshot(self) -> dict:
         with self._lock:
             d = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-            d["host"], d["disk"] = asdict(self.host), asdict(self.disk)
+            d["host"], d["disk"], d["remote"] = asdict(self.host), asdict(self.disk), asdict(self.remote)
+        r = d["remote"]
+        r["mean_latency_ms"] = 1e3 * r["latency_s"] / r["requests"] if r["requests"] else None
         chunks = d["host"]["hits"] + d["host"]["misses"]
         d["host_hit_rate"] = d["host"]["hits"] / chunks if chunks else None
         served = d["host"]["hits"] + d["disk"]["hits"]

@@ -32,8 +32,10 @@ from cachedattn.store.disk_tier import DirectoryLock, DiskTier
 from cachedattn.store.eviction import EvictionPolicy, make_policy
 from cachedattn.store.host_tier import HostTier
 from cachedattn.store.load import KVLoad
-from cachedattn.store.reads import Reader
+from cachedattn.store.reads import Reader, done_future
 from cachedattn.store.recovery import read_chain
+from cachedattn.store.remote_sync import RemoteSync
+from cachedattn.store.remote_tier import RemoteTier
 from cachedattn.store.spec import ChunkGeometry, KVSpec
 from cachedattn.store.state import ConvState
 from cachedattn.store.stats import StoreStats
@@ -121,6 +123,7 @@ class AttentionStore:
         self._disk: DiskTier | None = None  # the files
         self._disk_tier: DiskBackend | None = None  # the tier made of them
         self._engine = None
+        self._remote: RemoteSync | None = None  # the shared Redis tier, when configured
         self._mover, self._reader, self._writer = Mover(self), Reader(self), Writer(self)
         dirlock = DirectoryLock(self.config.disk_dir) if self.config.disk_dir else None
         self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="cachedattn-store")
@@ -175,6 +178,9 @@ class AttentionStore:
                 for conv_id, (dirname, files) in found.items():
                     conv = self._new_conversation(conv_id, dirname)
                     conv.state, conv.found = ConvState.FOUND, files
+                if cfg.remote:
+                    tier = RemoteTier(cfg.remote, spec.fingerprint, geo, self._stats, cfg.remote_timeout_s, cfg.remote_ttl_s)
+                    self._remote = RemoteSync(self, tier, cfg.remote_inflight_bytes)
                 if disk is not None:
                     self._mover.make_disk_room(need=0)
                     log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(self._convs))
@@ -210,6 +216,7 @@ class AttentionStore:
         """How many leading tokens of token_ids have KV stored for this conversation."""
         toks = keys.as_token_array(token_ids)
         self._resolve(conv_id)
+        self._from_remote(conv_id, toks)
         with self._critical():
             self._check_ready()
             self._stats.add(lookups=1)
@@ -247,6 +254,8 @@ class AttentionStore:
         `limit` tokens), or None when nothing matches. Nothing can change the conversation
         between finding the prefix and opening its load."""
         keys.validate_conversation_id(conv_id)
+        self._resolve(conv_id)
+        self._from_remote(conv_id, keys.as_token_array(token_ids))
         return self._reader.open(conv_id, token_ids=token_ids, limit=limit, readahead=readahead)
 
     def prefetch(self, conv_id: str) -> Future:
@@ -254,6 +263,21 @@ class AttentionStore:
         chunks read (0 when there is nothing to bring in, or the conversation is gone). It never
         waits for host memory: when none can be freed at once it fails with HostMemoryFull."""
         return self._reader.prefetch(conv_id)
+
+    def prefetch_remote(self, conv_id: str, token_ids) -> Future:
+        """Brings the chunks the remote tier holds beyond what is stored here for this prefix of
+        token_ids into host memory in the background (what a lookup would fetch, ahead of it);
+        the future gives the chunks adopted (0 without a remote tier or when it has none)."""
+        keys.validate_conversation_id(conv_id)
+        toks = keys.as_token_array(token_ids)
+        if self._remote is None:
+            return done_future(0)
+
+        def job() -> int:
+            self._resolve(conv_id)
+            return self._remote.fill(conv_id, toks)
+
+        return self._submit(job)
 
     def begin_append(self, conv_id: str, token_ids, start: int):
         """Starts storing the KV of token_ids[start:]; token_ids[:start] must be stored already.
@@ -335,7 +359,9 @@ class AttentionStore:
         return d
 
     def flush(self) -> None:
-        """Waits until every write started so far is on disk."""
+        """Waits until every write started so far is on disk (and in the remote tier, or given up)."""
+        if self._remote is not None:
+            self._remote.flush()
         while True:
             with self._critical():
                 pending = list(self._pending)
@@ -359,6 +385,8 @@ class AttentionStore:
                     self._cond.wait(timeout=0.05)
             self.flush()
             self._executor.shutdown(wait=True)
+            if self._remote is not None:
+                self._remote.close()  # its queue holds host blocks: before the pool goes
             with self._critical():
                 for conv in self._convs.values():
                     for c in conv.chunks:
@@ -449,6 +477,11 @@ class AttentionStore:
                 self._release(lease)
                 self._cond.notify_all()
             return
+
+    def _from_remote(self, conv_id, toks) -> None:
+        """Adopts what the remote tier holds beyond the local prefix of toks (nothing without one)."""
+        if self._remote is not None and isinstance(conv_id, str) and self.spec is not None:
+            self._remote.fill(conv_id, toks)
 
     def _lease(self, conv: Conversation, kind: str):
         with self._critical():

@@ -124,6 +124,8 @@ class Writer:
                 for old in conv.chunks[first:]:
                     s._mover.retire(conv, old)
                 conv.chunks = conv.chunks[:first] + new
+                if s._remote is not None:  # write-behind to the shared tier, off this path
+                    s._remote.write_behind(new)
                 s._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * s.spec.kv_bytes_per_token())
                 s.policy.on_access(conv.id)
                 writes = []

@@ -1,0 +1,165 @@
+"""Moving chunks between a store and its remote tier.
+
+Up: every chunk a turn commits is written through to Redis by one background
+thread, never on the turn's path; at most `inflight_bytes` wait, and a chunk
+that finds no room is skipped (with the rest of its turn: a chain with a hole
+is no use to anyone) and counted.
+
+Down: before a lookup or load of a conversation, the chunks Redis holds beyond
+what the store has locally are found from the tokens (remote_tier.find_chain),
+read whole with pipelined GETs, checked, and adopted as host chunks (written
+through to disk like any new chunk). A server that never saw the conversation
+finds its history this way; a damaged or missing remote chunk ends the chain
+there, and what follows is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+import numpy as np
+
+from cachedattn.store.conversation import Chunk, common_prefix
+from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.remote_tier import RemoteUnavailable
+from cachedattn.store.state import ChunkState, ConvState
+
+log = logging.getLogger("cachedattn")
+
+
+class RemoteSync:
+    def __init__(self, store, tier, inflight_bytes: int):
+        self.s = store
+        self.tier = tier
+        self.limit = inflight_bytes
+        self._cv = threading.Condition()
+        self._queue: deque = deque()
+        self._inflight = 0
+        self._busy = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="cachedattn-remote", daemon=True)
+        self._thread.start()
+
+    # ---- up: write-behind ----------------------------------------------------------
+
+    def write_behind(self, chunks: list[Chunk]) -> None:
+        """Queues new host chunks for Redis (store lock held: only references are taken)."""
+        nbytes = self.s._geometry.block_bytes
+        with self._cv:
+            for i, c in enumerate(chunks):
+                if self._stop or not c.in_host:
+                    return
+                if self._inflight + nbytes > self.limit or not self.tier.usable():
+                    self.s._stats.add(remote_skipped_writes=len(chunks) - i)
+                    return
+                self._inflight += nbytes
+                self._queue.append((c.index, c.key, c.parent, c.tokens, c.checksums, c.host.acquire(), nbytes))
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                index, key, parent, tokens, sums, ref, nbytes = self._queue.popleft()
+                self._busy = True
+            try:
+                if self.tier.usable():
+                    self.tier.put_value(index, key, parent, tokens, sums, ref.view().numpy())
+                else:
+                    self.s._stats.add(remote_skipped_writes=1)
+            except RemoteUnavailable:
+                self.s._stats.add(remote_skipped_writes=1)
+            except Exception as e:  # never let the writer thread die: the store goes on without this chunk remotely
+                log.warning("cachedattn: writing a chunk to the remote tier failed unexpectedly (%s)", e)
+            finally:
+                ref.release()
+                with self._cv:
+                    self._inflight -= nbytes
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until every queued chunk was written (or given up); False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self) -> None:
+        self.flush(timeout=30.0)
+        with self._cv:
+            self._stop = True
+            while self._queue:  # left after a timeout: let go of their blocks
+                self._queue.popleft()[5].release()
+            self._cv.notify_all()
+        self._thread.join(timeout=5.0)
+        self.tier.close()
+
+    # ---- down: adopting what Redis holds ---------------------------------------------
+
+    def fill(self, conv_id: str, toks: np.ndarray) -> int:
+        """Adopts the remote chunks that extend the local prefix of toks; chunks adopted."""
+        s, C = self.s, self.s._geometry.chunk_tokens
+        if not self.tier.usable() or len(toks) == 0:
+            return 0
+        with s._critical():
+            s._check_ready()
+            conv = s._convs.get(conv_id)
+            if conv is not None and (conv.state is not ConvState.READY or conv.writer is not None):
+                return 0
+            chunks = list(conv.chunks) if conv is not None else []
+            local = common_prefix(conv.tokens(), toks) if conv is not None else 0
+            root = conv.root if conv is not None else None
+        from cachedattn.store import keys
+
+        root = root or keys.root_key(s.spec.fingerprint, conv_id)
+        k = min(local // C, len(chunks))  # whole local chunks kept: the remote chain continues the last
+        parent = chunks[k - 1].key if k else root
+        try:
+            chain = self.tier.find_chain(parent, toks[k * C :], k)
+            if k * C + sum(len(t) for _, _, t in chain) <= local:
+                return 0  # nothing beyond what is here
+            got = self.tier.fetch(chain)
+        except RemoteUnavailable:
+            return 0
+        got = got[: next((i for i, g in enumerate(got) if g is None), len(got))]
+        if not got or k * C + sum(len(g.tokens) for g in got) <= local:
+            return 0
+        try:
+            blocks = s._mover.alloc(len(got), foreground=True)
+        except HostMemoryFull:
+            return 0
+        for b, g in zip(blocks, got):
+            b.view().numpy()[:] = np.frombuffer(g.payload, dtype=np.uint8)
+        return self._adopt(conv_id, k, parent, got, blocks)
+
+    def _adopt(self, conv_id: str, k: int, parent: bytes, got, blocks) -> int:
+        s = self.s
+        with s._critical():
+            conv = s._convs.get(conv_id)
+            usable = not s._closing
+            if conv is None and usable and k == 0:
+                conv = s._new_conversation(conv_id)
+            if conv is not None and usable:
+                last = conv.chunks[k - 1].key if k else conv.root
+                usable = conv.state is ConvState.READY and conv.writer is None and len(conv.chunks) >= k and last == parent
+                usable = usable and sum(c.ntokens for c in conv.chunks) < k * s._geometry.chunk_tokens + sum(
+                    len(g.tokens) for g in got
+                )
+            if conv is None or not usable:
+                for b in blocks:
+                    b.release()
+                return 0
+            new = [Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b) for i, (g, b) in enumerate(zip(got, blocks))]
+            for old in conv.chunks[k:]:
+                s._mover.retire(conv, old)
+            conv.chunks = conv.chunks[:k] + new
+            s.policy.on_access(conv.id)
+            s._stats.add(remote_hits=len(new))
+            if s.config.write_through:
+                for c in new:
+                    s._mover.schedule_write(conv, c)
+        return len(new)

@@ -1,0 +1,239 @@
+"""The remote tier: chunks in a Redis (one server, Sentinel, or a Cluster) shared
+by every server of a deployment, below host memory and disk.
+
+Keys live under a namespace of the model fingerprint:
+    cachedattn:<fp>:c:<chunk key>   a chunk (remote_codec: header + payload, one value)
+    cachedattn:<fp>:t:<parent key>  the token counts of partial chunks under a parent
+Full chunks are found from the tokens alone (their key is computable); a
+conversation's partial last chunk is found through its parent's set. The set
+entry is written only after the chunk, so an entry without its chunk means the
+chunk was evicted: a miss, and the entry is removed.
+
+Capacity and eviction are Redis's (maxmemory and its policy; optional TTL).
+Every failure (down, a shard down, timeouts, OOM) is one warning, then the tier
+sits out a backoff period (0.5 s doubling to 30 s) before it is tried again;
+the store serves from its local tiers or recomputes meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from cachedattn.store import keys
+from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
+from cachedattn.store.remote_codec import RemoteChunk, RemoteValueError, decode, encode
+from cachedattn.store.remote_url import make_client, parse_remote_url
+from cachedattn.store.tier import Tier
+
+log = logging.getLogger("cachedattn")
+BACKOFF_S = (0.5, 30.0)
+
+
+class RemoteUnavailable(OSError):
+    """The remote tier cannot be used right now (down, or backing off after a failure)."""
+
+
+class RemoteTier(Tier):
+    name = "remote"
+
+    def __init__(self, url: str, fingerprint: str, geometry, stats, timeout_s: float = 1.0, ttl_s: int | None = None):
+        self.url = parse_remote_url(url)
+        self.geometry = geometry
+        self.stats = stats
+        self.ttl_s = ttl_s
+        self.prefix = f"cachedattn:{fingerprint[:32]}:"
+        self.timeout_s = timeout_s
+        self.client = None  # made at first use: a cluster client connects when made
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+        self._delay = BACKOFF_S[0]
+        self._down: str | None = None
+
+    # ---- health -----------------------------------------------------------------
+
+    def usable(self) -> bool:
+        with self._lock:
+            return time.monotonic() >= self._retry_at
+
+    def _call(self, what: str, fn):
+        """Runs fn() against Redis, timing it; any Redis failure becomes RemoteUnavailable."""
+        import redis
+
+        if not self.usable():
+            raise RemoteUnavailable(f"remote tier backing off after: {self._down}")
+        t0 = time.perf_counter()
+        try:
+            if self.client is None:
+                self.client = make_client(self.url, self.timeout_s)
+            out = fn()
+        except (redis.RedisError, OSError) as e:
+            self._failed(what, e)
+            raise RemoteUnavailable(f"remote tier {what}: {e}") from e
+        self.stats.add(remote_requests=1, remote_latency_s=time.perf_counter() - t0)
+        with self._lock:
+            if self._down is not None:
+                log.warning("cachedattn: the remote tier %s is back", self.url.url)
+            self._down, self._delay = None, BACKOFF_S[0]
+        return out
+
+    def _failed(self, what: str, e: Exception) -> None:
+        self.stats.add(remote_errors=1)
+        with self._lock:
+            first = self._down is None
+            self._down = f"{type(e).__name__}: {e}"
+            self._retry_at = time.monotonic() + self._delay
+            self._delay = min(self._delay * 2, BACKOFF_S[1])
+        if first:  # one warning per outage
+            log.warning(
+                "cachedattn: the remote tier %s failed while %s (%s: %s); continuing with the local tiers, "
+                "retrying with backoff",
+                self.url.url,
+                what,
+                type(e).__name__,
+                e,
+            )
+
+    # ---- names ------------------------------------------------------------------
+
+    def chunk_name(self, key: bytes) -> str:
+        return f"{self.prefix}c:{key.hex()}"
+
+    def tail_name(self, parent: bytes) -> str:
+        return f"{self.prefix}t:{parent.hex()}"
+
+    # ---- Tier bookkeeping: Redis owns capacity ------------------------------------
+
+    def capacity(self) -> int:
+        return 0  # unknown here: Redis's maxmemory decides
+
+    def used(self) -> int:
+        return 0
+
+    def contains(self, conv, chunk) -> bool:
+        return False  # not recorded locally: ask Redis (find_chain)
+
+    # ---- reads --------------------------------------------------------------------
+
+    def find_chain(self, parent: bytes, tokens: np.ndarray, first_index: int) -> list[tuple[bytes, bytes, np.ndarray]]:
+        """The remote chunks continuing `parent` with a prefix of `tokens` (in one round trip,
+        plus one for a partial last chunk): [(key, parent, tokens)], possibly empty."""
+        C = self.geometry.chunk_tokens
+        full, p = [], parent
+        for j in range(len(tokens) // C):
+            t = tokens[j * C : (j + 1) * C]
+            k = keys.chunk_key(p, t)
+            full.append((k, p, t))
+            p = k
+        parents = [parent] + [k for k, _, _ in full]
+
+        def probe():
+            pipe = self.client.pipeline(transaction=False)
+            for k, _, _ in full:
+                pipe.exists(self.chunk_name(k))
+            for q in parents:
+                pipe.smembers(self.tail_name(q))
+            return pipe.execute()
+
+        out = self._call("looking up", probe)
+        there, tails = out[: len(full)], out[len(full) :]
+        m = 0
+        while m < len(full) and there[m]:
+            m += 1
+        chain = full[:m]
+        rest = tokens[m * C :]
+        lengths = sorted((int(x) for x in tails[m] if int(x) <= len(rest) and 0 < int(x) < C), reverse=True)
+        if lengths:
+            p = parents[m]
+            t = rest[: lengths[0]]
+            chain.append((keys.chunk_key(p, t), p, t))
+        return chain
+
+    def fetch(self, chain) -> list[RemoteChunk | None]:
+        """The values of a chain (pipelined GETs); None where missing or damaged (which are removed)."""
+        names = [self.chunk_name(k) for k, _, _ in chain]
+
+        def get():
+            pipe = self.client.pipeline(transaction=False)
+            for n in names:
+                pipe.get(n)
+            return pipe.execute()
+
+        values = self._call("reading", get)
+        geo, out = self.geometry, []
+        for (k, p, t), v, name in zip(chain, values, names):
+            if v is None:
+                self.stats.add(remote_misses=1)
+                if len(t) < geo.chunk_tokens:  # its tail entry outlived it: clean up
+                    self._forget(lambda: self.client.srem(self.tail_name(p), len(t)))
+                out.append(None)
+                continue
+            try:
+                rc = decode(v, k, geo.spec.num_layers, geo.block_bytes, geo.chunk_tokens)
+                if rc.parent != p or not np.array_equal(rc.tokens, t):
+                    raise RemoteValueError("chunk of other tokens")
+                self._verify(rc)
+            except RemoteValueError as e:
+                log.warning("cachedattn: remote chunk %s is bad (%s); removed, it will be recomputed", name, e)
+                self.stats.add(remote_misses=1, remote_corrupt=1)
+                self._forget(lambda: self.client.delete(name))
+                out.append(None)
+                continue
+            self.stats.add(remote_bytes_read=len(v))
+            out.append(rc)
+        return out
+
+    def _verify(self, rc: RemoteChunk) -> None:
+        geo = self.geometry
+        payload = np.frombuffer(rc.payload, dtype=np.uint8)
+        for layer, (o, s) in enumerate(zip(geo.layer_offset, geo.layer_stride)):
+            if layer_checksum(payload[o : o + s]) != rc.checksums[layer]:
+                raise RemoteValueError(f"layer {layer} checksum mismatch")
+
+    def _forget(self, fn) -> None:
+        try:
+            self._call("cleaning up", fn)
+        except RemoteUnavailable:
+            pass  # the next reader removes it
+
+    def get_into(self, conv, chunk, block) -> None:
+        (rc,) = self.fetch([(chunk.key, chunk.parent, chunk.tokens)])
+        if rc is None:
+            raise ChunkCorruptError(5, "remote chunk missing or bad", self.chunk_name(chunk.key))
+        block.view().numpy()[:] = np.frombuffer(rc.payload, dtype=np.uint8)
+
+    # ---- writes -------------------------------------------------------------------
+
+    def put_value(self, index: int, key: bytes, parent: bytes, tokens, checksums, payload) -> int:
+        value = encode(index, key, parent, tokens, checksums, payload)
+        name = self.chunk_name(key)
+        self._call("writing", lambda: self.client.set(name, value, ex=self.ttl_s))
+        if len(tokens) < self.geometry.chunk_tokens:  # after the chunk: an entry never precedes its chunk
+
+            def add_tail():
+                pipe = self.client.pipeline(transaction=False)
+                pipe.sadd(self.tail_name(parent), len(tokens))
+                if self.ttl_s:
+                    pipe.expire(self.tail_name(parent), self.ttl_s)
+                return pipe.execute()
+
+            self._call("writing", add_tail)
+        self.stats.add(remote_bytes_written=len(value))
+        return len(value)
+
+    def put_from(self, conv, chunk, block) -> str:
+        self.put_value(chunk.index, chunk.key, chunk.parent, chunk.tokens, chunk.checksums, block.view().numpy())
+        return self.chunk_name(chunk.key)
+
+    def remove(self, conv, chunk) -> None:
+        self._call("deleting", lambda: self.client.delete(self.chunk_name(chunk.key)))
+
+    def close(self) -> None:
+        try:
+            if self.client is not None:
+                self.client.close()
+        except Exception:
+            pass  # closing a client whose server is gone: nothing left to release

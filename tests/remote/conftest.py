@@ -1,0 +1,28 @@
+import pytest
+
+from tests.remote.redis_servers import RedisCluster, RedisServer, need_redis
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    need_redis()
+    srv = RedisServer(tmp_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_lru(tmp_path):
+    """A small Redis that evicts (allkeys-lru) once 2 MB are used."""
+    need_redis()
+    srv = RedisServer(tmp_path, "maxmemory 2mb", "maxmemory-policy allkeys-lru")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    need_redis()
+    c = RedisCluster(tmp_path)
+    yield c
+    c.stop()
