@@ -62,7 +62,8 @@ class StoreConfig:
     remote_timeout_s: float = 1.0
     """Socket timeout of remote requests: a slow Redis costs a lookup at most this, then backs off."""
     remote_inflight_bytes: int = 256 << 20
-    """Bytes of chunks queued for the remote tier at most; more are skipped (never waited for)."""
+    """Bytes of chunks queued for the remote tier at most (and a quarter of host_bytes at most: they hold
+    host blocks); more are skipped, never waited for."""
 
     def __post_init__(self):
         self.host_bytes = parse_size("host_bytes", self.host_bytes)

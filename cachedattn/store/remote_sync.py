@@ -50,13 +50,13 @@ class RemoteSync:
         with self._cv:
             for i, c in enumerate(chunks):
                 if self._stop or not c.in_host:
-                    return
+                    break
                 if self._inflight + nbytes > self.limit or not self.tier.usable():
                     self.s._stats.add(remote_skipped_writes=len(chunks) - i)
-                    return
+                    break
                 self._inflight += nbytes
                 self._queue.append((c.index, c.key, c.parent, c.tokens, c.checksums, c.host.acquire(), nbytes))
-            self._cv.notify_all()
+            self._cv.notify_all()  # also after a skip: what was queued before it must go
 
     def _run(self) -> None:
         while True:

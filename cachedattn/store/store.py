@@ -180,7 +180,8 @@ class AttentionStore:
                     conv.state, conv.found = ConvState.FOUND, files
                 if cfg.remote:
                     tier = RemoteTier(cfg.remote, spec.fingerprint, geo, self._stats, cfg.remote_timeout_s, cfg.remote_ttl_s)
-                    self._remote = RemoteSync(self, tier, cfg.remote_inflight_bytes)
+                    # Queued chunks hold their host blocks: at most a quarter of host memory waits for Redis.
+                    self._remote = RemoteSync(self, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
                 if disk is not None:
                     self._mover.make_disk_room(need=0)
                     log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(self._convs))
