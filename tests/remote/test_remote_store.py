@@ -114,7 +114,7 @@ def test_redis_evicting_under_maxmemory_gives_misses_not_errors(redis_lru, open_
     convs = {f"c{i}": _tokens(100 + i, 96) for i in range(80)}  # ~80 x 72 KB: far beyond 2 MB
     for cid, toks in convs.items():
         a.append(cid, toks, make_kv(SPEC, 96, 1)).result()
-    a.flush()
+        a.flush()  # each one written (the in-flight bound is another test's)
     assert a.stats()["remote"]["errors"] == 0
     b = open_store("b", redis_lru.url)
     found = {cid: b.lookup(cid, toks) for cid, toks in convs.items()}
