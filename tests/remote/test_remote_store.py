@@ -110,7 +110,7 @@ def test_an_evicted_partial_chunk_is_a_miss_and_its_entry_is_cleaned_up(redis_se
 
 
 def test_redis_evicting_under_maxmemory_gives_misses_not_errors(redis_lru, open_store):
-    a = open_store("a", redis_lru.url, host_chunks=16)
+    a = open_store("a", redis_lru.url)
     convs = {f"c{i}": _tokens(100 + i, 96) for i in range(80)}  # ~80 x 72 KB: far beyond 2 MB
     for cid, toks in convs.items():
         a.append(cid, toks, make_kv(SPEC, 96, 1)).result()
