@@ -118,7 +118,11 @@ def test_redis_evicting_under_maxmemory_gives_misses_not_errors(redis_lru, open_
     assert a.stats()["remote"]["errors"] == 0
     b = open_store("b", redis_lru.url)
     found = {cid: b.lookup(cid, toks) for cid, toks in convs.items()}
-    assert found["c0"] < 96 and found["c79"] == 96  # the oldest went, the newest is there
+    # Redis evicted most (its LRU is approximate: which ones is its choice); what is left is sound.
+    assert found["c0"] < 96 and 0 < sum(found.values()) < 96 * len(convs)
+    for cid, n in found.items():
+        if n:
+            assert_kv_equal(read_all(b, cid, n), make_kv(SPEC, 96, 1), upto=n)
     st = b.stats()["remote"]
     assert st["errors"] == 0 and st["corrupt"] == 0
 
