@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages cachedattn needs, only those missing, on a fresh
 # Debian/Ubuntu machine: as root directly, as any other user through sudo.
-# Packages: liburing-dev (io_uring backend), fio (disk benchmark), g++ (build).
+# Packages: liburing-dev (io_uring backend), fio (disk benchmark), g++ (build),
+# redis-server (the remote tier's tests and benchmark start their own Redis servers).
 # Without apt-get (another distribution) it says what to install and goes on.
 set -euo pipefail
 
-PACKAGES=(liburing-dev fio g++)
+PACKAGES=(liburing-dev fio g++ redis-server)
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "setup: no apt-get here; make sure these are installed: ${PACKAGES[*]}" >&2

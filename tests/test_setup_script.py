@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["liburing-dev", "fio", "g++"]
+PACKAGES = ["liburing-dev", "fio", "g++", "redis-server"]
 
 
 def _tool(path: Path, body: str) -> None:
@@ -71,8 +71,8 @@ def test_setup_installs_missing_packages_through_sudo_as_a_user(fake_machine):
     make, run = fake_machine
     r, calls = run(make(uid=1000, installed=["g++"]))
     assert r.returncode == 0, r.stderr
-    assert "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q liburing-dev fio" in calls
-    assert "apt-get uid=1000 DEBIAN_FRONTEND=noninteractive install -y -q liburing-dev fio" in calls
+    assert "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q liburing-dev fio redis-server" in calls
+    assert "apt-get uid=1000 DEBIAN_FRONTEND=noninteractive install -y -q liburing-dev fio redis-server" in calls
 
 
 def test_setup_skips_apt_when_everything_is_installed(fake_machine):
@@ -86,5 +86,5 @@ def test_setup_says_what_to_do_as_a_user_without_sudo(fake_machine):
     make, run = fake_machine
     r, calls = run(make(uid=1000, sudo=False))
     assert r.returncode == 1
-    assert "install liburing-dev fio g++ as root" in r.stderr
+    assert "install liburing-dev fio g++ redis-server as root" in r.stderr
     assert not any(c.startswith("apt-get") for c in calls)

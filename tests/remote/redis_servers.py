@@ -72,7 +72,8 @@ class RedisCluster:
             for _ in range(masters):
                 self.nodes.append(
                     RedisServer(workdir, "cluster-enabled yes", "cluster-config-file nodes.conf",
-                                "cluster-node-timeout 2000", "cluster-require-full-coverage no")
+                                "cluster-node-timeout 2000", "cluster-require-full-coverage no",
+                                f"cluster-port {free_port()}")  # not port + 10000: that may be taken or > 65535
                 )
             addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
             r = subprocess.run([CLI, "--cluster", "create", *addrs, "--cluster-yes"], capture_output=True, text=True, timeout=60)
