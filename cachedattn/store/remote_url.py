@@ -81,7 +81,8 @@ def make_client(u: RemoteURL, timeout_s: float):
         from redis.retry import Retry
     except ImportError as e:  # the package is a dependency; say so rather than fail obscurely
         raise RuntimeError("the remote tier needs the `redis` package (pip install redis)") from e
-    common = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, password=u.password)
+    # Chunks are megabytes: read them in large pieces (the default 64 KiB costs a copy per piece).
+    common = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, password=u.password, socket_read_size=4 << 20)
     if u.cluster:
         from redis.cluster import ClusterNode, RedisCluster
 
