@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("clock")
     c.add_argument("--calibrate", action="store_true", help="measure the service-time model on this machine first")
     c.add_argument("--clock", type=_floats, default=None, metavar="c0,c1,c2,d0,d1", help="service-time coefficients")
+    m = p.add_argument_group("several servers (cachedattn/replay/servers.py)")
+    m.add_argument("--servers", type=int, default=1,
+                   help="servers behind a load balancer that sends each turn to one at random (default 1: the comparison)")
+    m.add_argument("--remote", default=None, help="a Redis URL shared by the servers: hit rate and TTFT with and without it")
     w = p.add_argument_group("capacity sweep")
     w.add_argument("--sweep", action="store_true", help=f"run {','.join(SWEEP_SYSTEMS)} over host x disk sizes instead")
     w.add_argument("--sweep-host", type=_floats, default=[0.1, 0.2, 0.4])
@@ -80,6 +84,15 @@ def _check(args) -> list[str]:
             raise SystemExit(f"cachedattn replay: --{name.replace('_', '-')} must be > 0")
     if any(x <= 0 for x in args.sweep_host + args.sweep_disk):
         raise SystemExit("cachedattn replay: sweep fractions must be > 0")
+    if args.servers < 1 or (args.remote and args.servers < 2):
+        raise SystemExit("cachedattn replay: --servers must be >= 1, and >= 2 with --remote")
+    if args.remote:
+        from cachedattn.store.remote_url import parse_remote_url
+
+        try:
+            parse_remote_url(args.remote)
+        except ValueError as e:
+            raise SystemExit(f"cachedattn replay: {e}") from None
     if args.clock is not None and len(args.clock) != 5:
         raise SystemExit("cachedattn replay: --clock takes five numbers c0,c1,c2,d0,d1")
     return names
@@ -125,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.sweep_host if args.sweep else [args.host_fraction]) * ws < min_host:
         log.warning("cachedattn: host memory raised to %.0f MB where the fraction gives less: the running job holds "
                     "a full context window of history and new KV in host memory", min_host / 1e6)
+    if args.servers > 1:
+        return _main_servers(args, trace, model, vocab, ws, min_host, block, t0)
     plan = [(h, d) for h in args.sweep_host for d in args.sweep_disk] if args.sweep else [(args.host_fraction, args.disk_fraction)]
     runs = []
     with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=args.workdir) as tmp, Progress(
@@ -158,6 +173,34 @@ def main(argv: list[str] | None = None) -> None:
           f"working set {ws / 1e6:.0f} MB{caps_line}")
     print(f"clock: virtual, service times from {service.source}; TTFT and prefill throughput measured on this machine")
     print(f"wrote {args.out} in {config['wall_seconds']:.0f} s")
+
+
+def _main_servers(args, trace, model, vocab, ws, min_host, block, t0) -> None:
+    from cachedattn.replay.servers import run_servers
+
+    caps = Capacities(max(int(args.host_fraction * ws), min_host), max(int(args.disk_fraction * ws), 2 * block),
+                      args.chunk_tokens, ws, block)
+    with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=args.workdir) as tmp, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as progress:
+        task = progress.add_task(f"{args.servers} servers", total=trace.rounds)
+        rows, records = run_servers(trace, model, vocab, caps, args.max_context, tmp, args.servers, args.remote,
+                                    args.seed, on_job=lambda: progress.advance(task))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(trace=trace.params, rounds=trace.rounds, servers=args.servers, remote=args.remote,
+                  host_bytes=caps.host_bytes, disk_bytes=caps.disk_bytes, chunk_tokens=args.chunk_tokens,
+                  wall_seconds=time.perf_counter() - t0, assignment="each turn to a server drawn at random",
+                  machine=dict(platform=platform.platform(), threads=torch.get_num_threads()))
+    report.write_json(out / "servers.json", dict(config=config, rows=rows, turns=records))
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    (out / "servers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"trace: {trace.rounds} rounds of {len(trace.conversations)} conversations on {args.servers} servers; "
+          f"wrote {out} in {config['wall_seconds']:.0f} s")
 
 
 def _write(out: Path, sweep: bool, config: dict, runs: list[tuple[dict, list[dict]]]) -> None:
