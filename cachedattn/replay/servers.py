@@ -49,7 +49,7 @@ class _Farm:
 
     def turn(self, server: int, cid: str, ids: torch.Tensor, answer: torch.Tensor) -> dict:
         m = self.models[server]
-        with torch.no_grad(), cachedattn.session(m, f"{self.tag}-{cid}") as s:
+        with torch.no_grad(), cachedattn.session(m, f"{self.tag}-{cid}", reserve=answer.shape[1]) as s:
             t0 = time.perf_counter()
             m(ids)
             ttft = time.perf_counter() - t0
