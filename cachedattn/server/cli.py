@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("cachedattn")
@@ -23,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-dir", default=None, help="directory of the disk tier (default: none)")
     p.add_argument("--disk-bytes", default="16G", help="disk tier size")
     p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per stored chunk")
+    p.add_argument("--remote", default=os.environ.get("CACHEDATTN_REMOTE"),
+                   help="a Redis shared by several servers: redis://h:p, redis+cluster://h1:p1,h2:p2 "
+                        "(default: $CACHEDATTN_REMOTE; none)")
     p.add_argument("--eviction", choices=EVICTIONS, default="lru", help="eviction policy (queue/predictive read "
                    "the engine's queue)")
     p.add_argument("--readahead", type=int, default=None, help="layers the store reads ahead of the one computing "
@@ -66,7 +70,7 @@ def build(args):
     if limit is not None and max_len > limit:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's {limit} positions")
     store = cachedattn.AttentionStore(host_bytes=args.host_bytes, disk_dir=args.disk_dir, disk_bytes=args.disk_bytes,
-                                      chunk_tokens=args.chunk_tokens, eviction=args.eviction)
+                                      chunk_tokens=args.chunk_tokens, eviction=args.eviction, remote=args.remote or None)
     engine = Engine(model, store, save=not args.no_reuse, readahead=args.readahead)
     name = args.served_model_name or (model_dir.TINY if args.model == model_dir.TINY else directory.name)
     return Server(model, store, engine, tok, name, max_len, args.max_queue, args.default_max_tokens)
