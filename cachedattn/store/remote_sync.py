@@ -21,6 +21,7 @@ from collections import deque
 
 import numpy as np
 
+from cachedattn.store import keys
 from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
@@ -113,13 +114,11 @@ class RemoteSync:
             chunks = list(conv.chunks) if conv is not None else []
             local = common_prefix(conv.tokens(), toks) if conv is not None else 0
             root = conv.root if conv is not None else None
-        from cachedattn.store import keys
-
         root = root or keys.root_key(s.spec.fingerprint, conv_id)
         k = min(local // C, len(chunks))  # whole local chunks kept: the remote chain continues the last
         parent = chunks[k - 1].key if k else root
         try:
-            chain = self.tier.find_chain(parent, toks[k * C :], k)
+            chain = self.tier.find_chain(parent, toks[k * C :])
             if k * C + sum(len(t) for _, _, t in chain) <= local:
                 return 0  # nothing beyond what is here
             got = self.tier.fetch(chain)

@@ -17,6 +17,7 @@ the store serves from its local tiers or recomputes meanwhile.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -118,7 +119,7 @@ class RemoteTier(Tier):
 
     # ---- reads --------------------------------------------------------------------
 
-    def find_chain(self, parent: bytes, tokens: np.ndarray, first_index: int) -> list[tuple[bytes, bytes, np.ndarray]]:
+    def find_chain(self, parent: bytes, tokens: np.ndarray) -> list[tuple[bytes, bytes, np.ndarray]]:
         """The remote chunks continuing `parent` with a prefix of `tokens` (in one round trip,
         plus one for a partial last chunk): [(key, parent, tokens)], possibly empty."""
         C = self.geometry.chunk_tokens
@@ -202,7 +203,7 @@ class RemoteTier(Tier):
     def get_into(self, conv, chunk, block) -> None:
         (rc,) = self.fetch([(chunk.key, chunk.parent, chunk.tokens)])
         if rc is None:
-            raise ChunkCorruptError(5, "remote chunk missing or bad", self.chunk_name(chunk.key))
+            raise ChunkCorruptError(errno.EIO, "remote chunk missing or bad", self.chunk_name(chunk.key))
         block.view().numpy()[:] = np.frombuffer(rc.payload, dtype=np.uint8)
 
     # ---- writes -------------------------------------------------------------------

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.remote.redis_servers import RedisCluster, RedisServer, need_redis
+from tests.remote.redis_servers import RedisCluster, RedisSentinel, RedisServer, need_redis
 
 
 @pytest.fixture
@@ -26,3 +26,11 @@ def redis_cluster(tmp_path):
     c = RedisCluster(tmp_path)
     yield c
     c.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path):
+    need_redis()
+    s = RedisSentinel(tmp_path)
+    yield s
+    s.stop()

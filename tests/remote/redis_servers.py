@@ -100,3 +100,38 @@ class RedisCluster:
 def need_redis() -> None:
     if SERVER is None or CLI is None:
         pytest.skip(NEED)
+
+
+class RedisSentinel:
+    """One master and one Sentinel watching it as `service`."""
+
+    def __init__(self, workdir: Path, service: str = "kvmaster"):
+        self.service = service
+        self.master = RedisServer(workdir)
+        self.port = free_port()
+        d = workdir / f"sentinel-{self.port}"
+        d.mkdir()
+        conf = d / "sentinel.conf"  # Sentinel rewrites its file: it must be its own and writable
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {d}\nprotected-mode no\n"
+                        f"sentinel monitor {service} 127.0.0.1 {self.master.port} 1\n")
+        self.proc = subprocess.Popen([SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            r = subprocess.run([CLI, "-p", str(self.port), "sentinel", "get-master-addr-by-name", service],
+                               capture_output=True, text=True, timeout=10)
+            if str(self.master.port) in r.stdout:
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the sentinel did not come up")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.master.stop()

@@ -61,6 +61,16 @@ def test_a_store_that_never_saw_a_conversation_finds_it_in_the_remote_tier(redis
     assert_kv_equal([(k[:, :90], v[:, :90]) for k, v in got], kv)
 
 
+def test_through_sentinel_the_master_it_names_holds_the_chunks(redis_sentinel, open_store):
+    a, b = open_store("a", redis_sentinel.url), open_store("b", redis_sentinel.url)
+    toks, kv = _tokens(11), make_kv(SPEC, 50, 1)
+    a.append("c", toks[:50], kv).result()
+    a.flush()
+    assert b.lookup("c", toks) == 50
+    assert_kv_equal(read_all(b, "c", 50), kv)
+    assert redis.Redis(port=redis_sentinel.master.port).dbsize() == 5  # 4 chunks and one partial-chunk entry
+
+
 def test_a_conversation_id_and_model_are_the_namespace(redis_server, open_store):
     a, b = open_store("a", redis_server.url), open_store("b", redis_server.url)
     toks = _tokens(2)
