@@ -34,3 +34,12 @@ def redis_sentinel(tmp_path):
     s = RedisSentinel(tmp_path)
     yield s
     s.stop()
+
+
+@pytest.fixture
+def redis_full(tmp_path):
+    """A Redis that refuses writes once 1.5 MB are used (noeviction: `OOM command not allowed`)."""
+    need_redis()
+    srv = RedisServer(tmp_path, "maxmemory 1500kb", "maxmemory-policy noeviction")
+    yield srv
+    srv.stop()

@@ -137,6 +137,20 @@ def test_redis_evicting_under_maxmemory_gives_misses_not_errors(redis_lru, open_
     assert st["errors"] == 0 and st["corrupt"] == 0
 
 
+def test_a_full_redis_refusing_writes_costs_no_turn_and_nothing_local(redis_full, open_store, caplog):
+    a = open_store("a", redis_full.url)
+    convs = {f"c{i}": _tokens(200 + i, 64) for i in range(40)}  # ~40 x 50 KB: beyond 1.5 MB
+    with caplog.at_level(logging.WARNING, logger="cachedattn"):
+        for cid, toks in convs.items():
+            a.append(cid, toks, make_kv(SPEC, 64, 1)).result()
+            a.flush()
+    assert "OutOfMemoryError" in caplog.text and caplog.text.count("the remote tier") == 1
+    assert a.stats()["remote"]["errors"] >= 1
+    for cid, toks in convs.items():  # every turn's KV is still here
+        assert a.lookup(cid, toks) == 64
+    assert_kv_equal(read_all(a, "c39", 64), make_kv(SPEC, 64, 1))
+
+
 def test_redis_unreachable_at_start_the_store_works_locally_and_warns_once(open_store, caplog):
     url = f"redis://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING, logger="cachedattn"):
