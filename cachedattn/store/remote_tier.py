@@ -43,6 +43,10 @@ class RemoteTier(Tier):
 
     def __init__(self, url: str, fingerprint: str, geometry, stats, timeout_s: float = 1.0, ttl_s: int | None = None):
         self.url = parse_remote_url(url)
+        try:
+            import redis  # noqa: F401
+        except ImportError as e:
+            raise RemoteUnavailable(f"the remote tier needs the `redis` package (pip install 'redis[hiredis]'): {e}") from e
         self.geometry = geometry
         self.stats = stats
         self.ttl_s = ttl_s

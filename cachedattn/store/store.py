@@ -35,7 +35,7 @@ from cachedattn.store.load import KVLoad
 from cachedattn.store.reads import Reader, done_future
 from cachedattn.store.recovery import read_chain
 from cachedattn.store.remote_sync import RemoteSync
-from cachedattn.store.remote_tier import RemoteTier
+from cachedattn.store.remote_tier import RemoteTier, RemoteUnavailable
 from cachedattn.store.spec import ChunkGeometry, KVSpec
 from cachedattn.store.state import ConvState
 from cachedattn.store.stats import StoreStats
@@ -179,9 +179,7 @@ class AttentionStore:
                     conv = self._new_conversation(conv_id, dirname)
                     conv.state, conv.found = ConvState.FOUND, files
                 if cfg.remote:
-                    tier = RemoteTier(cfg.remote, spec.fingerprint, geo, self._stats, cfg.remote_timeout_s, cfg.remote_ttl_s)
-                    # Queued chunks hold their host blocks: at most a quarter of host memory waits for Redis.
-                    self._remote = RemoteSync(self, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
+                    self._remote = self._open_remote(spec, geo)
                 if disk is not None:
                     self._mover.make_disk_room(need=0)
                     log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(self._convs))
@@ -191,6 +189,16 @@ class AttentionStore:
         except BaseException:
             self._discard(host, disk)
             raise
+
+    def _open_remote(self, spec: KVSpec, geo: ChunkGeometry) -> RemoteSync | None:
+        cfg = self.config
+        try:
+            tier = RemoteTier(cfg.remote, spec.fingerprint, geo, self._stats, cfg.remote_timeout_s, cfg.remote_ttl_s)
+        except RemoteUnavailable as e:  # said once, plainly; the store works without it
+            log.warning("cachedattn: %s; continuing without the remote tier", e)
+            return None
+        # Queued chunks hold their host blocks: at most a quarter of host memory waits for Redis.
+        return RemoteSync(self, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
 
     @staticmethod
     def _discard(host: HostTier, disk: DiskTier | None) -> None:

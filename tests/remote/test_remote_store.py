@@ -215,3 +215,15 @@ def test_remote_urls_are_validated_early():
     assert cfg.remote == "redis+cluster://h1:7000,h2:7001" and cfg.remote_ttl_s == 600
     with pytest.raises(ValueError, match="remote_ttl_s"):
         StoreConfig(remote_ttl_s=0)
+
+
+def test_without_the_redis_package_the_store_says_so_and_works_locally(open_store, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="cachedattn"):
+        s = open_store("a", "redis://127.0.0.1:1")
+    assert "needs the `redis` package" in caplog.text and s._remote is None
+    toks = _tokens(12)
+    s.append("c", toks[:30], make_kv(SPEC, 30, 1)).result()
+    assert s.lookup("c", toks) == 30
