@@ -227,3 +227,16 @@ def test_without_the_redis_package_the_store_says_so_and_works_locally(open_stor
     toks = _tokens(12)
     s.append("c", toks[:30], make_kv(SPEC, 30, 1)).result()
     assert s.lookup("c", toks) == 30
+
+
+def test_prefetch_remote_brings_the_history_in_ahead_of_the_turn(redis_server, open_store):
+    a, b = open_store("a", redis_server.url), open_store("b", redis_server.url)
+    toks, kv = _tokens(13), make_kv(SPEC, 60, 2)
+    a.append("c", toks[:60], kv).result()
+    a.flush()
+    assert b.prefetch_remote("c", toks).result() == 4
+    assert b.residency("c")["host_bytes"] == 4 * chunk_bytes()
+    with b.load_prefix("c", toks) as ld:
+        assert ld.n_tokens == 60 and ld.from_disk == 0
+    assert b.stats()["remote"]["hits"] == 4  # the lookup found nothing more to fetch
+    assert open_store("c", None).prefetch_remote("c", toks).result() == 0
