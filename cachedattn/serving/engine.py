@@ -212,6 +212,9 @@ class Engine:
         """Starts the look-ahead window's prefetches, leaving room for what `job` needs."""
         window = self.queued_conversations()[: self.prefetch_window()]
         need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
+        with self._cv:  # the remote tier is found by tokens: the window's prompts (cachedattn/store/remote_sync.py)
+            prompts = [(j.conv_id, j.input_ids[0]) for j in self._queue][: len(window)]
+        self._pending_prefetch.extend(fetching.prefetch_remote(self.store, prompts, job.conv_id))
         self._pending_prefetch.extend(fetching.prefetch_window(self.store, window, job.conv_id, need))
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""Scheduler-aware fetching: what to bring from disk to host memory before it is asked for.
+"""Scheduler-aware fetching: what to bring from disk (or the shared remote tier) to host
+memory before it is asked for.
 
 The look-ahead window is the first `C_mem / S_kv` queued jobs (host capacity
 over the mean KV size of a conversation). Their conversations' disk-only KV is
@@ -48,3 +49,13 @@ def prefetch_window(store, window: list[str], running: str, running_need: int) -
         except KeyError:
             pass  # dropped from disk meanwhile (by a write making room): nothing left to fetch
     return futures
+
+
+def prefetch_remote(store, window: list[tuple[str, object]], running: str) -> list:
+    """Starts bringing in what the remote tier holds beyond the local copy of each queued job's
+    prompt ((conversation, token ids) in queue order; the running job's own is loading already).
+    A store without a remote tier (or an older store) does nothing."""
+    fetch = getattr(store, "prefetch_remote", None)
+    if fetch is None or getattr(getattr(store, "config", None), "remote", None) is None:
+        return []
+    return [fetch(conv, ids) for conv, ids in dict(window).items() if conv != running]

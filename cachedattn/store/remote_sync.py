@@ -26,6 +26,7 @@ from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
 from cachedattn.store.state import ChunkState, ConvState
+from cachedattn.store.tiering import on_store_thread
 
 log = logging.getLogger("cachedattn")
 
@@ -127,8 +128,8 @@ class RemoteSync:
         got = got[: next((i for i, g in enumerate(got) if g is None), len(got))]
         if not got or k * C + sum(len(g.tokens) for g in got) <= local:
             return 0
-        try:
-            blocks = s._mover.alloc(len(got), foreground=True)
+        try:  # on the store's own threads (a prefetch) only what is free at once: they never wait for memory
+            blocks = s._mover.alloc(len(got), foreground=not on_store_thread())
         except HostMemoryFull:
             return 0
         for b, g in zip(blocks, got):
