@@ -263,8 +263,9 @@ class AttentionStore:
         `limit` tokens), or None when nothing matches. Nothing can change the conversation
         between finding the prefix and opening its load."""
         keys.validate_conversation_id(conv_id)
-        self._resolve(conv_id)
-        self._from_remote(conv_id, keys.as_token_array(token_ids))
+        if self._remote is not None:
+            self._resolve(conv_id)
+            self._from_remote(conv_id, keys.as_token_array(token_ids))
         return self._reader.open(conv_id, token_ids=token_ids, limit=limit, readahead=readahead)
 
     def prefetch(self, conv_id: str) -> Future:
@@ -489,8 +490,14 @@ class AttentionStore:
 
     def _from_remote(self, conv_id, toks) -> None:
         """Adopts what the remote tier holds beyond the local prefix of toks (nothing without one)."""
-        if self._remote is not None and isinstance(conv_id, str) and self.spec is not None:
+        if self._remote is None or not isinstance(conv_id, str) or self.spec is None:
+            return
+        try:
             self._remote.fill(conv_id, toks)
+        except Exception as e:  # never the turn's failure: it goes on with what is local
+            self._check_open()
+            self._stats.add(remote_errors=1)
+            log.warning("cachedattn: reading %r from the remote tier failed (%s: %s); served locally", conv_id, type(e).__name__, e)
 
     def _lease(self, conv: Conversation, kind: str):
         with self._critical():

@@ -240,3 +240,20 @@ def test_prefetch_remote_brings_the_history_in_ahead_of_the_turn(redis_server, o
         assert ld.n_tokens == 60 and ld.from_disk == 0
     assert b.stats()["remote"]["hits"] == 4  # the lookup found nothing more to fetch
     assert open_store("c", None).prefetch_remote("c", toks).result() == 0
+
+
+def test_an_unexpected_failure_reading_the_remote_tier_is_served_locally(redis_server, open_store, caplog):
+    a = open_store("a", redis_server.url)
+    toks = _tokens(14)
+    a.append("c", toks[:40], make_kv(SPEC, 40, 1)).result()
+    a.flush()
+
+    def broken(*_):
+        raise RuntimeError("a bug in the remote path")
+
+    a._remote.tier.find_chain = broken
+    with caplog.at_level(logging.WARNING, logger="cachedattn"):
+        assert a.lookup("c", toks) == 40
+        with a.load_prefix("c", toks) as ld:
+            assert ld.n_tokens == 40
+    assert "a bug in the remote path" in caplog.text and a.stats()["remote"]["errors"] == 2
