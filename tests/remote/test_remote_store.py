@@ -257,3 +257,12 @@ def test_an_unexpected_failure_reading_the_remote_tier_is_served_locally(redis_s
         with a.load_prefix("c", toks) as ld:
             assert ld.n_tokens == 40
     assert "a bug in the remote path" in caplog.text and a.stats()["remote"]["errors"] == 2
+
+
+def test_remote_ttl_gives_every_chunk_and_entry_an_expiry(redis_server, open_store):
+    a = open_store("a", redis_server.url, remote_ttl_s=100)
+    a.append("c", _tokens(15)[:40], make_kv(SPEC, 40, 1)).result()
+    a.flush()
+    r = redis.Redis(port=redis_server.port)
+    names = r.keys(b"cachedattn:*")
+    assert len(names) == 4 and all(0 < r.ttl(n) <= 100 for n in names)  # 2 chunks, the partial one, its entry
