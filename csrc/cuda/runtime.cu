@@ -138,11 +138,18 @@ uintptr_t device_visible(uintptr_t ptr, size_t bytes) {
 }
 
 void require_dma_capable(uintptr_t ptr, size_t bytes) {
-  if (in_registered_range(ptr, bytes, nullptr)) return;
-  // Both ends: a pinned allocation followed by pageable memory is still refused.
-  for (uintptr_t p : {ptr, ptr + bytes - 1})
-    if (attributes(p).type == cudaMemoryTypeUnregistered)
+  if (in_registered_range(ptr, bytes, nullptr)) return;  // pool memory: no driver call
+  switch (attributes(ptr).type) {
+    case cudaMemoryTypeDevice:
+    case cudaMemoryTypeManaged:
+      return;  // a range past the allocation is the copy's own error
+    case cudaMemoryTypeHost:
+      // Pinned at the start; pageable past the pinned allocation's end is refused too.
+      if (bytes <= 1 || attributes(ptr + bytes - 1).type != cudaMemoryTypeUnregistered) return;
+      [[fallthrough]];
+    default:
       refuse_pageable(ptr, bytes, "asynchronous copies need device memory or page-locked host memory");
+  }
 }
 
 }  // namespace cachedattn::cuda
