@@ -236,6 +236,7 @@ def test_tickets_mark_copies_issued_so_far_and_are_released_once_done(pool, engi
         engine.wait_for_stream("d2h", torch.cuda.current_stream().cuda_stream)
         engine.copy_batch("d2h", [(dev.data_ptr(), b.ptr, BLOCK)])
         t = engine.record("d2h")
+        assert t > 0  # 0 is never a ticket (the fake engine agrees)
         assert not engine.ticket_done(t)
         engine.wait_ticket(t)
         assert int(_block_tensor(b).min()) == 9

@@ -51,7 +51,7 @@ struct CopyEngine::Impl {
   int64_t epoch = 0;
   std::vector<Slot> slots[2];
   std::map<int64_t, Event> tickets;
-  int64_t next_ticket = 0;
+  int64_t next_ticket = 1;  // 0 is never a ticket: callers may use it for "none"
   std::vector<cudaEvent_t> idle;  // returned to the pool, maybe still pending
   std::vector<cudaEvent_t> all;   // destroyed with the engine
   cudaEvent_t fence[2] = {nullptr, nullptr};
