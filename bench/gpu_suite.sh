@@ -28,6 +28,8 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/suite.log") 2>&1
 TEE_PID=$!
+# Every exit, early ones too: suite.log is complete before the tool collects $OUT.
+trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null' EXIT
 export PYTHONUNBUFFERED=1
 BUDGET="${SUITE_BUDGET_S:-540}"
 SKIP=" ${SUITE_SKIP:-} "
@@ -120,6 +122,4 @@ for r in rows:
 PY
 done
 echo "suite exit $status after $((SECONDS - T0)) s"
-exec >&- 2>&-
-wait "$TEE_PID" 2>/dev/null  # suite.log complete before the tool collects $OUT
 exit $status
