@@ -26,6 +26,17 @@ def _check_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
+def _after_compute(engine, direction: str) -> None:
+    """The engine's stream waits for the caller's current stream.
+
+    Whatever the launch reads was written there (keys, new KV) and whatever it
+    overwrites may still be read there (a reused buffer): without this the
+    engine's stream races compute.
+    """
+    stream = torch.cuda.current_stream(engine.device)
+    engine.wait_for_stream(direction, stream.cuda_stream)
+
+
 def rope_rotate(
     keys: torch.Tensor,
     delta: int,
@@ -43,8 +54,11 @@ def rope_rotate(
     ``2 * len(inv_freq)``) leading dims rotate, the rest are copied;
     ``interleaved`` selects pairs (2i, 2i+1) instead of (i, i + rotary_dim/2).
     ``out`` may be ``keys`` itself. With a CUDA ``out``, the copy engine
-    rotates while copying (``keys`` then in pinned host or device memory) and
-    records ``layer``'s event; otherwise the CPU reference runs.
+    rotates on its H2D stream once that stream has waited for the current
+    torch stream, and records ``layer``'s event; otherwise the CPU reference
+    runs. ``keys`` may be pinned host memory, but the kernel then reads it over
+    PCIe in 2-byte loads: copying first and rotating in place
+    (``out=keys`` on the GPU) is much faster.
     """
     inv = inv_freq.detach().to("cpu", torch.float32).reshape(-1)
     rotary_dim = 2 * inv.numel() if rotary_dim is None else int(rotary_dim)
@@ -60,6 +74,7 @@ def rope_rotate(
     if out.is_cuda:
         if engine is None:
             raise ValueError("a CUDA destination needs a CopyEngine (engine=...)")
+        _after_compute(engine, "h2d")
         engine.rope_copy(*args, float(delta), inv.tolist(), layer)
     elif keys.is_cuda:
         raise ValueError("keys on the GPU with a CPU destination: copy them first")
@@ -72,7 +87,10 @@ def segment_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], engine=None, di
     """Copies each ``(src, dst)`` pair of contiguous tensors of equal byte size.
 
     CPU-only pairs use the CPU reference; with ``engine`` the copy engine's
-    gather/scatter kernel moves them all in one launch.
+    gather/scatter kernel moves them all in one launch, after the engine's
+    ``direction`` stream has waited for the current torch stream whenever a
+    GPU tensor takes part (compute wrote the source or still reads the
+    destination).
     """
     segments = []
     for src, dst in pairs:
@@ -83,6 +101,8 @@ def segment_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], engine=None, di
             raise ValueError(f"segment sizes differ: {n} vs {dst.numel() * dst.element_size()} bytes")
         segments.append((src.data_ptr(), dst.data_ptr(), n))
     if engine is not None:
+        if any(s.is_cuda or d.is_cuda for s, d in pairs):
+            _after_compute(engine, direction)
         engine.segment_copy(direction, segments, layer)
     else:
         if any(s.is_cuda or d.is_cuda for s, d in pairs):

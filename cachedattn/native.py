@@ -107,7 +107,13 @@ def io_backend() -> str:
 
 
 def CopyEngine(device: int, num_layers: int) -> _core.CopyEngine:
-    """Dedicated H2D/D2H CUDA streams with one event per layer."""
+    """Dedicated H2D/D2H CUDA streams with per-epoch layer events and tickets.
+
+    The API (begin_epoch, copy_batch, segment_copy, rope_copy, wait_for_stream,
+    stream_wait_layer, wait_layer, layer_done, record, ticket_done, wait_ticket,
+    synchronize) is the one the fake engine in cachedattn.transfer mirrors.
+    Raises RuntimeError naming why when there is no usable GPU.
+    """
     if not cuda_available():
         raise RuntimeError(f"the CUDA copy engine needs a GPU: {cuda_unavailable_reason()}")
     return _core.CopyEngine(int(device), int(num_layers))

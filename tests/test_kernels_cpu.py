@@ -140,3 +140,46 @@ def test_segment_copy_raw_bytes(rng):
     b = np.zeros(1000, dtype=np.uint8)
     native.segment_copy_cpu([(a.ctypes.data + 10, b.ctypes.data + 3, 500), (a.ctypes.data, b.ctypes.data + 600, 7)])
     assert np.array_equal(b[3:503], a[10:510]) and np.array_equal(b[600:607], a[:7])
+
+
+# The copy-engine API every caller (and the fake engine) is written against: GPU_API.md.
+ENGINE_API = [
+    "device", "num_layers", "stream", "begin_epoch", "copy_batch", "segment_copy", "rope_copy",
+    "wait_for_stream", "stream_wait_layer", "wait_layer", "layer_done", "record", "ticket_done",
+    "wait_ticket", "synchronize",
+]
+
+
+def test_native_copy_engine_offers_the_agreed_api():
+    missing = [name for name in ENGINE_API if not hasattr(native._core.CopyEngine, name)]
+    assert not missing, f"native CopyEngine lacks {missing}"
+
+
+@pytest.mark.skipif(native.cuda_available(), reason="checks the no-GPU refusal")
+def test_copy_engine_without_gpu_says_why():
+    with pytest.raises(RuntimeError, match="needs a GPU") as info:
+        native.CopyEngine(0, 4)
+    assert native.cuda_unavailable_reason() in str(info.value)
+    # The raw class refuses too (no engine that pretends to copy).
+    with pytest.raises((ValueError, RuntimeError), match="CUDA"):
+        native._core.CopyEngine(0, 4)
+
+
+class _RecordingEngine:
+    """Stands in for the copy engine: records the calls kernels.py makes, in order."""
+
+    device = 0
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+def test_segment_copy_of_cpu_tensors_through_an_engine_needs_no_stream_wait():
+    # With only host tensors there is no compute stream to wait for (and no CUDA to ask).
+    engine = _RecordingEngine()
+    a, b = torch.arange(8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
+    kernels.segment_copy([(a, b)], engine=engine, direction="d2h", layer=2)
+    assert engine.calls == [("segment_copy", "d2h", [(a.data_ptr(), b.data_ptr(), 8)], 2)]

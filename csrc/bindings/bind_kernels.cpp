@@ -61,40 +61,69 @@ void bind_kernels(py::module_& m) {
       },
       ROPE_PARAMS, "CPU reference of the RoPE re-rotation kernel (keys rotated by `delta` positions).");
 
-  py::class_<cuda::CopyEngine>(m, "CopyEngine", "Dedicated H2D/D2H streams with one event per layer.")
+  // Every call that issues or waits releases the GIL once its arguments are
+  // C++ values: issuing thousands of copies, or a host wait, must not stall
+  // the other Python threads (the store's I/O, the server).
+  using Segs = std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>;
+  py::class_<cuda::CopyEngine>(m, "CopyEngine",
+                               "Dedicated H2D/D2H streams with per-epoch layer events and tickets (see GPU_API).")
       .def(py::init<int, int>(), py::arg("device"), py::arg("num_layers"))
       .def_property_readonly("device", &cuda::CopyEngine::device)
       .def_property_readonly("num_layers", &cuda::CopyEngine::num_layers)
       .def(
           "stream", [](const cuda::CopyEngine& e, const std::string& d) { return e.stream(parse_direction(d)); },
           py::arg("direction"), "The direction's cudaStream_t as an int.")
+      .def("begin_epoch", &cuda::CopyEngine::begin_epoch,
+           "Starts a new epoch (one per load or turn); layer events of older epochs can no longer be waited on.")
       .def(
           "copy_batch",
-          [](cuda::CopyEngine& e, const std::string& d, const std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>& s,
-             int layer) { e.copy_batch(parse_direction(d), to_segments(s), layer); },
+          [](cuda::CopyEngine& e, const std::string& d, const Segs& s, int layer) {
+            Direction dir = parse_direction(d);
+            auto segs = to_segments(s);
+            py::gil_scoped_release release;
+            e.copy_batch(dir, segs, layer);
+          },
           py::arg("direction"), py::arg("segments"), py::arg("layer") = -1)
       .def(
           "segment_copy",
-          [](cuda::CopyEngine& e, const std::string& d, const std::vector<std::tuple<uintptr_t, uintptr_t, size_t>>& s,
-             int layer) { e.segment_copy(parse_direction(d), to_segments(s), layer); },
+          [](cuda::CopyEngine& e, const std::string& d, const Segs& s, int layer) {
+            Direction dir = parse_direction(d);
+            auto segs = to_segments(s);
+            py::gil_scoped_release release;
+            e.segment_copy(dir, segs, layer);
+          },
           py::arg("direction"), py::arg("segments"), py::arg("layer") = -1)
       .def(
           "rope_copy",
           [](cuda::CopyEngine& e, uintptr_t src, uintptr_t dst, size_t rows, int head_dim, int rotary_dim,
              bool interleaved, int dtype, double delta, const std::vector<float>& inv_freq, int layer) {
-            e.rope_copy(rope_args(src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq), layer);
+            RopeArgs a = rope_args(src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq);
+            py::gil_scoped_release release;
+            e.rope_copy(a, layer);
           },
           ROPE_PARAMS, py::arg("layer") = -1)
       .def(
           "stream_wait_layer",
           [](cuda::CopyEngine& e, const std::string& d, int layer, uintptr_t stream) {
-            e.stream_wait_layer(parse_direction(d), layer, stream);
+            Direction dir = parse_direction(d);
+            py::gil_scoped_release release;
+            e.stream_wait_layer(dir, layer, stream);
           },
           py::arg("direction"), py::arg("layer"), py::arg("stream"))
       .def(
+          "wait_layer",
+          [](cuda::CopyEngine& e, const std::string& d, int layer) {
+            Direction dir = parse_direction(d);
+            py::gil_scoped_release release;
+            e.wait_layer(dir, layer);
+          },
+          py::arg("direction"), py::arg("layer"), "Blocks until the layer's copies of this epoch are done.")
+      .def(
           "wait_for_stream",
           [](cuda::CopyEngine& e, const std::string& d, uintptr_t stream) {
-            e.wait_for_stream(parse_direction(d), stream);
+            Direction dir = parse_direction(d);
+            py::gil_scoped_release release;
+            e.wait_for_stream(dir, stream);
           },
           py::arg("direction"), py::arg("stream"))
       .def(
@@ -103,6 +132,17 @@ void bind_kernels(py::module_& m) {
             return e.layer_done(parse_direction(d), layer);
           },
           py::arg("direction"), py::arg("layer"))
+      .def(
+          "record", [](cuda::CopyEngine& e, const std::string& d) { return e.record(parse_direction(d)); },
+          py::arg("direction"), "A ticket marking every copy issued so far in the direction.")
+      .def("ticket_done", &cuda::CopyEngine::ticket_done, py::arg("ticket"))
+      .def(
+          "wait_ticket",
+          [](cuda::CopyEngine& e, int64_t ticket) {
+            py::gil_scoped_release release;
+            e.wait_ticket(ticket);
+          },
+          py::arg("ticket"))
       .def(
           "synchronize",
           [](cuda::CopyEngine& e, const std::string& d) {

@@ -22,12 +22,15 @@ int device_count(std::string* reason);
 // Page-locks and maps host memory for DMA and zero-copy kernel access.
 // Throws std::runtime_error with CUDA's message on failure.
 void host_register(void* ptr, size_t bytes);
+// Waits for every device a copy engine ran on to go idle, then unpins.
 void host_unregister(void* ptr) noexcept;
 
 enum class Direction { HostToDevice = 0, DeviceToHost = 1 };
 
 // Dedicated H2D and D2H streams with one event per layer, so compute waits on
-// exactly the layer it needs and never on the host.
+// exactly the layer it needs and never on the host. Layer events belong to an
+// epoch (one per load or turn): a wait on a layer not issued in the current
+// epoch throws instead of binding to an older turn's copy. Thread-safe.
 class CopyEngine {
  public:
   CopyEngine(int device, int num_layers);
@@ -39,19 +42,34 @@ class CopyEngine {
   int num_layers() const;
   uintptr_t stream(Direction dir) const;
 
+  // Starts a new epoch and returns its number (an engine starts in epoch 0).
+  int64_t begin_epoch();
+
   // cudaMemcpyAsync for each triple on the direction's stream; then, when
-  // layer >= 0, records that layer's event for the direction.
+  // layer >= 0, records that layer's event for the direction. Pageable host
+  // pointers throw std::invalid_argument (the copy would be synchronous).
   void copy_batch(Direction dir, const std::vector<Segment>& copies, int layer);
   // The same in one kernel launch per 1024 segments (mapped pinned memory).
   void segment_copy(Direction dir, const std::vector<Segment>& copies, int layer);
-  // Rotates keys by a position delta while moving them host -> device.
+  // Rotates keys by a position delta on the H2D stream; src == dst allowed.
+  // Fastest in device memory: mapped host memory is read over PCIe in 2-byte loads.
   void rope_copy(const RopeArgs& args, int layer);
 
-  // Makes `stream` wait for the layer's last recorded copy (no host sync).
+  // Makes `stream` wait for the layer's copies of this epoch (no host sync).
   void stream_wait_layer(Direction dir, int layer, uintptr_t stream);
+  // Blocks the calling thread until the layer's copies of this epoch are done.
+  void wait_layer(Direction dir, int layer);
   // Makes the direction's stream wait for work already queued on `stream`.
   void wait_for_stream(Direction dir, uintptr_t stream);
   bool layer_done(Direction dir, int layer) const;
+
+  // A ticket marks every copy issued so far in a direction. It is released
+  // (its event back to the pool) once ticket_done returned true or
+  // wait_ticket returned; a released or unknown ticket throws invalid_argument.
+  int64_t record(Direction dir);
+  bool ticket_done(int64_t ticket);
+  void wait_ticket(int64_t ticket);  // blocks the calling thread
+
   void synchronize(Direction dir);  // blocks the calling thread
 
  private:

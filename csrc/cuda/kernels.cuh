@@ -66,9 +66,13 @@ struct CosSinTable {
 };
 
 // One work item per rotated pair plus one per pass-through dim, per row.
-// Each item reads all it needs before writing, so src == dst is safe.
+// Each item reads all it needs before writing, so src == dst is safe; that is
+// also why neither pointer is __restrict__ (in place they alias, and the
+// compiler could then reorder a store before the other item's load).
+// In place on device memory is the fast use; reading mapped host memory here
+// crosses PCIe in 2-byte loads, so the wiring copies first, then rotates.
 template <typename T>
-__global__ void rope_rotate_kernel(const T* __restrict__ src, T* dst, uint64_t rows, int head_dim, int rotary_dim,
+__global__ void rope_rotate_kernel(const T* src, T* dst, uint64_t rows, int head_dim, int rotary_dim,
                                    bool interleaved, const CosSinTable cs) {
   const int half = rotary_dim / 2;
   const int per_row = half + (head_dim - rotary_dim);

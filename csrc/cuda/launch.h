@@ -17,4 +17,12 @@ void launch_rope_rotate(const RopeArgs& args, cudaStream_t stream);
 // which a kernel cannot touch.
 uintptr_t device_visible(uintptr_t ptr, size_t bytes);
 
+// Throws std::invalid_argument naming the pointer when [ptr, ptr + bytes) is
+// pageable host memory: cudaMemcpyAsync would silently stage and block.
+void require_dma_capable(uintptr_t ptr, size_t bytes);
+
+// Remembers that a copy engine runs on `device`, so host_unregister knows
+// which devices may still be copying out of a region.
+void note_device_used(int device);
+
 }  // namespace cachedattn::cuda
