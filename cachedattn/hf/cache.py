@@ -30,9 +30,10 @@ _disable = torch._dynamo.disable  # the store is plain Python and I/O: compiled 
 
 
 class StoreBackedCache(DynamicCache):
-    def __init__(self, config, load, n_history: int, sliding: list[int | None], layerwise: bool = True):
+    def __init__(self, config, load, n_history: int, sliding: list[int | None], layerwise: bool = True, gpu=None):
         super().__init__(config=config)
         self._load = load
+        self._gpu = gpu  # a transfer.gpu_load.GpuLoad: the history comes through the copy engine
         # layerwise=False: every layer's history is read before the forward starts (load, then compute).
         self._loaded = {i: load.read_layer(i) for i in range(len(sliding))} if load and not layerwise else {}
         self._n = n_history
@@ -61,6 +62,25 @@ class StoreBackedCache(DynamicCache):
             k, v = k[:, :, -(window - 1) :], v[:, :, -(window - 1) :]
             layer.cumulative_length = self._n
         layer.keys, layer.values = k.contiguous(), v.contiguous()
+
+    @_disable
+    def _restore_gpu(self, layer_idx: int, like: torch.Tensor) -> None:
+        """GPU path: the compute stream waits for this layer's copies, no host sync (see transfer.gpu_load)."""
+        k, v = self._gpu.layer(layer_idx)  # already only the window on sliding layers
+        rows = like.shape[0]
+        layer = self.layers[layer_idx]
+        k, v = k.unsqueeze(0).expand(rows, -1, -1, -1), v.unsqueeze(0).expand(rows, -1, -1, -1)
+        layer.lazy_initialization(k, v)
+        if self._sliding[layer_idx] is not None:
+            layer.cumulative_length = self._n
+        layer.keys, layer.values = k.contiguous(), v.contiguous()
+
+    def close_load(self) -> None:
+        """Ends the store's load (after the copies reading its blocks, on the GPU path)."""
+        if self._gpu is not None:
+            self._gpu.close()
+        elif self._load is not None:
+            self._load.close()
 
     @_disable
     def _restore_full(self, layer_idx: int, key_states, value_states):
@@ -100,6 +120,9 @@ class StoreBackedCache(DynamicCache):
                 else (torch.cat([old[0], key_states], -2), torch.cat([old[1], value_states], -2))
             )
         if self._pending and self._take_pending(layer_idx):
+            if self._gpu is not None:
+                self._restore_gpu(layer_idx, key_states)
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
             if self._sliding[layer_idx] is None and key_states.device.type == "cpu":
                 return self._restore_full(layer_idx, key_states, value_states)
             self._restore(layer_idx, key_states)

@@ -21,6 +21,7 @@ class PatchState:
     readahead: int | None
     options: dict
     warned: set = field(default_factory=set)  # kinds of trouble already warned about (once per model)
+    gpu: object = None  # transfer.gpu_load.GpuLoader of the model's device, made at its first turn
 
 
 def patch(
@@ -105,8 +106,11 @@ def patch(
 
 def unpatch(model):
     """Restores the model's own forward and generate."""
-    if getattr(model, "_cachedattn", None) is None:
+    state = getattr(model, "_cachedattn", None)
+    if state is None:
         return model
+    if state.gpu is not None:
+        state.gpu.drop_preloaded()  # a read buffer filled for this model's next turn holds a load open
     del model.forward
     del model.generate
     del model._cachedattn
@@ -134,3 +138,20 @@ def session(
     patch's overflow options for this conversation.
     """
     return Session(model, conv_id, readahead, save, reserve, layerwise, **overrides)
+
+
+def preload(model, conv_id: str, input_ids) -> bool:
+    """Read buffer on the GPU: issues the stored history of `conv_id` that prefixes `input_ids`
+    (its first read-ahead layers) into the model's second staging buffer, for that
+    conversation's next session to take over. False when the model has no copy engine
+    (then nothing happens) or nothing is stored."""
+    state = getattr(model, "_cachedattn", None)
+    if state is None:
+        raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
+    from cachedattn.store import keys
+    from cachedattn.transfer.gpu_load import GpuLoader
+
+    loader = GpuLoader.for_model(state, model)
+    if loader is None:
+        return False
+    return loader.preload(state.store, keys.validate_conversation_id(conv_id), input_ids, state.kv.sliding, state.readahead)

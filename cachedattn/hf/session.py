@@ -30,6 +30,7 @@ from cachedattn.hf.modes import check_generate
 from cachedattn.hf.saving import save_turn
 from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.store import keys
+from cachedattn.transfer.gpu_load import GpuLoader
 
 log = logging.getLogger("cachedattn")
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("cachedattn_session", default=None)
@@ -170,12 +171,20 @@ class Session:
         if self._hidden_from is not None:
             limit = min(limit, self._hidden_from)
         reuse = history and limit > 0 and self._weights_current
-        load = self._load_prefix(input_ids[0], limit) if reuse else None
+        loader = GpuLoader.for_model(self._state, self.model) if self.layerwise else None
+        gpu = loader.take_preloaded(self.conv_id, input_ids, limit) if loader is not None and reuse else None
+        if loader is not None and not reuse:
+            loader.drop_preloaded()
+        load = gpu.load if gpu is not None else self._load_prefix(input_ids[0], limit) if reuse else None
         n = load.n_tokens if load is not None else 0
         try:
-            cache = StoreBackedCache(self.model.config, load, n, self._state.kv.sliding, layerwise=self.layerwise)
+            if gpu is None and loader is not None and load is not None:
+                gpu = loader.start(load, n, self._state.kv.sliding, self.readahead)
+            cache = StoreBackedCache(self.model.config, load, n, self._state.kv.sliding, self.layerwise, gpu)
         except BaseException:
-            if load is not None:
+            if gpu is not None:
+                gpu.close()
+            elif load is not None:
                 load.close()
             raise
         self.tier_tokens = load.tier_tokens() if load is not None else {"host": 0, "disk": 0}
@@ -214,8 +223,8 @@ class Session:
 
     @staticmethod
     def _close(cache: StoreBackedCache | None) -> None:
-        if cache is not None and cache._load is not None:
-            cache._load.close()
+        if cache is not None:
+            cache.close_load()
 
     def _finish(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> None:
         try:

@@ -221,9 +221,10 @@ class Engine:
     def _best_effort(problems: list[str], what: str, fn) -> None:
         """Prefetching, demoting and bookkeeping are not the job: a failure is noted, never fatal to it."""
         try:
-            fn()
+            return fn()
         except Exception as e:  # e.g. the disk failed or host memory is held by open loads
             problems.append(f"{what} failed ({type(e).__name__}: {e})")
+            return None
 
     @staticmethod
     def _log_problems(job: Job, problems: list[str]) -> None:
@@ -250,10 +251,14 @@ class Engine:
                 log.exception("cachedattn: the engine's worker caught an error; it goes on")
 
     def _read_ahead(self, current: Job, problems: list[str]) -> None:
-        """Read buffer: while `current` decodes, bring the next job's disk-resident KV into host memory."""
+        """Read buffer: while `current` decodes, bring the next job's first layers onto the GPU
+        (a model with a copy engine), else its disk-resident KV into host memory."""
         with self._cv:
             nxt = next((j for j in self._queue if j.conv_id != current.conv_id), None)
-        if nxt is not None:
+        from cachedattn.hf.patch import preload
+
+        if nxt is not None and not self._best_effort(problems, "reading ahead to the GPU", lambda: preload(
+                self.model, nxt.conv_id, nxt.input_ids)):  # with a copy engine: its first layers onto the GPU
             self._best_effort(problems, "reading ahead", lambda: self._pending_prefetch.extend(
                 fetching.prefetch_window(self.store, [nxt.conv_id], current.conv_id, 0)))
 

@@ -10,6 +10,7 @@ import torch
 
 from cachedattn import native
 from cachedattn.store.tier import Tier
+from cachedattn.transfer import guards
 
 
 class HostMemoryFull(RuntimeError):
@@ -44,6 +45,8 @@ class HostBlock:
 
     def release(self) -> None:
         with self._tier.cond:
+            if self.refs == 1:
+                guards.check_release(self.block.ptr, self.block.nbytes)  # no block freed under a pending copy
             self.refs -= 1
             if self.refs == 0:
                 self._view = None

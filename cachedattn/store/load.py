@@ -15,6 +15,7 @@ import threading
 import torch
 
 from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
+from cachedattn.transfer import guards
 
 __all__ = ["KVLoad", "ChunkCorruptError"]
 
@@ -42,6 +43,7 @@ class KVLoad:
         self._next = 0
         self.from_host = len(chunks) - len(from_disk)
         self.from_disk = len(from_disk)
+        self.before_release = None  # the GPU path's wait for copies still reading this load's blocks
         try:
             if readahead is not None:
                 self._readahead = max(1, int(readahead))
@@ -147,6 +149,23 @@ class KVLoad:
         self._store._stats.add(host_bytes_read=2 * h * n * d * spec.element_size)
         return k_out, v_out
 
+    def issue_layer(self, layer: int, positions, issue, wait: bool = False) -> list[int]:
+        """GPU path: calls ``issue({position: block address})`` with the chunks among `positions`
+        whose bytes of `layer` are in host memory and checked; returns those still waiting for the
+        disk (none with ``wait=True``: it waits for and checks them first)."""
+        with self._mutex:
+            self._check_usable()
+            disk = set(self._disk_pos)
+            ready = [p for p in positions if p not in disk]
+            later = [p for p in positions if p in disk]
+            if later and (wait or self.layer_ready(layer)):
+                self._ensure(layer)
+                ready, later = ready + later, []
+            if ready:
+                issue({p: self._blocks[p].ptr for p in ready})
+                self._store._stats.add(host_bytes_read=len(ready) * 2 * self._geo.k_bytes[layer])
+            return later
+
     def read_all(self) -> None:
         """Waits for and checks every layer (what a prefetch does)."""
         with self._mutex:
@@ -185,7 +204,13 @@ class KVLoad:
                 pass  # already reported by read_layer, or irrelevant: this load is ending either way
         for f in self._files:
             f.close()
-        self._store._reader.finish(self, whole)
+        if self.before_release is not None:
+            self.before_release()  # no block goes back under a GPU copy still reading it
+        try:
+            for b in self._blocks:  # a copy engine that can tell (the fake, in tests) checks it did not
+                guards.check_release(b.ptr, b.block.nbytes)
+        finally:
+            self._store._reader.finish(self, whole)  # the lease goes either way: store.close() must not hang
 
     def __enter__(self) -> KVLoad:
         return self
