@@ -21,6 +21,8 @@ class PatchState:
     readahead: int | None
     options: dict
     warned: set = field(default_factory=set)  # kinds of trouble already warned about (once per model)
+    saver: object = None  # hf.async_saving.AsyncSaver: saves in flight through the copy engine
+    save_engine: object = None  # a copy engine for saves when the model has no GPU loader (tests: the fake)
 
 
 def patch(
@@ -107,6 +109,8 @@ def unpatch(model):
     """Restores the model's own forward and generate."""
     if getattr(model, "_cachedattn", None) is None:
         return model
+    if model._cachedattn.saver is not None:  # saves in flight finish before the model lets go of its store
+        model._cachedattn.saver.drain()
     del model.forward
     del model.generate
     del model._cachedattn
