@@ -22,6 +22,8 @@ class PatchState:
     options: dict
     warned: set = field(default_factory=set)  # kinds of trouble already warned about (once per model)
     gpu: object = None  # transfer.gpu_load.GpuLoader of the model's device, made at its first turn
+    saver: object = None  # hf.async_saving.AsyncSaver: saves in flight through the copy engine
+    save_engine: object = None  # a copy engine for saves when the model has no GPU loader (tests: the fake)
 
 
 def patch(
@@ -111,6 +113,8 @@ def unpatch(model):
         return model
     if state.gpu is not None:
         state.gpu.drop_preloaded()  # a read buffer filled for this model's next turn holds a load open
+    if state.saver is not None:  # saves in flight finish before the model lets go of its store
+        state.saver.drain()
     del model.forward
     del model.generate
     del model._cachedattn

@@ -8,6 +8,8 @@ import logging
 
 import torch
 
+from cachedattn.hf.async_saving import copy_engine, save_async
+
 log = logging.getLogger("cachedattn")
 
 
@@ -49,15 +51,27 @@ def save_turn(session, cache, token_ids: torch.Tensor, n: int, start: int | None
         m = min(m, session._hidden_from)
     if m <= start:
         return
+    if copy_engine(st) is not None:  # the GPU path: copies on the engine's D2H stream, commit in the background
+        try:
+            save_async(session, cache, token_ids, row, n, start, m, lambda e: _skipped(session, e))
+        except Exception as e:
+            _skipped(session, e)
+        return
     try:
         with st.store.begin_append(session.conv_id, token_ids[:m], start=start) as txn:
             for layer in range(st.kv.spec.num_layers):
                 k, v = cache.row_new_kv(layer, row, start - n, m - n)
                 txn.put_layer(layer, k.detach(), v.detach())
             session.last_save = txn.commit()
-    except Exception as e:  # the answer is computed and right: losing its KV costs only a later recompute
-        st.store._stats.add(skipped_saves=1)
-        warn_once(
-            st, f"save:{type(e).__name__}", "cachedattn: the KV of a turn of %r was not stored (%s: %s)",
-            session.conv_id, type(e).__name__, e,
-        )  # fmt: skip
+    except Exception as e:
+        _skipped(session, e)
+
+
+def _skipped(session, e: Exception) -> None:
+    """The answer is computed and right: losing its KV costs only a later recompute."""
+    st = session._state
+    st.store._stats.add(skipped_saves=1)
+    warn_once(
+        st, f"save:{type(e).__name__}", "cachedattn: the KV of a turn of %r was not stored (%s: %s)",
+        session.conv_id, type(e).__name__, e,
+    )  # fmt: skip

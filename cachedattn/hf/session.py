@@ -148,6 +148,8 @@ class Session:
         from load as a KeyError, ValueError or TypeError: look up once more,
         then treat it as a miss (the turn computes everything)."""
         store = self._state.store
+        if self._state.saver is not None:  # this conversation's last turn may still be saving
+            self._state.saver.wait(self.conv_id)
         load_prefix = getattr(store, "load_prefix", None)
         load = None
         for _ in range(2):

@@ -54,7 +54,7 @@ class KVAppend:
         if self._closed:
             raise ValueError("this append is already committed or aborted")
 
-    def _put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _check_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         geo = self._store._geometry
         spec = geo.spec
         if not 0 <= layer < spec.num_layers:
@@ -70,8 +70,11 @@ class KVAppend:
                 raise ValueError(
                     f"layer {layer} {name} is {tuple(t.shape)}/{t.dtype}; this model's KV needs {want}/{spec.dtype}"
                 )
-        k = k[0] if k.dim() == 4 else k
-        v = v[0] if v.dim() == 4 else v
+        return (k[0] if k.dim() == 4 else k), (v[0] if v.dim() == 4 else v)
+
+    def _put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        geo = self._store._geometry
+        k, v = self._check_kv(layer, k, v)
         C = geo.chunk_tokens
         end = len(self.tokens)
         for j, block in enumerate(self.blocks):
@@ -85,6 +88,46 @@ class KVAppend:
             files = [f for _, f in self.staged]
             self.batches.append(self._store._disk.write_layer(files, self.blocks, layer))
         self._done.add(layer)
+
+    def copy_segments(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(src_ptr, dst_ptr, bytes) triples that copy one layer's new K and V (as put_layer
+        takes them, on any device) into this append's host blocks: one per head, chunk and K/V.
+
+        For a copy engine: the caller issues them, keeps k and v alive and calls
+        layer_copied(layer) only once the copies are done (nothing reads the
+        blocks before). Rows must be dense (``stride(-1) == 1``, ``stride(-2) == head_dim``)."""
+        with self._mutex:
+            self._check_usable()
+            k, v = self._check_kv(layer, k, v)
+        geo = self._store._geometry
+        C, end, es = geo.chunk_tokens, len(self.tokens), k.element_size()
+        d = k.shape[-1]
+        for name, t in (("k", k), ("v", v)):
+            if t.stride(-1) != 1 or (t.shape[1] > 1 and t.stride(-2) != d):
+                raise ValueError(f"layer {layer} {name}: each head's rows must be dense (make it contiguous)")
+        segs = []
+        for j, block in enumerate(self.blocks):
+            c0 = (self.first_index + j) * C
+            s0, s1 = max(self.start, c0), min(end, c0 + C)
+            if s1 <= s0:
+                continue
+            for t, dst in zip((k, v), geo.kv_views(block.view(), layer)):
+                for h in range(t.shape[0]):
+                    src = t.data_ptr() + (h * t.stride(0) + (s0 - self.start) * t.stride(1)) * es
+                    segs.append((src, dst[h, s0 - c0].data_ptr(), (s1 - s0) * d * es))
+        return segs
+
+    def layer_copied(self, layer: int) -> None:
+        """The copies of copy_segments(layer) are done: seal the layer and write it like put_layer."""
+        with self._mutex:
+            self._check_usable()
+            if not 0 <= layer < self._store._geometry.spec.num_layers:
+                raise ValueError(f"layer {layer} out of range")
+            self._seal_layer(layer)
+            if self.staged is not None:
+                files = [f for _, f in self.staged]
+                self.batches.append(self._store._disk.write_layer(files, self.blocks, layer))
+            self._done.add(layer)
 
     def _seal_layer(self, layer: int) -> None:
         """Zeroes the unused slots of a partial last chunk (no stale bytes of other

@@ -1,0 +1,133 @@
+"""Saving a turn through the copy engine (a model on a GPU, or the CPU fake in CI).
+
+The turn's thread only issues: the engine's D2H stream waits for the compute
+stream (the copies read what compute wrote), then every layer's new K and V are
+copied straight into the append's pinned host blocks, and a ticket marks them.
+A background worker waits for the ticket, then checksums, writes and commits.
+The GPU tensors the copies read stay referenced until the ticket is done (the
+caching allocator does not know the engine's stream); the host blocks are freed
+(abort) only after the copies that use them are done. The next turn of the same
+conversation waits for its append before it looks the conversation up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+log = logging.getLogger("cachedattn")
+
+
+class AsyncSaver:
+    """One patched model's background saves: one worker, so saves complete in issue order."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cachedattn-save")
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, conv_id: str, fn) -> Future:
+        fut = self._pool.submit(fn)
+        with self._lock:
+            self._pending[conv_id] = fut
+        fut.add_done_callback(lambda f: self._forget(conv_id, f))
+        return fut
+
+    def _forget(self, conv_id: str, fut: Future) -> None:
+        with self._lock:
+            if self._pending.get(conv_id) is fut:
+                del self._pending[conv_id]
+
+    def wait(self, conv_id: str) -> None:
+        """Returns once the conversation's append in flight (if any) is committed or given up."""
+        with self._lock:
+            fut = self._pending.get(conv_id)
+        if fut is not None:
+            fut.exception()  # failures are counted and logged by the save itself
+
+    def drain(self) -> None:
+        with self._lock:
+            futs = list(self._pending.values())
+        for f in futs:
+            f.exception()
+
+
+def copy_engine(state):
+    """The engine saves go through: the GPU loader's (transfer.gpu_load), else `state.save_engine`, else None."""
+    loader = getattr(state, "gpu", None)
+    engine = getattr(loader, "engine", None)
+    return engine if engine is not None else getattr(state, "save_engine", None)
+
+
+def saver_of(state) -> AsyncSaver:
+    if state.saver is None:
+        state.saver = AsyncSaver()
+    return state.saver
+
+
+def _compute_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Each head's rows contiguous (a cache row's slice is; a strided side buffer may not be)."""
+    t = t.detach()
+    if t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1]):
+        return t
+    return t.contiguous()
+
+
+def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, start: int, m: int, on_fail) -> None:
+    """Issues the D2H copies of tokens [start, m) of `row` and returns; the rest runs on the saver.
+
+    Raises (with nothing left behind: blocks freed after their copies) when issuing fails;
+    a failure in the background calls on_fail(exception)."""
+    st = session._state
+    engine = copy_engine(st)
+    num_layers = st.kv.spec.num_layers
+    txn = st.store.begin_append(session.conv_id, conv_tokens[:m], start=start)
+    sources = []
+    try:
+        for layer in range(num_layers):
+            k, v = cache.row_new_kv(layer, row, start - n, m - n)
+            sources.append((_dense(k), _dense(v)))
+        if sources:
+            engine.wait_for_stream("d2h", _compute_stream(sources[0][0].device))
+        for layer, (k, v) in enumerate(sources):
+            engine.copy_batch("d2h", txn.copy_segments(layer, k, v))
+        ticket = engine.record("d2h")
+    except BaseException:
+        engine.wait_ticket(engine.record("d2h"))  # copies already issued write the blocks abort frees
+        txn.abort()
+        raise
+    done: Future = Future()
+
+    def finish():
+        try:
+            try:
+                engine.wait_ticket(ticket)
+            finally:
+                sources.clear()  # the copies have read them (or the engine failed: nothing else will)
+            for layer in range(num_layers):
+                txn.layer_copied(layer)
+            on_disk = txn.commit()
+        except Exception as e:
+            txn.abort()
+            done.set_result(None)
+            on_fail(e)
+            return
+        on_disk.add_done_callback(lambda f: _chain(f, done))
+
+    session.last_save = done
+    saver_of(st).submit(session.conv_id, finish)
+
+
+def _chain(src: Future, dst: Future) -> None:
+    e = src.exception()
+    if e is not None:
+        dst.set_exception(e)
+    else:
+        dst.set_result(src.result())
