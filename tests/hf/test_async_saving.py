@@ -28,8 +28,11 @@ def _gen(model, ids):
     )
 
 
-def _stored_equals_recompute(model, store, conv, ids) -> float:
-    """Largest difference between the stored KV of ids and recomputed KV (inf if not stored)."""
+def _stored_equals_recompute(model, store, conv, ids, settle=None) -> float:
+    """Largest difference between the stored KV of ids and recomputed KV (inf if not stored).
+
+    `settle` (an engine) performs copies left pending before the load releases the blocks they write.
+    """
     model._cachedattn.saver.wait(conv)
     n = store.lookup(conv, ids[0])
     if n == 0:
@@ -51,6 +54,8 @@ def _stored_equals_recompute(model, store, conv, ids) -> float:
                     return float("inf")
         return worst
     finally:
+        if settle is not None:
+            settle.synchronize("d2h")
         load.close()
 
 
@@ -86,8 +91,8 @@ def test_a_missing_ticket_wait_stores_wrong_kv(make_store, monkeypatch):
     model, store, engine = _patched(make_store)
     monkeypatch.setattr(FakeCopyEngine, "wait_ticket", lambda self, t: None)
     _, seq = _one_turn(model)
-    assert not _stored_equals_recompute(model, store, "w", seq[:, :-1]) <= 1e-4  # poisoned blocks were stored
-    engine.synchronize("d2h")  # the copies still pending write blocks the store frees at close
+    # poisoned blocks were stored; the copies still pending write blocks the load frees at close
+    assert not _stored_equals_recompute(model, store, "w", seq[:, :-1], settle=engine) <= 1e-4
 
 
 def test_with_the_wait_the_same_turn_stores_right_kv(make_store):
