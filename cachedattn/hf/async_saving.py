@@ -89,6 +89,7 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
     engine = copy_engine(st)
     num_layers = st.kv.spec.num_layers
     txn = st.store.begin_append(session.conv_id, conv_tokens[:m], start=start)
+    txn.settle_with(lambda: engine.wait_ticket(engine.record("d2h")))  # before abort frees the blocks
     sources = []
     try:
         for layer in range(num_layers):
@@ -100,8 +101,7 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
             engine.copy_batch("d2h", txn.copy_segments(layer, k, v))
         ticket = engine.record("d2h")
     except BaseException:
-        engine.wait_ticket(engine.record("d2h"))  # copies already issued write the blocks abort frees
-        txn.abort()
+        txn.abort()  # after the copies already issued (settle_with)
         raise
     done: Future = Future()
 

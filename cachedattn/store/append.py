@@ -35,6 +35,7 @@ class KVAppend:
         self._done: set[int] = set()
         self._closed = False
         self._cancelled = False
+        self._settle = None  # waits for copies an engine still has in flight into self.blocks
         self._mutex = threading.Lock()  # put_layer/commit/abort against the store's close()
         store._register(self)
 
@@ -160,18 +161,33 @@ class KVAppend:
                     self._seal_layer(layer)
             return self._store._writer.commit(self)
 
+    def settle_with(self, wait) -> None:
+        """`wait()` returns once no copy issued by the caller still writes this append's blocks.
+
+        A copy engine fills the blocks asynchronously (hf.async_saving); abort, from the
+        saver or from store.close() on another thread, calls it before the blocks go back
+        to the pool, so a pending DMA never writes memory that was handed out again."""
+        self._settle = wait
+
     def abort(self) -> None:
         with self._mutex:
             if not self._closed:
                 self._closed = True
-                self._store._writer.abort(self)
+                self._release_blocks()
 
     def _cancel(self) -> None:
         """The store is closing: abort now."""
         with self._mutex:
             if not self._closed:
                 self._closed = self._cancelled = True
-                self._store._writer.abort(self)
+                self._release_blocks()
+
+    def _release_blocks(self) -> None:
+        try:
+            if self._settle is not None:
+                self._settle()
+        finally:
+            self._store._writer.abort(self)
 
     def __enter__(self) -> KVAppend:
         return self

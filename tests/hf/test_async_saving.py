@@ -128,3 +128,22 @@ def test_the_next_turn_waits_for_the_append_in_flight(make_store, monkeypatch):
     with torch.no_grad(), cachedattn.session(model, "w") as s:
         _gen(model, full)
     assert s.reused_tokens == seq.shape[1] - 1
+
+
+def test_store_close_with_a_save_in_flight_frees_its_blocks_after_the_copies(make_store):
+    import threading
+
+    from cachedattn.hf.async_saving import saver_of
+
+    model, store, engine = _patched(make_store)
+    hold = threading.Event()
+    saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: the turn's save stays queued
+    try:
+        _, seq = _one_turn(model)
+        assert engine.pending("d2h") > 0  # its copies are issued and not yet performed
+        store.close()  # aborts the append: the fake raises if its blocks go back under a pending copy
+        assert engine.pending("d2h") == 0
+    finally:
+        hold.set()
+    model._cachedattn.saver.drain()  # the queued save finds its append cancelled and gives up quietly
+    assert seq.shape[1] == 65
