@@ -63,9 +63,10 @@ class PositionScheme:
     def inv_freq(self) -> list[torch.Tensor | None]:
         return [lp.inv_freq for lp in self.layers]
 
-    def rotate_(self, keys: torch.Tensor, layer: int, delta: int) -> torch.Tensor:
+    def rotate_(self, keys: torch.Tensor, layer: int, delta: int, engine=None) -> torch.Tensor:
         """Moves post-RoPE keys ``[..., head_dim]`` of one layer by ``delta`` positions, in place.
-        Keys of a layer without RoPE are left as they are."""
+        Keys of a layer without RoPE are left as they are. Contiguous keys on a GPU are
+        rotated there by the copy `engine`'s kernel, on its H2D stream (the caller waits)."""
         if self.kind == RECOMPUTE:
             raise ValueError(f"keys of this model are not re-rotated ({self.kind}: {self.reason})")
         if not 0 <= layer < len(self.layers):
@@ -73,6 +74,10 @@ class PositionScheme:
         lp = self.layers[layer]
         if delta == 0 or lp.kind != ROTATE:
             return keys
+        if keys.is_cuda:
+            if engine is None or not keys.is_contiguous():
+                raise ValueError("keys on the GPU are rotated in place: they must be contiguous, with engine=")
+            return kernels.rope_rotate(keys, delta, lp.inv_freq, interleaved=lp.interleaved, out=keys, engine=engine)
         src = keys.contiguous() if not keys.is_contiguous() else keys
         out = kernels.rope_rotate(src.cpu(), delta, lp.inv_freq, interleaved=lp.interleaved)
         keys.copy_(out)
