@@ -198,7 +198,7 @@ def test_read_buffer_preloads_the_next_turn(make_store):
         other = torch.cat([ids["p"][:, :20] + 1, ids["p"][:, 20:]], 1)
         with cachedattn.session(model, "p") as s:
             out = model(other).logits
-        assert s.reused_tokens == 0 and eng.pending() == 0
+        assert s.reused_tokens == 0 and eng.pending("h2d") == 0  # (its own save may still be in flight)
         torch.testing.assert_close(out, model(other).logits, atol=1e-4, rtol=0)
 
 
