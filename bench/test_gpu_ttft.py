@@ -29,8 +29,10 @@ bandwidth; per engine system, one extra untimed round measuring with CUDA events
 how long the compute stream waits on the layer events (``stall_ms``: sum over
 layers; ``stall_max_ms``: the longest layer). Exactness: the tiny fp32 llama
 (tests/hf/models.py's config) cached vs recompute within 1e-4 on every system;
-the bf16 8B shape at the smallest H: argmax of cached vs recompute agree (a
-disagreement passes only as a near-tie within the logits' measured bf16 noise).
+the bf16 8B shape at the smallest H: last-token logits of cached vs recompute
+within 0.25 of the logits' standard deviation, and the same argmax (a
+disagreement passes only as a near-tie: recompute's logit of the cached pick
+within 0.1 std of its best).
 
 Dry run on a CPU (no GPU): ``CACHEDATTN_TTFT_DRY=cpu`` runs the same code with a
 tiny llama, fp32, H = 64,128, N = 16, the copy-engine systems through the
@@ -357,9 +359,13 @@ class Rig:
             diff = (out - ref).abs().max().item()
             a, b = out.argmax().item(), ref.argmax().item()
             gap = (ref[b] - ref[a]).item()  # how far the cached pick is below recompute's best, in recompute's logits
-            assert a == b or gap <= 2 * diff, (system, a, b, gap, diff)
+            std = ref.std().item()
+            # A wrong history (layer, position, order) moves logits by about their own spread; bf16 rounding
+            # (other GEMM tilings for H vs H + N rows) by ~1-2% of it. A differing argmax passes only as a near-tie.
+            assert diff <= 0.25 * std, (system, diff, std)
+            assert a == b or gap <= 0.1 * std, (system, a, b, gap, std)
             rows.append({"suite": "ttft", "case": f"exact {str(self.dtype)[6:]} argmax H={h} {system}", "argmax_same": a == b,
-                         "max_abs_diff": diff, "ref_top_gap": gap, "logit_std": ref.std().item()})
+                         "max_abs_diff": diff, "ref_top_gap": gap, "logit_std": std})
         return rows
 
 
