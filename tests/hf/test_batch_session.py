@@ -124,3 +124,32 @@ def test_other_decoding_modes_are_refused_by_name(make_store):
         bs.generate([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], max_new_tokens=2, num_beams=2)
     with pytest.raises(ValueError, match="twice"):
         cachedattn.batch_session(model, ["a", "a"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_forward_turns_feed_answers_like_recompute(arch, make_store):
+    """Teacher forcing in a batch (the engine's answer jobs): prompt logits and the stored
+    prompt + answer KV of every row equal its conversation alone, recomputed."""
+    model = tiny_model(arch)
+    store = make_store()
+    cachedattn.patch(model, store)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        hist = _histories(model, g)
+        store = _reopen(model, store, make_store)
+        full = [torch.cat([h, torch.randint(1, VOCAB, (m,), generator=g)]) for h, m in zip(hist, NEW)]
+        answers = [torch.randint(1, VOCAB, (k,), generator=g) for k in (4, 11, 1, 7)]
+        bs = cachedattn.batch_session(model, [f"c{r}" for r in range(len(full))])
+        logits, seqs = bs.forward_turns(full, answers)
+        for r, (ids, a) in enumerate(zip(full, answers)):
+            assert torch.equal(seqs[r], torch.cat([ids, a]))
+            assert bs.rows[r].reused_tokens == max(hist[r].numel() - 1, 0), r
+            assert (logits[r] - model(ids[None]).logits[0, -1]).abs().max() <= 1e-4, r
+            load = store.load_prefix(f"c{r}", seqs[r])
+            assert load is not None and load.n_tokens == seqs[r].numel(), r
+            pkv = model(seqs[r][None], use_cache=True).past_key_values
+            for layer in range(len(pkv.layers)):
+                k, v = load.read_layer(layer)
+                assert (k - pkv.layers[layer].keys[0]).abs().max() <= 1e-4, (r, layer)
+                assert (v - pkv.layers[layer].values[0]).abs().max() <= 1e-4, (r, layer)
+            load.close()
