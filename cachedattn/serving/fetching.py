@@ -5,8 +5,8 @@ over the mean KV size of a conversation). Their conversations' disk-only KV is
 prefetched in queue order while the current job runs, after room has been made
 by demoting conversations outside the window; prefetching stops at the first
 conversation that does not fit in what is free minus what the running job
-still needs, so a prefetch never waits for eviction and never takes the
-running job's memory.
+(or batch) still needs, so a prefetch never waits for eviction and never takes the
+running jobs' memory.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ def plan_prefetch(window: list[str], disk_only: dict[str, int], free_bytes: int,
     return picks
 
 
-def prefetch_window(store, window: list[str], running: str, running_need: int) -> list:
-    """Makes room outside the window, then starts the prefetches; returns their futures."""
-    window = [c for c in dict.fromkeys(window) if c != running]
+def prefetch_window(store, window: list[str], running, running_need: int) -> list:
+    """Makes room outside the window, then starts the prefetches; returns their futures.
+    `running`: the running job's conversation, or a batch's conversations (a collection)."""
+    running = {running} if isinstance(running, str) else set(running)
+    window = [c for c in dict.fromkeys(window) if c not in running]
     disk_only = {c: store.residency(c)["disk_only_bytes"] for c in window}
     want = running_need + sum(disk_only.values())
     if want > store.host_free_bytes():
-        store.make_host_room(want, protect=set(window) | {running})
+        store.make_host_room(want, protect=set(window) | running)
         # Demoting writes what was not on disk yet, which may have evicted some of the window from disk.
         disk_only = {c: store.residency(c)["disk_only_bytes"] for c in window}
     futures = []
