@@ -314,9 +314,10 @@ class Engine:
             return False
 
     def _host_need(self, job: Job) -> int:
-        """Host bytes a running row holds: its history's blocks (the open load) and its new chunks (the append)."""
+        """Host bytes a running row holds: its history's blocks (the open load) and its new chunks (the
+        append): the turn's tokens in whole chunks, plus the partial chunk both share (copied on write)."""
         chunk = self.store.config.chunk_tokens
-        return 2 * (-(-self._job_tokens(job) // chunk) + 1) * self.store._geometry.block_bytes
+        return (-(-self._job_tokens(job) // chunk) + 1) * self.store._geometry.block_bytes
 
     def _take_batch(self) -> list[Job]:
         """Pops the next batch (the caller holds self._cv; the queue is not empty): the head job,
@@ -338,7 +339,7 @@ class Engine:
             t, h = self._job_tokens(job), self._host_need(job)
             if self.max_batch_tokens is not None and tokens + t > self.max_batch_tokens:
                 break
-            if host + h > self._host_cap:
+            if self.save and host + h > self._host_cap:  # without saving, rows hold nothing in host memory
                 break
             batch.append(self._queue.popleft())
             convs.add(job.conv_id)
