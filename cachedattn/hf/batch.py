@@ -301,15 +301,19 @@ class BatchSession:
             if self.on_first_token is not None:
                 self.on_first_token()
             lens = [a.numel() for a in answers]
+            if not any(row.save and row._weights_current for row in self.rows):
+                lens = [0] * len(lens)  # nothing is stored: the answers' KV would be thrown away (as a session skips it)
             A = max(lens)
             a_ids = torch.full((len(ids), A), pad, dtype=torch.long, device=device)
             a_mask = torch.zeros((len(ids), A), dtype=torch.long, device=device)
             for r, (a, k) in enumerate(zip(answers, lens)):
-                a_ids[r, A - k :] = a.to(device)
+                a_ids[r, A - k :] = a[:k].to(device)
                 a_mask[r, A - k :] = 1
-            mask = torch.cat([mask, a_mask], 1)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            self.model(a_ids, attention_mask=mask, position_ids=pos[:, H + M :], use_cache=True, **{kw: cache}, **keep)
+            if A:
+                mask = torch.cat([mask, a_mask], 1)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                self.model(a_ids, attention_mask=mask, position_ids=pos[:, H + M :], use_cache=True, **{kw: cache},
+                           **keep)
             seqs = []
             for r, (row, x, a, n, m, k) in enumerate(zip(self.rows, ids, answers, ns, ms, lens)):
                 turn = torch.cat([x, a.to(x.device)])

@@ -24,8 +24,9 @@ def _gb(n: int) -> str:
 def comparison_tables(rows: list[dict], baseline: str = "RE") -> list[Table]:
     """Two tables: time and cost per system, and where the history came from."""
     base = next((r for r in rows if r["system"] == baseline), None)
-    perf = Table(title="Replay: TTFT, prefill tok/s and tok/s (prompt + answer over run time) measured; tok/s model, "
-                       "wait, busy time and cost modelled (virtual clock); batch: mean jobs per run")
+    perf = Table(title="Replay: TTFT, prefill tok/s (per job) and tok/s (prompt tokens over each run's TTFT, a batch "
+                       "once) measured; tok/s model (prompt + answer over busy time), wait, busy time and cost modelled "
+                       "(virtual clock); batch: mean jobs per run")
     for col in ["system", "TTFT mean", "p50", "p99", "vs RE", "prefill tok/s", "x RE", "tok/s", "tok/s model", "batch",
                 "wait s", "busy s", "prefill s", "cost $", "prefill cost $"]:
         perf.add_column(col, justify="left" if col == "system" else "right")

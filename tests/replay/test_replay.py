@@ -159,6 +159,8 @@ def test_batched_replay_serves_the_same_turns(setup, tmp_path):
         assert turns(one[0]) == turns(four[0]) and len(four[0].records) == trace.rounds
         assert max(r["batch_size"] for r in four[0].records) > 1 and one[1]["batch_mean"] == 1
         assert four[1]["throughput"] > 0 and four[1]["throughput_modelled"] > 0
+        # one at a time, a run is a job: throughput is the per-job prefill throughput
+        assert one[1]["throughput"] == pytest.approx(one[1]["prefill_throughput"])
         for r in four[0].records:
             assert r["reused"] + r["computed"] == r["prompt_tokens"]
             assert r["host_tokens"] + r["disk_tokens"] == r["reused"]
