@@ -11,7 +11,7 @@ that every round is the same turn: the cost of storing the new KV is left out).
 Prefill tok/s: prompt tokens served (history included, B * (H + N)) over the
 time to the batch's first token. Decode tok/s: B * (D - 1) over the rest.
 Model: the demo's small llama (6 layers, hidden 256, 8 heads, 2 KV heads, fp32).
-Shape: CACHEDATTN_BENCH_BATCH="H:N:D" (default 512:32:16).
+Shape: CACHEDATTN_BENCH_BATCH="H:N:D" (default 512:32:32).
 
     python3 -m pytest bench/test_batching.py
 """
@@ -28,7 +28,7 @@ import torch
 import cachedattn
 from cachedattn.hf.demo import small_model
 
-H, N, D = map(int, os.environ.get("CACHEDATTN_BENCH_BATCH", "512:32:16").split(":"))
+H, N, D = map(int, os.environ.get("CACHEDATTN_BENCH_BATCH", "512:32:32").split(":"))
 BATCHES = [1, 2, 4, 8, 16]
 CASES = [(b, mode) for b in BATCHES for mode in ("recompute", "cached")]  # side by side per batch size
 _PREFILL: dict[int, float] = {}  # recompute's prefill tok/s per batch size, for the ratio
@@ -77,7 +77,7 @@ def test_batch_throughput(benchmark, report, setup, batch, mode):
         if any(g.numel() != D for g in out.rows):
             raise RuntimeError("a row did not decode D tokens")
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     t_pre = statistics.median(ttft[1:])
     t_dec = statistics.median(t - f for t, f in zip(total[1:], ttft[1:]))
     prefill = batch * (H + N) / t_pre
