@@ -391,6 +391,8 @@ class Engine:
                 if error is not None:
                     problems.insert(0, f"the batch failed ({type(error).__name__}: {error})")
                 for job in batch:
+                    if job.future.done():  # served alone already (the fallback) before the error
+                        continue
                     self._log_problems(job, problems)
                     problems = []  # the batch's problems once, on its first job
                     if error is not None:

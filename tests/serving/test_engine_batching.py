@@ -238,3 +238,24 @@ def test_engine_validates_batch_options(tmp_path, kw):
         Engine(model, store, **kw)
     assert getattr(model, "_cachedattn", None) is None  # refused before patching
     store.close()
+
+
+def test_a_failed_batch_reruns_its_jobs_one_at_a_time(tmp_path, monkeypatch, caplog):
+    from cachedattn.hf.batch import BatchSession
+
+    def broken(self, *a, **k):
+        raise RuntimeError("batch broke")
+
+    monkeypatch.setattr(BatchSession, "forward_turns", broken)
+    model = tiny_model("llama")
+    store = make_store(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    with caplog.at_level(logging.WARNING, logger="cachedattn"), Engine(model, store, background=False,
+                                                                          max_batch=4) as engine:
+        full = [torch.randint(1, VOCAB, (1, 9), generator=g) for _ in range(3)]
+        jobs = [engine.submit(f"f{i}", x, answer=torch.tensor([[3, 4]])) for i, x in enumerate(full)]
+        assert len(engine.step_batch()) == 3
+    assert all(j.batch_size == 1 and torch.equal(j.result(), torch.cat([x, torch.tensor([[3, 4]])], 1))
+               for j, x in zip(jobs, full))
+    assert any("batch broke" in r.message for r in caplog.records)
+    store.close()
