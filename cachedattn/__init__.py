@@ -6,7 +6,7 @@ from cachedattn.store import AttentionStore, ChunkCorruptError, KVSpec, StoreCon
 
 __version__ = "0.1.0"
 
-_HF = {"patch", "unpatch", "session", "UnsupportedModel"}
+_HF = {"patch", "unpatch", "session", "batch_session", "UnsupportedModel"}
 _SERVING = {"Engine", "Job", "QueueAwarePolicy", "PredictivePolicy"}
 
 
@@ -26,6 +26,7 @@ __all__ = [
     "patch",
     "unpatch",
     "session",
+    "batch_session",
     "UnsupportedModel",
     "Engine",
     "Job",

@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host-fraction", type=float, default=0.1, help="host memory as a fraction of the working set")
     s.add_argument("--disk-fraction", type=float, default=0.5, help="disk as a fraction of the working set")
     s.add_argument("--chunk-tokens", type=int, default=128)
+    s.add_argument("--max-batch", type=int, default=1,
+                   help="queued jobs each engine runs together (static batching; default 1: one at a time)")
     s.add_argument("--model", default=None, help="a local HuggingFace model directory (default: small model from config)")
     s.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -93,6 +95,10 @@ def _check(args) -> list[str]:
             parse_remote_url(args.remote)
         except ValueError as e:
             raise SystemExit(f"cachedattn replay: {e}") from None
+    if args.max_batch < 1:
+        raise SystemExit("cachedattn replay: --max-batch must be >= 1")
+    if args.max_batch > 1 and args.servers > 1:
+        raise SystemExit("cachedattn replay: --max-batch is for one server; --servers runs each turn alone")
     if args.clock is not None and len(args.clock) != 5:
         raise SystemExit("cachedattn replay: --clock takes five numbers c0,c1,c2,d0,d1")
     return names
@@ -150,14 +156,14 @@ def main(argv: list[str] | None = None) -> None:
             caps = Capacities(max(int(h * ws), min_host), max(int(d * ws), 2 * block), args.chunk_tokens, ws, block)
             progress.update(task, description=f"host {100 * h:.0f}% disk {100 * d:.0f}%")
             results = run_systems([SYSTEMS[n] for n in names], trace, model, vocab, caps, service, args.max_context,
-                                  tmp, on_job=lambda *_: progress.advance(task))
+                                  tmp, on_job=lambda *_: progress.advance(task), max_batch=args.max_batch)
             for res in results:
                 row = summarize(res, caps.host_bytes, caps.disk_bytes)
                 row.update(host_fraction=h, disk_fraction=d, host_bytes=caps.host_bytes, disk_bytes=caps.disk_bytes)
                 runs.append((row, res.records))
     config = dict(
         trace=trace.params, rounds=trace.rounds, model=model_name, device=args.device, max_context=args.max_context,
-        chunk_tokens=args.chunk_tokens, kv_bytes_per_token=spec.kv_bytes_per_token(), working_set_bytes=ws,
+        chunk_tokens=args.chunk_tokens, max_batch=args.max_batch, kv_bytes_per_token=spec.kv_bytes_per_token(), working_set_bytes=ws,
         min_host_bytes=min_host, service_model=service.as_dict(), wall_seconds=time.perf_counter() - t0,
         machine=dict(platform=platform.platform(), cpu=platform.processor() or "?", threads=torch.get_num_threads(),
                      io_backend=native.io_backend()),

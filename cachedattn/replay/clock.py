@@ -14,6 +14,18 @@ machine.
     load    = host bytes / host_bw + disk bytes / disk_bw
     decode  = answer tokens * (d0 + d1 * context / 1000)
 
+A batch (Engine(max_batch > 1)) is charged as one run that ends for all its
+jobs at once (static batching):
+
+    prefill = c0 + sum over rows of (c1 * computed + c2 * computed * context / 1000)
+            + all the rows' loads (a batch reads its history before computing)
+    decode  = max answer * (d0 + d1 * rows * padded context / 1000)
+
+one fixed cost per forward and per decode step for the whole batch (the
+weights are read once), and every row attending over the padded width (the
+longest prompt plus the longest answer). This is a model of batched decoding,
+not a measurement; the replay reports measured throughput next to it.
+
 The coefficients are measured (`calibrate`, `python -m cachedattn replay
 --calibrate`); the defaults were measured for the default model on the
 development VM (2 vCPU AMD EPYC) and are kept fixed so the default replay is
@@ -76,6 +88,24 @@ class VirtualClock:
         job.service_time = prefill + self.model.decode(job.answer_tokens, job.prompt_tokens + job.answer_tokens)
         self.now += job.service_time
         self.busy += job.service_time
+
+
+    def charge_batch(self, jobs) -> None:
+        """A batch's modelled time (see the module docstring): every job's service time is the
+        whole batch's; its modelled_prefill is its share, so that summing over jobs counts the
+        batch's prefill once."""
+        m = self.model
+        compute = m.c0 + sum(m.compute(j.computed_tokens, j.prompt_tokens) - m.c0 for j in jobs)
+        load = sum(j.tier_tokens["host"] / m.host_bw + j.tier_tokens["disk"] / m.disk_bw for j in jobs)
+        prefill = compute + load * self.bytes_per_token
+        steps = max(j.answer_tokens for j in jobs)
+        width = max(j.prompt_tokens for j in jobs) + steps
+        total = prefill + steps * (m.d0 + m.d1 * len(jobs) * width / 1000)
+        for j in jobs:
+            j.modelled_prefill = prefill / len(jobs)
+            j.service_time = total
+        self.now += total
+        self.busy += total
 
 
 def _timed(fn, repeat: int = 3) -> float:

@@ -1,8 +1,13 @@
 """Per-system figures from a replay's job records.
 
 Measured: TTFT (wall time from the start of a turn to its first token, loads
-included) and prefill throughput (prompt tokens, history included, over the
-summed TTFTs). Modelled (virtual clock): queue wait, busy time, makespan and the
+included; in a batch, to the batch's first token), prefill throughput (prompt
+tokens, history included, over the summed TTFTs: a per-job figure, a batch's
+TTFT counted once per job) and throughput (the same prompt tokens over the
+summed TTFT of each run, a batch counted once: what batching changes; equal to
+prefill throughput at max_batch 1). Answers are fed, not decoded, so decode is
+not measured: modelled throughput is prompt and answer tokens over the
+modelled busy time, decode included. Modelled (virtual clock): queue wait, busy time, makespan and the
 cost built on them. Hit rates are token-weighted over the history an unlimited
 cache would reuse: host / disk = reused tokens found in that tier, miss =
 the rest (recomputed). Cost: the paper's prices applied to the modelled busy
@@ -29,6 +34,11 @@ def summarize(result, host_bytes: int, disk_bytes: int) -> dict:
     host = sum(min(r["host_tokens"], r["reusable"]) for r in recs)
     disk = sum(min(r["disk_tokens"], max(0, r["reusable"] - r["host_tokens"])) for r in recs)
     prompt = sum(r["prompt_tokens"] for r in recs)
+    tokens = prompt + sum(r["answer_tokens"] for r in recs)
+    # One entry per run (a batch's jobs share its id, its TTFT and its run time).
+    runs = {r.get("batch", -1 - i): (r["ttft"], r.get("run_seconds") or 0.0, r.get("batch_size", 1))
+            for i, r in enumerate(recs)}
+    run_ttft = float(sum(t for t, _, _ in runs.values()))
     st = result.stats
     hours = result.makespan / 3600
     uses_store = result.system.save
@@ -44,6 +54,10 @@ def summarize(result, host_bytes: int, disk_bytes: int) -> dict:
         ttft_p50=float(np.percentile(ttft, 50)),
         ttft_p99=float(np.percentile(ttft, 99)),
         prefill_throughput=prompt / float(ttft.sum()),
+        throughput=prompt / run_ttft if run_ttft else None,
+        throughput_modelled=tokens / result.busy if result.busy else None,
+        run_time_measured=float(sum(s for _, s, _ in runs.values())),
+        batch_mean=float(np.mean([b for _, _, b in runs.values()])) if runs else 1.0,
         prompt_tokens=prompt,
         computed_tokens=sum(r["computed"] for r in recs),
         reusable_tokens=reusable,

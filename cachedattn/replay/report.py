@@ -13,6 +13,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}"
 
@@ -20,9 +24,11 @@ def _gb(n: int) -> str:
 def comparison_tables(rows: list[dict], baseline: str = "RE") -> list[Table]:
     """Two tables: time and cost per system, and where the history came from."""
     base = next((r for r in rows if r["system"] == baseline), None)
-    perf = Table(title="Replay: TTFT and prefill throughput measured; wait, busy time and cost modelled (virtual clock)")
-    for col in ["system", "TTFT mean", "p50", "p99", "vs RE", "prefill tok/s", "x RE", "wait s", "busy s", "prefill s",
-                "cost $", "prefill cost $"]:
+    perf = Table(title="Replay: TTFT, prefill tok/s (per job) and tok/s (prompt tokens over each run's TTFT, a batch "
+                       "once) measured; tok/s model (prompt + answer over busy time), wait, busy time and cost modelled "
+                       "(virtual clock); batch: mean jobs per run")
+    for col in ["system", "TTFT mean", "p50", "p99", "vs RE", "prefill tok/s", "x RE", "tok/s", "tok/s model", "batch",
+                "wait s", "busy s", "prefill s", "cost $", "prefill cost $"]:
         perf.add_column(col, justify="left" if col == "system" else "right")
     cache = Table(title="Replay: where each turn's history came from (token-weighted) and bytes moved")
     for col in ["system", "hit", "host", "disk", "miss", "host share", "host GB read", "disk GB read", "disk GB written"]:
@@ -32,7 +38,8 @@ def comparison_tables(rows: list[dict], baseline: str = "RE") -> list[Table]:
         xt = f"{r['prefill_throughput'] / base['prefill_throughput']:.1f}x" if base else "-"
         perf.add_row(
             r["system"], f"{1e3 * r['ttft_mean']:.1f} ms", f"{1e3 * r['ttft_p50']:.1f}", f"{1e3 * r['ttft_p99']:.1f}", vs,
-            f"{r['prefill_throughput']:.0f}", xt, f"{r['wait_mean_modelled']:.1f}", f"{r['busy_time_modelled']:.0f}",
+            f"{r['prefill_throughput']:.0f}", xt, _num(r.get("throughput")), _num(r.get("throughput_modelled")),
+            f"{r.get('batch_mean', 1.0):.1f}", f"{r['wait_mean_modelled']:.1f}", f"{r['busy_time_modelled']:.0f}",
             f"{r['prefill_time_modelled']:.1f}", f"{r['cost_usd']:.3f}", f"{r['cost_prefill_usd']:.4f}",
         )
         cache.add_row(

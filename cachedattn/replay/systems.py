@@ -88,7 +88,7 @@ class _Replay:
     """One system serving the trace, one job per step(): its own model copy, store, engine and virtual clock."""
 
     def __init__(self, system: System, trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
-                 max_context: int, workdir: str):
+                 max_context: int, workdir: str, max_batch: int = 1):
         self.system, self.model = system, model
         if system.unlimited:
             # The whole working set, plus room for the copy-on-write of partial chunks and the running job.
@@ -107,7 +107,8 @@ class _Replay:
             self._patched = True
             self.clock = VirtualClock(service, self.store.spec.kv_bytes_per_token(), system.layerwise)
             self.engine = Engine(model, self.store, prefetch=system.prefetch, read_buffer=system.read_buffer,
-                                 layerwise=system.layerwise, save=system.save, clock=self.clock, background=False)
+                                 layerwise=system.layerwise, save=system.save, clock=self.clock, background=False,
+                                 max_batch=max_batch)
         except BaseException:
             self.close()
             raise
@@ -127,8 +128,8 @@ class _Replay:
     def done(self) -> bool:
         return not self.arrivals and not self.engine.queued_conversations()
 
-    def step(self) -> dict:
-        """Admits what has arrived by the virtual clock, runs the next job, returns its record."""
+    def step(self) -> list[dict]:
+        """Admits what has arrived by the virtual clock, runs the next job (or batch), returns their records."""
         engine, clock = self.engine, self.clock
         if not engine.queued_conversations():
             clock.advance_to(self.arrivals[0][0])
@@ -140,24 +141,26 @@ class _Replay:
         self.queue_lengths.append(len(engine.queued_conversations()))
         # No wait for background I/O here: this job's disk writes and the prefetches it started
         # run on, concurrently with the next job, as in a server.
-        job = engine.step()
-        cid, k = self.pending.pop(job)
-        self.history[cid] = job.result()
-        rnd = self.convs[cid].rounds[k]
-        reusable = 0 if k == 0 else min(job.prompt_tokens - rnd.user_tokens, job.prompt_tokens - 1)
-        record = dict(
-            conversation=cid, round=k, arrival=job.submitted, start=job.started, finish=job.finished,
-            wait=job.started - job.submitted, ttft=job.ttft, modelled_prefill=job.modelled_prefill,
-            service=job.service_time, prompt_tokens=job.prompt_tokens, user_tokens=rnd.user_tokens,
-            answer_tokens=job.answer_tokens, reused=job.reused_tokens, computed=job.computed_tokens,
-            dropped=job.dropped_tokens, host_tokens=job.tier_tokens["host"], disk_tokens=job.tier_tokens["disk"],
-            reusable=max(0, reusable),
-        )
-        self.records.append(record)
-        if k + 1 < len(self.convs[cid].rounds):
-            self.seq += 1
-            heapq.heappush(self.arrivals, (job.finished + self.convs[cid].rounds[k + 1].think, self.seq, cid, k + 1))
-        return record
+        records = []
+        for job in engine.step_batch():
+            cid, k = self.pending.pop(job)
+            self.history[cid] = job.result()
+            rnd = self.convs[cid].rounds[k]
+            reusable = 0 if k == 0 else min(job.prompt_tokens - rnd.user_tokens, job.prompt_tokens - 1)
+            record = dict(
+                conversation=cid, round=k, arrival=job.submitted, start=job.started, finish=job.finished,
+                wait=job.started - job.submitted, ttft=job.ttft, modelled_prefill=job.modelled_prefill,
+                service=job.service_time, prompt_tokens=job.prompt_tokens, user_tokens=rnd.user_tokens,
+                answer_tokens=job.answer_tokens, reused=job.reused_tokens, computed=job.computed_tokens,
+                dropped=job.dropped_tokens, host_tokens=job.tier_tokens["host"], disk_tokens=job.tier_tokens["disk"],
+                reusable=max(0, reusable), batch=job.batch_id, batch_size=job.batch_size, run_seconds=job.run_seconds,
+            )
+            records.append(record)
+            if k + 1 < len(self.convs[cid].rounds):
+                self.seq += 1
+                heapq.heappush(self.arrivals, (job.finished + self.convs[cid].rounds[k + 1].think, self.seq, cid, k + 1))
+        self.records.extend(records)
+        return records
 
     def result(self) -> RunResult:
         self.store.flush()  # the last writes, so that the byte counts are complete
@@ -175,11 +178,12 @@ class _Replay:
 
 
 def run_systems(systems: list[System], trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
-                max_context: int, workdir: str, on_job=None) -> list[RunResult]:
+                max_context: int, workdir: str, on_job=None, max_batch: int = 1) -> list[RunResult]:
     """Serves the trace on every system, interleaved turn by turn: job t runs on each system before
     job t+1 runs on any, the order within a turn rotating, so that whatever else loads the machine
     meanwhile falls on every system alike. Each system gets its own copy of `model` (the first uses it
-    as it is). ``on_job(system_name, turn)`` is called after each job."""
+    as it is). ``on_job(system_name, turn)`` is called after each job. ``max_batch``: every system's
+    engine runs up to that many queued jobs as one batch (static batching; a step is then a batch)."""
     if len({s.name for s in systems}) != len(systems):
         raise ValueError(f"systems must be distinct, got {[s.name for s in systems]}")
     # Copied before any is patched: a copy of a patched model would carry the first system's store.
@@ -187,15 +191,15 @@ def run_systems(systems: list[System], trace: Trace, model, vocab: int, caps: Ca
     replays: list[_Replay] = []
     try:
         for system, m in zip(systems, models):
-            replays.append(_Replay(system, trace, m, vocab, caps, service, max_context, workdir))
+            replays.append(_Replay(system, trace, m, vocab, caps, service, max_context, workdir, max_batch))
         turn = 0
         while not all(r.done for r in replays):
             k = turn % len(replays)
             for r in replays[k:] + replays[:k]:
                 if not r.done:
-                    r.step()
-                    if on_job is not None:
-                        on_job(r.system.name, turn)
+                    for _ in r.step():
+                        if on_job is not None:
+                            on_job(r.system.name, turn)
             turn += 1
         return [r.result() for r in replays]
     finally:
@@ -204,6 +208,6 @@ def run_systems(systems: list[System], trace: Trace, model, vocab: int, caps: Ca
 
 
 def run_system(system: System, trace: Trace, model, vocab: int, caps: Capacities, service: ServiceModel,
-               max_context: int, workdir: str, on_job=None) -> RunResult:
+               max_context: int, workdir: str, on_job=None, max_batch: int = 1) -> RunResult:
     """One system alone (run_systems with one)."""
-    return run_systems([system], trace, model, vocab, caps, service, max_context, workdir, on_job)[0]
+    return run_systems([system], trace, model, vocab, caps, service, max_context, workdir, on_job, max_batch)[0]

@@ -1,14 +1,39 @@
 """Engine: a FCFS job queue and a worker running turns through a patched model.
 
-submit() returns at once; jobs run in arrival order, one at a time (batch
-size 1 per job). Around each job the engine drives the store from the queue:
+submit() returns at once; jobs run in arrival order, one at a time by default
+(max_batch=1). Around each job (or batch) the engine drives the store from the queue:
 
     step():
-        job = next in the queue
+        batch = the next job, plus (max_batch > 1) the jobs behind it that may join
         prefetch the look-ahead window's disk-resident KV      (fetching.py)
-        run the job: prefill (layer-wise loading), then the answer;
+            the window starts after the running batch
+        run the batch: prefill, then the answers;
             while it decodes, pre-load the next job's KV         (read buffer)
         keep `reserve` of host memory free for the next job     (policy order)
+
+Batching is static: a batch is formed from the head of the queue, runs to its
+end (every row's last token), and only then is the next batch formed; a job
+arriving meanwhile waits for the whole batch. Joining a running batch
+(continuous batching) is not done because it is not exact here: the running
+batch is one left-padded DynamicCache whose rows all share the current column,
+so a joiner's history and prompt would have to be placed in that layout
+mid-decode: re-laying out (copying) every row's cache to open the joiner's
+columns, or recomputing the batch; neither keeps the rows' KV and positions as
+the conversation alone computes them at no cost. A batch of one runs exactly
+as max_batch=1 (layer-wise loading, overflow truncation).
+
+Jobs join a batch only behind a job like them (FCFS: none jumps the queue): all
+answer jobs, or all generate jobs with the same max_new_tokens and options;
+one conversation at most once; within max_batch, max_batch_tokens (prompt +
+answer / max_new_tokens tokens summed over the batch) and host memory (each
+running row holds its history and its new KV in host memory). Jobs that cannot
+be batched at all run alone, the reason logged once: a model with
+sliding-window layers, sampling (a batch draws every row from one random
+stream, so a job's answer would depend on its batch-mates), generate options a
+batch does not serve (beams, assisted decoding, ...), and turns that overflow
+max_context (batches do not truncate). While a batch runs, every row's
+conversation is in use (its history's load stays open), so the store never
+evicts a running job's chunks.
 
 A background worker calls step() as jobs come (background=True), or the
 caller does (background=False: replays driving a virtual clock).
@@ -27,6 +52,8 @@ from collections import deque
 import torch
 
 import cachedattn
+from cachedattn.hf.batch import ALLOWED as BATCH_OPTIONS
+from cachedattn.hf.batch import BatchSession
 from cachedattn.serving import fetching
 from cachedattn.serving.job import Job
 from cachedattn.serving.policies import QueueAwarePolicy
@@ -60,6 +87,15 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def _batch_option(name: str, value, allow_none: bool = False) -> int | None:
+    """max_batch / max_batch_tokens: an int >= 1 (or None where allowed), else ValueError naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
 def _time(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds on the engine's clock, got {type(value).__name__}")
@@ -74,7 +110,10 @@ class Engine:
     then compute), ``save`` (False: store nothing, i.e. recompute every turn),
     ``reserve`` (fraction of host memory kept free after each job), ``clock``
     (a callable; one with a ``charge(job)`` method is a virtual clock, advanced
-    by it after each job), ``background`` (run a worker thread)."""
+    by it after each job, and by ``charge_batch(jobs)`` after a batch where it
+    has one), ``background`` (run a worker thread), ``max_batch`` (jobs run
+    together, static batching: see the module docstring; 1 = one at a time),
+    ``max_batch_tokens`` (cap on a batch's prompt + answer tokens; None: no cap)."""
 
     def __init__(
         self,
@@ -87,10 +126,15 @@ class Engine:
         reserve: float = 0.1,
         clock=time.monotonic,
         background: bool = True,
+        max_batch: int = 1,
+        max_batch_tokens: int | None = None,
         **patch_options,
     ):
         if not 0 <= reserve < 1:
             raise ValueError(f"reserve must be a fraction of host memory in [0, 1), got {reserve!r}")
+        # Checked before the model is patched: a refused engine leaves nothing behind.
+        self.max_batch = _batch_option("max_batch", max_batch)
+        self.max_batch_tokens = _batch_option("max_batch_tokens", max_batch_tokens, allow_none=True)
         if getattr(model, "_cachedattn", None) is None:
             cachedattn.patch(model, store, **patch_options)
         elif model._cachedattn.store is not store:
@@ -116,6 +160,13 @@ class Engine:
         self._device = next(model.parameters()).device
         self._fwd_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._pending_prefetch: list = []
+        # Why this model's jobs never batch (None: they may), and the reasons already logged.
+        self._model_solo = None
+        if any(w is not None for w in model._cachedattn.kv.sliding):
+            self._model_solo = ("the model has sliding-window layers (the padding holes of a batch would shorten "
+                                "the window per row: not exact)")
+        self._solo_logged: set[str] = set()
+        self._batches = 0
         self._worker = None
         if background:
             self._worker = threading.Thread(target=self._run, name="cachedattn-engine", daemon=True)
@@ -167,13 +218,30 @@ class Engine:
     # ---- the worker -------------------------------------------------------------
 
     def step(self) -> Job | None:
-        """Runs the next queued job to its end; None when the queue is empty. A job that fails
-        fails alone: its future holds the exception and the queue goes on; the optimisations
+        """Runs the next queued job (with max_batch > 1: the next batch) to its end; returns
+        that job (the batch's first), None when the queue is empty. A job that fails fails
+        alone: its future holds the exception and the queue goes on; the optimisations
         around it (prefetch, read buffer, reserve, policy and clock hooks) are best effort."""
+        batch = self.step_batch()
+        return batch[0] if batch else None
+
+    def step_batch(self) -> list[Job]:
+        """Runs the next batch (one job with max_batch=1) to its end; returns its jobs, [] when
+        the queue is empty."""
         with self._cv:
             if not self._queue:
-                return None
-            job = self._queue.popleft()
+                return []
+            batch = self._take_batch()
+        self._batches += 1
+        if len(batch) == 1:
+            self._run_one(batch[0])
+        else:
+            self._run_batch(batch)
+        return batch
+
+    def _run_one(self, job: Job) -> None:
+        """One job alone: exactly the engine's behaviour before batching existed."""
+        job.batch_id, job.batch_size = self._batches, 1
         problems: list[str] = []
         out = error = None
         try:
@@ -206,16 +274,172 @@ class Engine:
                 job.future.set_result(out)
         if error is not None and not isinstance(error, Exception) and threading.current_thread() is not self._worker:
             raise error  # Ctrl-C (or an exit) of whoever steps the engine: theirs to see, not only the job's
-        return job
 
-    def _prefetch_for(self, job: Job) -> None:
-        """Starts the look-ahead window's prefetches, leaving room for what `job` needs."""
+    # ---- batches ----------------------------------------------------------------
+
+    @staticmethod
+    def _job_tokens(job: Job) -> int:
+        """Tokens the job's turn holds at its end: prompt plus answer (or its bound)."""
+        return job.input_ids.shape[1] + (job.max_new_tokens if job.answer is None else job.answer.shape[1])
+
+    def _solo_reason(self, job: Job) -> str | None:
+        """Why this job cannot run in a batch (None: it can)."""
+        if self._model_solo is not None:
+            return self._model_solo
+        limit = self.model._cachedattn.options["max_context"]
+        if limit is not None and self._job_tokens(job) > limit:
+            return "a turn overflows max_context (batches do not truncate: the session alone does)"
+        if job.answer is not None:
+            return None  # fed answers: no decoding options apply
+        unknown = sorted(set(job.gen_kwargs) - BATCH_OPTIONS)
+        if unknown:
+            return f"generate options {unknown} are not served in batches"
+        if job.gen_kwargs.get("do_sample", self.model.generation_config.do_sample):
+            return ("sampling: a batch draws every row from one random stream, so a job's answer would depend on "
+                    "its batch-mates")
+        return None
+
+    @staticmethod
+    def _same_kind(a: Job, b: Job) -> bool:
+        """b may share a's batch: both fed answers, or both generating with the same options."""
+        if (a.answer is None) != (b.answer is None):
+            return False
+        if a.answer is not None:
+            return True
+        if a.max_new_tokens != b.max_new_tokens or set(a.gen_kwargs) != set(b.gen_kwargs):
+            return False
+        try:
+            return all(bool(a.gen_kwargs[k] == b.gen_kwargs[k]) for k in a.gen_kwargs)
+        except Exception:  # e.g. tensors of different shapes: not the same options
+            return False
+
+    def _host_need(self, job: Job) -> int:
+        """Host bytes a running row holds: its history's blocks (the open load) and its new chunks (the
+        append): the turn's tokens in whole chunks, plus the partial chunk both share (copied on write)."""
+        chunk = self.store.config.chunk_tokens
+        return (-(-self._job_tokens(job) // chunk) + 1) * self.store._geometry.block_bytes
+
+    def _take_batch(self) -> list[Job]:
+        """Pops the next batch (the caller holds self._cv; the queue is not empty): the head job,
+        then the jobs right behind it while they may join; the first that may not ends the batch."""
+        first = self._queue.popleft()
+        batch = [first]
+        if self.max_batch == 1:
+            return batch
+        why = self._solo_reason(first)
+        if why is not None:
+            self._note_solo(why)
+            return batch
+        tokens, host = self._job_tokens(first), self._host_need(first)
+        convs = {first.conv_id}
+        while self._queue and len(batch) < self.max_batch:
+            job = self._queue[0]
+            if job.conv_id in convs or not self._same_kind(first, job) or self._solo_reason(job) is not None:
+                break
+            t, h = self._job_tokens(job), self._host_need(job)
+            if self.max_batch_tokens is not None and tokens + t > self.max_batch_tokens:
+                break
+            if self.save and host + h > self._host_cap:  # without saving, rows hold nothing in host memory
+                break
+            batch.append(self._queue.popleft())
+            convs.add(job.conv_id)
+            tokens, host = tokens + t, host + h
+        return batch
+
+    def _note_solo(self, why: str) -> None:
+        if why not in self._solo_logged:
+            self._solo_logged.add(why)
+            log.warning("cachedattn: max_batch=%d, but some jobs run one at a time: %s (logged once)",
+                        self.max_batch, why)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Runs a batch of two or more jobs through a BatchSession. If the batch itself fails,
+        its jobs run again one at a time, so that a job that fails fails alone."""
+        problems: list[str] = []
+        outs = error = None
+        try:
+            self._pending_prefetch = []
+            if self.prefetch and self.save:
+                self._best_effort(problems, "prefetching", lambda: self._prefetch_for(batch))
+            try:
+                outs = self._execute_batch(batch, problems)
+            except Exception as e:  # an input or state the batch cannot serve: each job alone says which
+                log.warning("cachedattn: a batch of %d jobs failed (%s: %s); its jobs run one at a time",
+                            len(batch), type(e).__name__, e)
+            if outs is None:
+                self._log_problems(batch[0], problems)
+                for job in batch:
+                    self._run_one(job)
+                return
+            if hasattr(self.clock, "charge_batch"):
+                self._best_effort(problems, "charging the clock", lambda: self.clock.charge_batch(batch))
+            elif hasattr(self.clock, "charge"):
+                self._best_effort(problems, "charging the clock", lambda: [self.clock.charge(j) for j in batch])
+            self._best_effort(problems, "reading the clock",
+                              lambda: [setattr(j, "finished", self.clock()) for j in batch])
+            if self._policy is not None:
+                for j in batch:
+                    self._best_effort(problems, "telling the policy the job ended",
+                                      lambda j=j: self._policy.on_finish(j.conv_id, j.finished, j.answer_tokens))
+            if self.save and self.reserve:
+                self._best_effort(problems, "keeping the reserve free",
+                                  lambda: self.store.make_host_room(int(self.reserve * self._host_cap)))
+        except BaseException as e:  # Ctrl-C, or the engine failing around the batch: it ends these jobs
+            error = e
+        finally:
+            if outs is not None or error is not None:
+                if error is not None:
+                    problems.insert(0, f"the batch failed ({type(error).__name__}: {error})")
+                for job in batch:
+                    if job.future.done():  # served alone already (the fallback) before the error
+                        continue
+                    self._log_problems(job, problems)
+                    problems = []  # the batch's problems once, on its first job
+                    if error is not None:
+                        job.future.set_exception(error)
+                    else:
+                        job.future.set_result(outs[job])
+        if error is not None and not isinstance(error, Exception) and threading.current_thread() is not self._worker:
+            raise error
+
+    def _execute_batch(self, batch: list[Job], problems: list[str]) -> dict:
+        """Runs the batch; returns {job: sequence after its turn ([1, n], CPU)}. Raises what the batch raises."""
+        started = self.clock()
+        t0 = time.perf_counter()
+        ids = [j.input_ids[0].to(self._device) for j in batch]
+        with torch.no_grad():
+            bs = BatchSession(self.model, [j.conv_id for j in batch], save=self.save)
+            if self.read_buffer and self.save:
+                bs.on_first_token = lambda: self._read_ahead(batch, problems)
+            if batch[0].answer is None:
+                res = bs.generate(ids, max_new_tokens=batch[0].max_new_tokens, **batch[0].gen_kwargs)
+                gens = res.rows if hasattr(res, "rows") else res
+                seqs = [torch.cat([x, g.to(x.device)]).cpu() for x, g in zip(ids, gens)]
+                answers = [g.numel() for g in gens]
+            else:
+                _, seqs = bs.forward_turns(ids, [j.answer[0].to(self._device) for j in batch])
+                answers = [j.answer.shape[1] for j in batch]
+        run = time.perf_counter() - t0
+        outs = {}
+        for j, row, seq, a in zip(batch, bs.rows, seqs, answers):
+            j.started, j.run_seconds, j.batch_id, j.batch_size = started, run, self._batches, len(batch)
+            j.ttft, j.reused_tokens, j.computed_tokens = row.ttft, row.reused_tokens, row.computed_tokens
+            j.dropped_tokens, j.tier_tokens = 0, dict(row.tier_tokens)
+            j.prompt_tokens, j.answer_tokens = row.reused_tokens + row.computed_tokens, a
+            outs[j] = seq[None]
+        return outs
+
+    def _prefetch_for(self, running: Job | list[Job]) -> None:
+        """Starts the look-ahead window's prefetches, leaving room for what the running job(s) need.
+        The window is the queue as it is: the running batch has left it, so it starts after it."""
+        running = [running] if isinstance(running, Job) else running
         window = self.queued_conversations()[: self.prefetch_window()]
-        need = (job.input_ids.shape[1] + (0 if job.answer is None else job.answer.shape[1])) * self._bytes_per_token
+        need = sum(self._job_tokens(j) if j.answer is not None else j.input_ids.shape[1] for j in running)
+        convs = [j.conv_id for j in running]
         with self._cv:  # the remote tier is found by tokens: the window's prompts (cachedattn/store/remote_sync.py)
             prompts = [(j.conv_id, j.input_ids[0]) for j in self._queue][: len(window)]
-        self._pending_prefetch.extend(fetching.prefetch_remote(self.store, prompts, job.conv_id))
-        self._pending_prefetch.extend(fetching.prefetch_window(self.store, window, job.conv_id, need))
+        self._pending_prefetch.extend(fetching.prefetch_remote(self.store, prompts, convs))
+        self._pending_prefetch.extend(fetching.prefetch_window(self.store, window, convs, need * self._bytes_per_token))
 
     @staticmethod
     def _best_effort(problems: list[str], what: str, fn) -> None:
@@ -250,21 +474,23 @@ class Engine:
             except BaseException:  # step() completes its job whatever happens; the worker must outlive it anyway
                 log.exception("cachedattn: the engine's worker caught an error; it goes on")
 
-    def _read_ahead(self, current: Job, problems: list[str]) -> None:
-        """Read buffer: while `current` decodes, bring the next job's first layers onto the GPU
-        (a model with a copy engine), else its disk-resident KV into host memory."""
+    def _read_ahead(self, current: Job | list[Job], problems: list[str]) -> None:
+        """Read buffer: while `current` (a job or a batch) decodes, bring the next job's first layers
+        onto the GPU (a model with a copy engine), else its disk-resident KV into host memory."""
+        running = [current.conv_id] if isinstance(current, Job) else [j.conv_id for j in current]
         with self._cv:
-            nxt = next((j for j in self._queue if j.conv_id != current.conv_id), None)
+            nxt = next((j for j in self._queue if j.conv_id not in running), None)
         from cachedattn.hf.patch import preload
 
         if nxt is not None and not self._best_effort(problems, "reading ahead to the GPU", lambda: preload(
                 self.model, nxt.conv_id, nxt.input_ids)):  # with a copy engine: its first layers onto the GPU
             self._best_effort(problems, "reading ahead", lambda: self._pending_prefetch.extend(
-                fetching.prefetch_window(self.store, [nxt.conv_id], current.conv_id, 0)))
+                fetching.prefetch_window(self.store, [nxt.conv_id], running, 0)))
 
     def _execute(self, job: Job, problems: list[str]) -> torch.Tensor:
         """Runs the turn; returns the sequence after it (CPU). Raises what the turn raises."""
         job.started = self.clock()
+        t0 = time.perf_counter()
         reserve = 0 if job.answer is None else job.answer.shape[1]
         ids = job.input_ids.to(self._device)
         with torch.no_grad(), cachedattn.session(
@@ -286,6 +512,7 @@ class Engine:
         job.ttft, job.reused_tokens, job.computed_tokens = s.ttft, s.reused_tokens, s.computed_tokens
         job.dropped_tokens, job.tier_tokens = s.dropped_tokens, dict(s.tier_tokens)
         job.prompt_tokens = s.reused_tokens + s.computed_tokens
+        job.run_seconds = time.perf_counter() - t0
         return out.cpu()
 
     def close(self) -> None:

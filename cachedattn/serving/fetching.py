@@ -6,8 +6,8 @@ over the mean KV size of a conversation). Their conversations' disk-only KV is
 prefetched in queue order while the current job runs, after room has been made
 by demoting conversations outside the window; prefetching stops at the first
 conversation that does not fit in what is free minus what the running job
-still needs, so a prefetch never waits for eviction and never takes the
-running job's memory.
+(or batch) still needs, so a prefetch never waits for eviction and never takes the
+running jobs' memory.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ def plan_prefetch(window: list[str], disk_only: dict[str, int], free_bytes: int,
     return picks
 
 
-def prefetch_window(store, window: list[str], running: str, running_need: int) -> list:
-    """Makes room outside the window, then starts the prefetches; returns their futures."""
-    window = [c for c in dict.fromkeys(window) if c != running]
+def prefetch_window(store, window: list[str], running, running_need: int) -> list:
+    """Makes room outside the window, then starts the prefetches; returns their futures.
+    `running`: the running job's conversation, or a batch's conversations (a collection)."""
+    running = {running} if isinstance(running, str) else set(running)
+    window = [c for c in dict.fromkeys(window) if c not in running]
     disk_only = {c: store.residency(c)["disk_only_bytes"] for c in window}
     want = running_need + sum(disk_only.values())
     if want > store.host_free_bytes():
-        store.make_host_room(want, protect=set(window) | {running})
+        store.make_host_room(want, protect=set(window) | running)
         # Demoting writes what was not on disk yet, which may have evicted some of the window from disk.
         disk_only = {c: store.residency(c)["disk_only_bytes"] for c in window}
     futures = []
@@ -51,11 +53,12 @@ def prefetch_window(store, window: list[str], running: str, running_need: int) -
     return futures
 
 
-def prefetch_remote(store, window: list[tuple[str, object]], running: str) -> list:
+def prefetch_remote(store, window: list[tuple[str, object]], running) -> list:
     """Starts bringing in what the remote tier holds beyond the local copy of each queued job's
-    prompt ((conversation, token ids) in queue order; the running job's own is loading already).
-    A store without a remote tier (or an older store) does nothing."""
+    prompt ((conversation, token ids) in queue order; the running jobs' own are loading already).
+    `running`: a conversation or a batch's conversations. A store without a remote tier does nothing."""
     fetch = getattr(store, "prefetch_remote", None)
     if fetch is None or getattr(getattr(store, "config", None), "remote", None) is None:
         return []
-    return [fetch(conv, ids) for conv, ids in dict(window).items() if conv != running]
+    running = {running} if isinstance(running, str) else set(running)
+    return [fetch(conv, ids) for conv, ids in dict(window).items() if conv not in running]

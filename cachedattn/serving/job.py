@@ -30,7 +30,10 @@ class Job:
         self.answer_tokens = 0
         self.tier_tokens = {"host": 0, "disk": 0}  # where the reused tokens came from
         self.service_time: float | None = None  # set by a virtual clock: the modelled time the job took
-        self.modelled_prefill: float | None = None  # the prefill part of it
+        self.modelled_prefill: float | None = None  # the prefill part of it (a batch's: this job's share)
+        self.batch_id = 0  # which step of the engine ran it (jobs of one batch share it)
+        self.batch_size = 1  # jobs in that batch
+        self.run_seconds: float | None = None  # measured wall time of the run that served it (its whole batch's)
 
     @property
     def tier_hits(self) -> dict[str, int]:

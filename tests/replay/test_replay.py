@@ -136,3 +136,54 @@ def test_small_replay_from_the_command_line(tmp_path):
 def test_command_line_rejects_unknown_systems(tmp_path):
     with pytest.raises(SystemExit, match="unknown systems"):
         cli.main(["--systems", "CA,XX", "--out", str(tmp_path)])
+
+
+def test_batched_replay_serves_the_same_turns(setup, tmp_path):
+    """--max-batch: jobs queued together run as batches; every turn is the same, only sooner."""
+    _, model, block, ws = setup
+    path = _dataset(tmp_path)
+    trace = build_trace(6, seed=2, rate=50.0, think_mean=0.5, max_user=40, max_answer=60, max_rounds=3, path=path)
+    caps = _caps(setup)
+    out = {}
+    for mb in (1, 4):
+        (tmp_path / str(mb)).mkdir()
+        res = run_systems([SYSTEMS["RE"], SYSTEMS["CA"]], trace, model, VOCAB, caps, ServiceModel(), CTX,
+                          str(tmp_path / str(mb)), max_batch=mb)
+        out[mb] = {r.system.name: (r, summarize(r, caps.host_bytes, caps.disk_bytes)) for r in res}
+
+    def turns(res):
+        return sorted((r["conversation"], r["round"], r["prompt_tokens"], r["answer_tokens"]) for r in res.records)
+
+    for name in ("RE", "CA"):
+        one, four = out[1][name], out[4][name]
+        assert turns(one[0]) == turns(four[0]) and len(four[0].records) == trace.rounds
+        assert max(r["batch_size"] for r in four[0].records) > 1 and one[1]["batch_mean"] == 1
+        assert four[1]["throughput"] > 0 and four[1]["throughput_modelled"] > 0
+        # one at a time, a run is a job: throughput is the per-job prefill throughput
+        assert one[1]["throughput"] == pytest.approx(one[1]["prefill_throughput"])
+        for r in four[0].records:
+            assert r["reused"] + r["computed"] == r["prompt_tokens"]
+            assert r["host_tokens"] + r["disk_tokens"] == r["reused"]
+    assert out[4]["CA"][1]["hit_rate"] > 0 and out[4]["RE"][1]["hit_rate"] == 0
+
+
+def test_virtual_clock_charges_a_batch_once():
+    from types import SimpleNamespace
+
+    from cachedattn.replay.clock import VirtualClock
+
+    m = ServiceModel()
+    clock = VirtualClock(m, bytes_per_token=100)
+    jobs = [SimpleNamespace(computed_tokens=c, prompt_tokens=p, answer_tokens=a, tier_tokens={"host": h, "disk": 0})
+            for c, p, a, h in [(10, 50, 4, 40), (30, 30, 9, 0)]]
+    clock.charge_batch(jobs)
+    prefill = m.c0 + m.c1 * 40 + m.c2 * (10 * 50 + 30 * 30) / 1000 + 40 * 100 / m.host_bw
+    total = prefill + 9 * (m.d0 + m.d1 * 2 * (50 + 9) / 1000)
+    assert clock.now == pytest.approx(total) and clock.busy == pytest.approx(total)
+    assert all(j.service_time == pytest.approx(total) for j in jobs)
+    assert sum(j.modelled_prefill for j in jobs) == pytest.approx(prefill)
+
+
+def test_command_line_rejects_a_bad_max_batch(tmp_path):
+    with pytest.raises(SystemExit, match="max-batch"):
+        cli.main(["--max-batch", "0", "--out", str(tmp_path)])

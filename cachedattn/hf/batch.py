@@ -1,0 +1,350 @@
+"""Several conversations in one generate(): a batched session.
+
+``cachedattn.batch_session(model, conv_ids)`` returns a BatchSession; its
+``generate(list_of_ids, **kwargs)`` takes each conversation's full ids (history
++ new message, 1-D or [1, n] tensors of any lengths) and runs them as one batch.
+Each row reuses the longest stored prefix of its own conversation, computes the
+rest and stores its own new KV (prompt and generated tokens). ``rows[i]``
+holds row i's reused / computed / generated tokens, tier_tokens and ttft.
+
+Layout. With n_r restored and m_r new tokens in row r, H = max n_r and
+M = max m_r, row r occupies H + M columns::
+
+    [ H - n_r holes | n_r history | M - m_r holes | m_r new ]
+
+The holes are masked (attention_mask 0) and positions come from the mask
+(generate's own cumsum rule), so every real token sits at its true position and
+sees exactly the real tokens before it: the same KV and logits as the
+conversation alone, up to float summation order. The history is installed in
+the cache before the forward (the holes hold zeros); generate computes columns
+H.. as its prefill, then decodes all rows in step.
+
+``forward_turns(ids, answers)`` is the same layout fed known answers (teacher
+forcing, for the engine's answer jobs): the prompts as one forward, then the
+answers, left-padded after them, as a second.
+
+While a batch runs every row's stored history stays open (its conversation is
+in use), so saving or reading one row never evicts another row's chunks; the
+loads close once every row is saved.
+
+Refused for batches, by name: sliding-window layers (the window counts cache
+columns, and the holes would shorten it per row: not exact), decoding modes
+other than greedy and sampling (beams, assisted, contrastive, penalties that
+read the padded ids), and turns longer than max_context (no per-row
+truncation yet). The single-conversation session serves all of those.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import torch
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from cachedattn.hf.saving import save_turn
+from cachedattn.hf.session import Session
+
+log = logging.getLogger("cachedattn")
+
+# generate() options a batch serves exactly (every other option is refused by name).
+ALLOWED = {
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "eos_token_id", "pad_token_id", "return_dict_in_generate", "output_logits", "output_scores", "use_cache",
+}  # fmt: skip
+
+
+class _FirstToken(LogitsProcessor):
+    """Marks the moment the first forward's logits exist (every row's TTFT), then calls `then`
+    (the engine's read buffer: the next job's KV loads while this batch decodes)."""
+
+    def __init__(self, then=None):
+        self.at = None
+        self._then = then
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize()
+            self.at = time.perf_counter()
+            if self._then is not None:
+                self._then()
+        return scores
+
+
+class _RowKV:
+    """One row's new KV as save_turn reads it (row 0, tokens of the turn after its history):
+    `cols` are the cache columns of those tokens, in order (holes between them skipped)."""
+
+    def __init__(self, cache: DynamicCache, row: int, cols: torch.Tensor, tokens: torch.Tensor):
+        self._cache, self._row, self._cols, self._tokens = cache, row, cols, tokens
+
+    def computed_tokens(self):
+        return self._tokens[None]
+
+    def row_new_kv(self, layer_idx, row, start, end):
+        layer = self._cache.layers[layer_idx]
+        cols = self._cols[start:end].to(layer.keys.device)
+        return layer.keys[self._row][:, cols], layer.values[self._row][:, cols]
+
+
+def _check_batchable(state, kwargs: dict) -> None:
+    windows = [w for w in state.kv.sliding if w is not None]
+    if windows:
+        raise ValueError(
+            "batched sessions refuse models with sliding-window layers: the window counts cache columns, and "
+            "the padding holes a batch needs would shorten it per row (not exact); serve such a model one "
+            "conversation at a time (cachedattn.session)"
+        )
+    unknown = sorted(set(kwargs) - ALLOWED)
+    if unknown:
+        raise ValueError(
+            f"a batched session serves greedy and sampling only; refused options {unknown} "
+            "(beam search, assisted/contrastive decoding, penalties over the ids, streamers, "
+            "several sequences per row): use cachedattn.session per conversation for those"
+        )
+
+
+class BatchSession:
+    def __init__(self, model, conv_ids, save: bool = True, readahead: int | None = None):
+        model = getattr(model, "_orig_mod", model)
+        if getattr(model, "_cachedattn", None) is None:
+            raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
+        conv_ids = list(conv_ids)
+        if not conv_ids:
+            raise ValueError("a batched session needs at least one conversation id")
+        if len(set(conv_ids)) != len(conv_ids):
+            raise ValueError("a conversation appears twice in one batch: its rows would race for its stored KV")
+        self.model = model
+        self._state = model._cachedattn
+        self.rows = [Session(model, c, readahead=readahead, save=save) for c in conv_ids]
+        self.on_first_token = None  # called once the first forward's logits exist (the engine's read buffer)
+
+    def __enter__(self) -> BatchSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @property
+    def conv_ids(self) -> list[str]:
+        return [r.conv_id for r in self.rows]
+
+    def _ids(self, ids_list) -> list[torch.Tensor]:
+        if not isinstance(ids_list, (list, tuple)) or len(ids_list) != len(self.rows):
+            raise ValueError(f"pass a list of {len(self.rows)} id tensors, one per conversation of the batch")
+        out = []
+        for cid, ids in zip(self.conv_ids, ids_list):
+            if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
+                raise ValueError(f"{cid!r}: ids must be a 1-D (or [1, n]) tensor of token ids")
+            ids = ids.reshape(-1)
+            if ids.numel() == 0:
+                raise ValueError(f"{cid!r}: ids are empty")
+            out.append(ids)
+        return out
+
+    def _open_history(self, row: Session, ids: torch.Tensor):
+        """Row's stored history, opened (its conversation leased) but not read: a KVLoad or None."""
+        if not row._weights_current or ids.numel() < 2:
+            return None
+        try:
+            return row._load_prefix(ids, ids.numel() - 1)
+        except OSError as e:  # a failing store: this row computes its history
+            self._state.store._stats.add(recovered_turns=1)
+            log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
+            return None
+
+    def _read_history(self, row: Session, load) -> tuple[list | None, int]:
+        """The opened history read in full: ([(k, v) per layer], n) or (None, 0) if a chunk is bad."""
+        if load is None:
+            return None, 0
+        try:
+            layers = [load.read_layer(i) for i in range(self._state.kv.spec.num_layers)]
+            row.tier_tokens = load.tier_tokens()
+            return layers, load.n_tokens
+        except OSError as e:  # a bad chunk or a failing store: this row computes its history
+            self._state.store._stats.add(recovered_turns=1)
+            log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
+            return None, 0
+
+    def _begin(self, ids: list[torch.Tensor]):
+        """Opens every row's history before reading any: while the batch runs, every row's
+        conversation is leased (in use), so reading or saving one row never evicts another
+        row's chunks. Returns (hist, loads); the caller closes the loads after the saves."""
+        loads = []
+        try:
+            for row, x in zip(self.rows, ids):
+                row._weights_current = self._state.kv.identity.check(self.model)
+                row.tier_tokens = {"host": 0, "disk": 0}
+                loads.append(self._open_history(row, x))
+            hist = [self._read_history(row, load) for row, load in zip(self.rows, loads)]
+        except BaseException:
+            _close_all(loads)
+            raise
+        return hist, loads
+
+    def _layout(self, ids, hist, pad: int, device):
+        """Left-padded ids, mask and the history-filled cache of the layout in the module docstring."""
+        ns = [n for _, n in hist]
+        ms = [x.numel() - n for x, n in zip(ids, ns)]
+        H, M, B = max(ns), max(ms), len(ids)
+        input_ids = torch.full((B, H + M), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((B, H + M), dtype=torch.long, device=device)
+        for r, (x, n, m) in enumerate(zip(ids, ns, ms)):
+            input_ids[r, H - n : H] = x[:n]
+            input_ids[r, H + M - m :] = x[n:]
+            mask[r, H - n : H] = 1
+            mask[r, H + M - m :] = 1
+        cache = DynamicCache(config=self.model.config)
+        if H:
+            dtype = next(self.model.parameters()).dtype
+            for layer in range(self._state.kv.spec.num_layers):
+                ks, vs = [], []
+                for (layers, n) in hist:
+                    k0, v0 = (layers[layer] if layers is not None else hist_like(hist, layer))
+                    k = k0.new_zeros(k0.shape[0], H, k0.shape[2])
+                    v = v0.new_zeros(v0.shape[0], H, v0.shape[2])
+                    if n:
+                        k[:, H - n :], v[:, H - n :] = k0, v0
+                    ks.append(k)
+                    vs.append(v)
+                cache.update(torch.stack(ks).to(device, dtype), torch.stack(vs).to(device, dtype), layer)
+        return input_ids, mask, cache, ns, ms, H, M
+
+    def _check_context(self, ids, new_bound: int) -> None:
+        limit = self._state.options["max_context"]
+        for cid, x in zip(self.conv_ids, ids):
+            if limit is not None and x.numel() + new_bound > limit:
+                raise ValueError(
+                    f"{cid!r}: {x.numel()} + {new_bound} new tokens exceed max_context={limit}; batched sessions do "
+                    "not truncate: serve this conversation alone (cachedattn.session) or shorten it"
+                )
+
+    def generate(self, ids_list, **kwargs):
+        """One batched generate over the conversations' full ids; returns generate's
+        output for the padded layout plus ``.rows``: each row's generated ids."""
+        _check_batchable(self._state, kwargs)
+        ids = self._ids(ids_list)
+        new_bound = int(kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens or 20)
+        self._check_context(ids, new_bound)
+        t0 = time.perf_counter()
+        device = next(self.model.parameters()).device
+        pad = kwargs.get("pad_token_id", self.model.generation_config.pad_token_id)
+        pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
+        hist, loads = self._begin(ids)
+        try:
+            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, hist, pad, device)
+            del hist  # the cache holds the history now
+            first = _FirstToken(self.on_first_token)
+            procs = LogitsProcessorList([first])
+            kwargs = {**kwargs, "use_cache": True, "pad_token_id": pad}
+            out = self.model.generate(
+                input_ids, attention_mask=mask, logits_processor=procs, **{self._state.kv.cache_kwarg: cache}, **kwargs
+            )
+            seqs = getattr(out, "sequences", out)
+            with_kv = cache.get_seq_length() - (H + M)  # generated tokens that went through the model
+            eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+            eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+            gens = []
+            for r, (row, x, n, m) in enumerate(zip(self.rows, ids, ns, ms)):
+                g = seqs[r, H + M :]
+                stop = next((i + 1 for i, t in enumerate(g.tolist()) if t in eos), g.numel())
+                g = g[:stop]
+                gens.append(g)
+                row.reused_tokens, row.computed_tokens, row.generated_tokens = n, m, g.numel()
+                row.ttft = (first.at or time.perf_counter()) - t0
+                row.turns += 1
+                row._hidden_from = None  # every real token was visible: the KV is what a later turn computes
+                if row.save and row._weights_current:
+                    kept = min(g.numel(), with_kv)
+                    turn = torch.cat([x.to(g.device), g[:kept]])
+                    cols = torch.arange(H + M - m, H + M + kept)
+                    save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
+        finally:
+            _close_all(loads)  # the rows' conversations are in use until every row is saved
+        if hasattr(out, "sequences"):
+            out.rows = gens
+        return out if hasattr(out, "sequences") else gens
+
+    def forward_turns(self, ids_list, answers):
+        """Teacher forcing for a batch (the engine's answer jobs, replays): each row's prompt
+        (full ids) runs as one batched forward, then its given answer as a second one; each
+        row stores the KV of its prompt and answer. Returns (last-prompt-position logits
+        [B, vocab], each row's full sequence: prompt + answer, 1-D on the CPU).
+
+        The answers are left-padded after the prompts: [.. prompt | A - a holes | a answer],
+        holes masked and positions from the mask, so each answer token sits at its true
+        position and sees exactly its conversation's tokens before it."""
+        _check_batchable(self._state, {})
+        ids = self._ids(ids_list)
+        answers = self._ids(answers)
+        self._check_context([torch.cat([x, a]) for x, a in zip(ids, answers)], 0)
+        t0 = time.perf_counter()
+        device = next(self.model.parameters()).device
+        pad = self.model.generation_config.pad_token_id
+        pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
+        kw = self._state.kv.cache_kwarg
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        hist, loads = self._begin(ids)
+        try:
+            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, hist, pad, device)
+            del hist
+            # Positions from the mask, as generate derives them: a hole repeats its neighbour's (it is masked).
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids[:, H:], attention_mask=mask, position_ids=pos[:, H:], use_cache=True,
+                             **{kw: cache}, **keep)
+            logits = out.logits[:, -1].float()
+            if logits.is_cuda:
+                torch.cuda.synchronize()
+            ttft = time.perf_counter() - t0
+            if self.on_first_token is not None:
+                self.on_first_token()
+            lens = [a.numel() for a in answers]
+            if not any(row.save and row._weights_current for row in self.rows):
+                lens = [0] * len(lens)  # nothing is stored: the answers' KV would be thrown away (as a session skips it)
+            A = max(lens)
+            a_ids = torch.full((len(ids), A), pad, dtype=torch.long, device=device)
+            a_mask = torch.zeros((len(ids), A), dtype=torch.long, device=device)
+            for r, (a, k) in enumerate(zip(answers, lens)):
+                a_ids[r, A - k :] = a[:k].to(device)
+                a_mask[r, A - k :] = 1
+            if A:
+                mask = torch.cat([mask, a_mask], 1)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                self.model(a_ids, attention_mask=mask, position_ids=pos[:, H + M :], use_cache=True, **{kw: cache},
+                           **keep)
+            seqs = []
+            for r, (row, x, a, n, m, k) in enumerate(zip(self.rows, ids, answers, ns, ms, lens)):
+                turn = torch.cat([x, a.to(x.device)])
+                seqs.append(turn.cpu())
+                row.reused_tokens, row.computed_tokens, row.generated_tokens = n, m, 0
+                row.ttft = ttft
+                row.turns += 1
+                row._hidden_from = None
+                if row.save and row._weights_current:
+                    cols = torch.cat([torch.arange(H + M - m, H + M), torch.arange(H + M + A - k, H + M + A)])
+                    save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
+        finally:
+            _close_all(loads)
+        return logits, seqs
+
+
+def _close_all(loads) -> None:
+    for load in loads:
+        if load is not None:
+            load.close()
+
+
+def hist_like(hist, layer):
+    """Zero-length KV shaped like another row's (a row with no history among rows with one)."""
+    for layers, _ in hist:
+        if layers is not None:
+            k, v = layers[layer]
+            return k[:, :0], v[:, :0]
+    raise RuntimeError("no row of the batch has history")  # unreachable: H > 0 means some row has one
+
+
+def batch_session(model, conv_ids, save: bool = True, readahead: int | None = None) -> BatchSession:
+    """Several conversations' turns as one batch (see cachedattn.hf.batch)."""
+    return BatchSession(model, conv_ids, save=save, readahead=readahead)
