@@ -158,4 +158,7 @@ def preload(model, conv_id: str, input_ids) -> bool:
     loader = GpuLoader.for_model(state, model)
     if loader is None:
         return False
-    return loader.preload(state.store, keys.validate_conversation_id(conv_id), input_ids, state.kv.sliding, state.readahead)
+    conv_id = keys.validate_conversation_id(conv_id)
+    if state.saver is not None:  # its last turn may still be saving: preload what that turn commits
+        state.saver.wait(conv_id)
+    return loader.preload(state.store, conv_id, input_ids, state.kv.sliding, state.readahead)

@@ -225,3 +225,34 @@ def test_engine_read_buffer_goes_to_the_gpu(tmp_path):
         hp.preload = real
     assert preloads == ["q"] and jobs[1].reused_tokens == 48
     store.close()
+
+
+def test_preload_waits_for_the_conversations_save_in_flight(make_store):
+    import threading
+
+    from cachedattn.hf.async_saving import saver_of
+
+    model = tiny_model("llama")
+    cachedattn.patch(model, make_store())
+    ids = torch.randint(1, VOCAB, (1, 60), generator=torch.Generator().manual_seed(5))
+    hold = threading.Event()
+    with torch.no_grad():
+        with cachedattn.session(model, "q"):
+            model(ids[:, :1])  # the model's loader and saver exist from here on
+        saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: q's next save stays queued
+        with cachedattn.session(model, "q"):
+            model(ids)
+        got = []
+        t = threading.Thread(target=lambda: got.append(hp.preload(model, "q", torch.cat([ids, ids[:, :5]], 1))))
+        try:
+            t.start()
+            t.join(0.3)
+            assert t.is_alive(), "preload went ahead of the conversation's save in flight"
+        finally:
+            hold.set()
+        t.join(10)
+        assert got == [True]
+        with cachedattn.session(model, "q") as s:
+            out = model(torch.cat([ids, ids[:, :5]], 1)).logits
+        assert s.reused_tokens == 60
+        torch.testing.assert_close(out, model(torch.cat([ids, ids[:, :5]], 1)).logits[:, 60:], atol=1e-4, rtol=0)
