@@ -22,16 +22,8 @@ columns, or recomputing the batch; neither keeps the rows' KV and positions as
 the conversation alone computes them at no cost. A batch of one runs exactly
 as max_batch=1 (layer-wise loading, overflow truncation).
 
-Jobs join a batch only behind a job like them (FCFS: none jumps the queue): all
-answer jobs, or all generate jobs with the same max_new_tokens and options;
-one conversation at most once; within max_batch, max_batch_tokens (prompt +
-answer / max_new_tokens tokens summed over the batch) and host memory (each
-running row holds its history and its new KV in host memory). Jobs that cannot
-be batched at all run alone, the reason logged once: a model with
-sliding-window layers, sampling (a batch draws every row from one random
-stream, so a job's answer would depend on its batch-mates), generate options a
-batch does not serve (beams, assisted decoding, ...), and turns that overflow
-max_context (batches do not truncate). While a batch runs, every row's
+Which jobs may join a batch, and which always run alone (the reason logged
+once): cachedattn/serving/batching.py. While a batch runs, every row's
 conversation is in use (its history's load stays open), so the store never
 evicts a running job's chunks.
 
@@ -52,9 +44,9 @@ from collections import deque
 import torch
 
 import cachedattn
-from cachedattn.hf.batch import ALLOWED as BATCH_OPTIONS
 from cachedattn.hf.batch import BatchSession
 from cachedattn.serving import fetching
+from cachedattn.serving.batching import BatchFormer, job_tokens
 from cachedattn.serving.job import Job
 from cachedattn.serving.policies import QueueAwarePolicy
 from cachedattn.store.keys import validate_conversation_id
@@ -160,12 +152,7 @@ class Engine:
         self._device = next(model.parameters()).device
         self._fwd_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._pending_prefetch: list = []
-        # Why this model's jobs never batch (None: they may), and the reasons already logged.
-        self._model_solo = None
-        if any(w is not None for w in model._cachedattn.kv.sliding):
-            self._model_solo = ("the model has sliding-window layers (the padding holes of a batch would shorten "
-                                "the window per row: not exact)")
-        self._solo_logged: set[str] = set()
+        self._former = BatchFormer(model, store, self.max_batch, self.max_batch_tokens)
         self._batches = 0
         self._worker = None
         if background:
@@ -231,7 +218,7 @@ class Engine:
         with self._cv:
             if not self._queue:
                 return []
-            batch = self._take_batch()
+            batch = self._former.take(self._queue, self._host_cap if self.save else None)
         self._batches += 1
         if len(batch) == 1:
             self._run_one(batch[0])
@@ -276,81 +263,6 @@ class Engine:
             raise error  # Ctrl-C (or an exit) of whoever steps the engine: theirs to see, not only the job's
 
     # ---- batches ----------------------------------------------------------------
-
-    @staticmethod
-    def _job_tokens(job: Job) -> int:
-        """Tokens the job's turn holds at its end: prompt plus answer (or its bound)."""
-        return job.input_ids.shape[1] + (job.max_new_tokens if job.answer is None else job.answer.shape[1])
-
-    def _solo_reason(self, job: Job) -> str | None:
-        """Why this job cannot run in a batch (None: it can)."""
-        if self._model_solo is not None:
-            return self._model_solo
-        limit = self.model._cachedattn.options["max_context"]
-        if limit is not None and self._job_tokens(job) > limit:
-            return "a turn overflows max_context (batches do not truncate: the session alone does)"
-        if job.answer is not None:
-            return None  # fed answers: no decoding options apply
-        unknown = sorted(set(job.gen_kwargs) - BATCH_OPTIONS)
-        if unknown:
-            return f"generate options {unknown} are not served in batches"
-        if job.gen_kwargs.get("do_sample", self.model.generation_config.do_sample):
-            return ("sampling: a batch draws every row from one random stream, so a job's answer would depend on "
-                    "its batch-mates")
-        return None
-
-    @staticmethod
-    def _same_kind(a: Job, b: Job) -> bool:
-        """b may share a's batch: both fed answers, or both generating with the same options."""
-        if (a.answer is None) != (b.answer is None):
-            return False
-        if a.answer is not None:
-            return True
-        if a.max_new_tokens != b.max_new_tokens or set(a.gen_kwargs) != set(b.gen_kwargs):
-            return False
-        try:
-            return all(bool(a.gen_kwargs[k] == b.gen_kwargs[k]) for k in a.gen_kwargs)
-        except Exception:  # e.g. tensors of different shapes: not the same options
-            return False
-
-    def _host_need(self, job: Job) -> int:
-        """Host bytes a running row holds: its history's blocks (the open load) and its new chunks (the
-        append): the turn's tokens in whole chunks, plus the partial chunk both share (copied on write)."""
-        chunk = self.store.config.chunk_tokens
-        return (-(-self._job_tokens(job) // chunk) + 1) * self.store._geometry.block_bytes
-
-    def _take_batch(self) -> list[Job]:
-        """Pops the next batch (the caller holds self._cv; the queue is not empty): the head job,
-        then the jobs right behind it while they may join; the first that may not ends the batch."""
-        first = self._queue.popleft()
-        batch = [first]
-        if self.max_batch == 1:
-            return batch
-        why = self._solo_reason(first)
-        if why is not None:
-            self._note_solo(why)
-            return batch
-        tokens, host = self._job_tokens(first), self._host_need(first)
-        convs = {first.conv_id}
-        while self._queue and len(batch) < self.max_batch:
-            job = self._queue[0]
-            if job.conv_id in convs or not self._same_kind(first, job) or self._solo_reason(job) is not None:
-                break
-            t, h = self._job_tokens(job), self._host_need(job)
-            if self.max_batch_tokens is not None and tokens + t > self.max_batch_tokens:
-                break
-            if self.save and host + h > self._host_cap:  # without saving, rows hold nothing in host memory
-                break
-            batch.append(self._queue.popleft())
-            convs.add(job.conv_id)
-            tokens, host = tokens + t, host + h
-        return batch
-
-    def _note_solo(self, why: str) -> None:
-        if why not in self._solo_logged:
-            self._solo_logged.add(why)
-            log.warning("cachedattn: max_batch=%d, but some jobs run one at a time: %s (logged once)",
-                        self.max_batch, why)
 
     def _run_batch(self, batch: list[Job]) -> None:
         """Runs a batch of two or more jobs through a BatchSession. If the batch itself fails,
@@ -434,7 +346,7 @@ class Engine:
         The window is the queue as it is: the running batch has left it, so it starts after it."""
         running = [running] if isinstance(running, Job) else running
         window = self.queued_conversations()[: self.prefetch_window()]
-        need = sum(self._job_tokens(j) if j.answer is not None else j.input_ids.shape[1] for j in running)
+        need = sum(job_tokens(j) if j.answer is not None else j.input_ids.shape[1] for j in running)
         convs = [j.conv_id for j in running]
         with self._cv:  # the remote tier is found by tokens: the window's prompts (cachedattn/store/remote_sync.py)
             prompts = [(j.conv_id, j.input_ids[0]) for j in self._queue][: len(window)]
