@@ -125,7 +125,9 @@ class BatchSession:
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        """Nothing is held between calls: generate() and forward_turns() close their rows' loads
+        (in a finally) once every row is saved. A `with` block mirrors cachedattn.session."""
+        return None
 
     @property
     def conv_ids(self) -> list[str]:
