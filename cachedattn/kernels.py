@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from cachedattn import native
+from cachedattn.transfer import streams
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -26,15 +27,14 @@ def _check_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
-def _after_compute(engine, direction: str) -> None:
+def _after_compute(engine, direction: str, device: torch.device) -> None:
     """The engine's stream waits for the caller's current stream.
 
     Whatever the launch reads was written there (keys, new KV) and whatever it
     overwrites may still be read there (a reused buffer): without this the
     engine's stream races compute.
     """
-    stream = torch.cuda.current_stream(engine.device)
-    engine.wait_for_stream(direction, stream.cuda_stream)
+    engine.wait_for_stream(direction, streams.current(device))
 
 
 def rope_rotate(
@@ -74,7 +74,7 @@ def rope_rotate(
     if out.is_cuda:
         if engine is None:
             raise ValueError("a CUDA destination needs a CopyEngine (engine=...)")
-        _after_compute(engine, "h2d")
+        _after_compute(engine, "h2d", out.device)
         engine.rope_copy(*args, float(delta), inv.tolist(), layer)
     elif keys.is_cuda:
         raise ValueError("keys on the GPU with a CPU destination: copy them first")
@@ -101,8 +101,9 @@ def segment_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], engine=None, di
             raise ValueError(f"segment sizes differ: {n} vs {dst.numel() * dst.element_size()} bytes")
         segments.append((src.data_ptr(), dst.data_ptr(), n))
     if engine is not None:
-        if any(s.is_cuda or d.is_cuda for s, d in pairs):
-            _after_compute(engine, direction)
+        cuda = [t for pair in pairs for t in pair if t.is_cuda]
+        if cuda:
+            _after_compute(engine, direction, cuda[0].device)
         engine.segment_copy(direction, segments, layer)
     else:
         if any(s.is_cuda or d.is_cuda for s, d in pairs):

@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from cachedattn.transfer import streams
+
 log = logging.getLogger("cachedattn")
 
 
@@ -68,10 +70,6 @@ def saver_of(state) -> AsyncSaver:
     return state.saver
 
 
-def _compute_stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """Each head's rows contiguous (a cache row's slice is; a strided side buffer may not be)."""
     t = t.detach()
@@ -96,7 +94,7 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
             k, v = cache.row_new_kv(layer, row, start - n, m - n)
             sources.append((_dense(k), _dense(v)))
         if sources:
-            engine.wait_for_stream("d2h", _compute_stream(sources[0][0].device))
+            engine.wait_for_stream("d2h", streams.current(sources[0][0].device))
         for layer, (k, v) in enumerate(sources):
             engine.copy_batch("d2h", txn.copy_segments(layer, k, v))
         ticket = engine.record("d2h")

@@ -22,14 +22,11 @@ import threading
 
 import torch
 
+from cachedattn.transfer import streams
 from cachedattn.transfer.factory import engine_for
 from cachedattn.transfer.segments import place, plan_layer
 
 log = logging.getLogger("cachedattn")
-
-
-def compute_stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 class GpuLoad:
@@ -43,7 +40,7 @@ class GpuLoad:
         self.readahead = L if readahead is None else max(1, min(int(readahead), L))
         self._slot_bytes = max(p.nbytes for p in self.plans)
         self._buffer = loader.acquire_buffer(self.readahead * self._slot_bytes)
-        self._stream = compute_stream(loader.device)
+        self._stream = streams.current(loader.device)
         self._deferred: dict[int, list[int]] = {}  # layer -> chunk positions still waiting for the disk
         self._issued: set[int] = set()
         self._closed = False
