@@ -8,6 +8,12 @@ cache update, each save), never captured once, because a turn may run under
 started it. Tests replace the provider (``use``) with one that simulates
 several compute streams and devices on the CPU, so the ordering checks see
 the same calls the GPU sees.
+
+Devices too: code that picks a copy engine, a staging buffer set or a stream
+for a tensor asks ``device_of(t)`` (not ``t.device``), so a test can put the
+layers of a CPU model on several simulated devices. Memory is still
+allocated on ``t.device`` (the physical one); ``device_of`` is the logical
+device that ordering and engines are per.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ class CudaStreams:
         device = torch.device(device)
         return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
+    def device_of(self, t: torch.Tensor) -> torch.device:
+        return t.device
+
 
 _provider = CudaStreams()
 
@@ -31,6 +40,11 @@ _provider = CudaStreams()
 def current(device) -> int:
     """The handle of the stream that work on `device` issued now runs on."""
     return _provider.current(torch.device(device))
+
+
+def device_of(t: torch.Tensor) -> torch.device:
+    """The (logical) device whose engine and streams work on `t` goes through."""
+    return _provider.device_of(t)
 
 
 def provider():
