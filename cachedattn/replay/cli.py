@@ -1,5 +1,5 @@
 """`python -m cachedattn replay`: replays ShareGPT multi-turn conversations
-through each system on one trace and writes the comparison (see README)."""
+through each system on one trace and writes the comparison (see docs/replay.md)."""
 
 from __future__ import annotations
 
