@@ -48,7 +48,7 @@ log = logging.getLogger("cachedattn")
 #: Layer slots a staging buffer holds when the caller asks for no read-ahead depth.
 STAGED_LAYERS = 4
 _SLACK = 1.25  # growth headroom: a conversation growing turn by turn does not reallocate every turn
-_ALIGN = 2 << 20
+_ALIGN = 64 << 10  # allocation granularity of a staging buffer
 
 
 def staged_layers(readahead: int | None, num_layers: int) -> int:
