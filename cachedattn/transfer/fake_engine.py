@@ -15,6 +15,10 @@ It also enforces the rules the native engine cannot check by itself:
 - slot reuse: a copy into a region that a compute stream was bound to read
   (stream_wait_layer) raises until wait_for_stream(direction, that stream)
   fenced the reader.
+
+Under a race detector (cachedattn.testing.race, installed through
+guards.observing) every copy, event, wait and fence is also reported to it, so
+ordering is checked as happens-before, independently of when copies ran.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ def _direction(d: str) -> str:
     if d not in DIRECTIONS:
         raise ValueError(f"direction must be 'h2d' or 'd2h', not {d!r}")
     return d
+
+
+def _tell(hook: str, *args) -> None:
+    """Reports to the race detector, if one is installed (tests)."""
+    obs = guards.observer()
+    if obs is not None:
+        getattr(obs, hook)(*args)
 
 
 def _overlaps(a: int, n: int, b: int, m: int) -> bool:
@@ -87,6 +98,7 @@ class FakeCopyEngine:
             self._epoch += 1
             self._events.clear()
             self._layer_writes.clear()
+            _tell("on_epoch", self, self._epoch)
             return self._epoch
 
     def _check_layer(self, layer: int) -> int:
@@ -98,6 +110,7 @@ class FakeCopyEngine:
     def _issue(self, direction: str, run, reads, writes, layer: int) -> None:
         direction, layer = _direction(direction), self._check_layer(layer)
         with self._lock:
+            _tell("on_copy", self, direction, reads, writes, layer)
             for stream, regions in self._readers.items():
                 for dst, n in writes:
                     for a, m in regions:
@@ -159,6 +172,7 @@ class FakeCopyEngine:
         with self._lock:
             # Work queued on `stream` so far (its reads of copied buffers included) precedes what comes next.
             self._readers.pop(int(stream), None)
+            _tell("on_wait_for_stream", self, direction, int(stream))
 
     def _perform_at(self, direction: str, upto: int) -> None:
         """Runs the direction's copies issued before sequence number `upto` (a stream completes in order)."""
@@ -175,6 +189,7 @@ class FakeCopyEngine:
             raise ValueError(f"layer {layer} out of range (engine has {self._num_layers})")
         pos = self._events.get((direction, layer))
         if pos is None:
+            _tell("on_stale_wait", self, direction, layer)
             raise RuntimeError(f"layer {layer} of direction {direction} was not issued in epoch {self._epoch}")
         return pos
 
@@ -183,10 +198,12 @@ class FakeCopyEngine:
             pos = self._event(direction, layer)
             self._perform_at(direction, pos)
             self._readers.setdefault(int(stream), []).extend(self._layer_writes.get((direction, int(layer)), []))
+            _tell("on_stream_wait_layer", self, direction, int(layer), int(stream))
 
     def wait_layer(self, direction: str, layer: int) -> None:
         with self._lock:
             self._perform_at(direction, self._event(direction, layer))
+            _tell("on_host_wait_layer", self, direction, int(layer))
 
     def layer_done(self, direction: str, layer: int) -> bool:
         with self._lock:
@@ -196,6 +213,7 @@ class FakeCopyEngine:
                 self._polled.add(key)
                 return False
             self._perform_at(direction, pos)
+            _tell("on_host_wait_layer", self, direction, int(layer))
             return True
 
     def record(self, direction: str) -> int:
@@ -204,6 +222,7 @@ class FakeCopyEngine:
             t = self._next_ticket
             self._next_ticket += 1
             self._tickets[t] = (direction, self._issued[direction])
+            _tell("on_record", self, direction, t)
             return t
 
     def _ticket(self, ticket: int) -> tuple[str, int]:
@@ -221,6 +240,7 @@ class FakeCopyEngine:
             self._polled.discard(("ticket", ticket))
             self._perform_at(direction, pos)
             del self._tickets[int(ticket)]
+            _tell("on_host_wait_ticket", self, int(ticket))
             return True
 
     def wait_ticket(self, ticket: int) -> None:
@@ -229,11 +249,13 @@ class FakeCopyEngine:
             self._polled.discard(("ticket", ticket))
             self._perform_at(direction, pos)
             del self._tickets[int(ticket)]
+            _tell("on_host_wait_ticket", self, int(ticket))
 
     def synchronize(self, direction: str) -> None:
         direction = _direction(direction)
         with self._lock:
             self._perform_at(direction, self._issued[direction])
+            _tell("on_synchronize", self, direction)
 
     # ---- checks for the wiring and tests (not part of the native API) ---------------------
 

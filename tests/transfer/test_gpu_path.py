@@ -99,18 +99,21 @@ def test_the_gpu_branch_is_taken(make_store, monkeypatch):
     assert sorted(calls) == [0, 1, 2]  # the second turn's three layers, once each
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_a_missing_layer_wait_gives_wrong_logits(make_store, monkeypatch):
     monkeypatch.setattr(FakeCopyEngine, "stream_wait_layer", lambda self, d, layer, stream: None)
     diffs, _ = _turns(tiny_model("llama"), make_store, 2, turns=[40, 30], check=False)
     assert not diffs[1] <= 1e-4  # NaN or far off: the fake catches a missing wait
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_a_missing_fence_before_refilling_a_slot_raises(make_store, monkeypatch):
     monkeypatch.setattr(FakeCopyEngine, "wait_for_stream", lambda self, d, stream: None)
     with pytest.raises(RuntimeError, match="slot reuse"):
         _turns(tiny_model("llama"), make_store, 1, turns=[40, 30])
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_blocks_released_without_waiting_for_the_copies_raises(make_store, monkeypatch):
     monkeypatch.setattr(GpuLoad, "_wait_copies", lambda self: None)
     # readahead 1: layer 1 is issued by layer 0's update and never waited for: its forward raises
@@ -154,6 +157,7 @@ def test_a_forward_raising_mid_turn_releases_blocks_after_the_copies(make_store,
         torch.testing.assert_close(out[:, -1], model(full).logits[:, -1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_epochs_one_per_turn_and_a_stale_layer_is_refused(make_store, monkeypatch):
     epochs = []
     real = FakeCopyEngine.begin_epoch
