@@ -170,9 +170,12 @@ class HappensBefore:
                     if (write or old.write) and not self.ordered(old, t):
                         self._report(kind, f"{a.describe(self._names)} is not ordered after "
                                      f"{old.describe(self._names)}", ("this access", stack), ("the earlier access", old.stack))
-                    # A covered earlier access ordered before a write (or by the same thread) can race with
-                    # nothing the new one would not also race with: drop it (the history stays small).
-                    if old.lo >= lo and old.hi <= hi and (old.thread == t or (write and self.ordered(old, t))):
+                    # A covered earlier access that happens before a new write, or a covered earlier read of the
+                    # same thread before a new read, can race with nothing the new one would not also race with:
+                    # drop it (the history stays small). A read never hides an earlier write.
+                    if old.lo >= lo and old.hi <= hi and (
+                        (write and self.ordered(old, t)) or (not old.write and old.thread == t)
+                    ):
                         continue
                     keep.append(old)
                 keep.append(a)

@@ -308,20 +308,20 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if func not in _ALLOCATE and all(not t.is_floating_point() for t in ins + outs):
-            # Token ids, positions, indices, flags: host-side bookkeeping in the GPU path, which a CPU box cannot
-            # tell from device tensors. Taken as synchronous host work after the current stream (lenient here
-            # only: KV, hidden states and logits are floating point and are checked exactly).
-            stream = self.det.host()
-            self.hb.edge(self.sim.current_stream(dev), stream)
-        elif any(self.det.on_host(*storage_range(t)) for t in ins + outs):
-            # Pinned host memory: the CPU path (the store's host reads), a synchronous op on the host. Its other
-            # tensors are then host tensors too, which a CPU box cannot tell from device ones: the host is taken
-            # to have waited for the current stream (lenient for these ops only).
-            stream = self.det.host()
-            self.hb.edge(self.sim.current_stream(dev), stream)
-        else:
-            stream = self.sim.current_stream(dev)
-            self.hb.edge(self.det.host(), stream)  # launched from the host
+            # Token ids, positions, indices, flags: host-side bookkeeping in the GPU path (CPU tensors there),
+            # which a CPU box cannot tell from device tensors. Neither recorded nor an edge (their .item() is no
+            # device sync): KV, hidden states and logits are floating point and are checked exactly.
+            self._assign_fresh(ins, outs, dev)
+            return out
+        if any(self.det.on_host(*storage_range(t)) for t in ins + outs):
+            # Pinned host memory: the CPU path (the store's host reads and writes), a synchronous op on the host.
+            # Its other tensors are host tensors there too, which a CPU box cannot tell from device ones: only
+            # the pinned ranges are recorded (against engine copies and releases), and no stream edge is made.
+            self._host_op(func, ins, outs, mutated)
+            self._assign_fresh(ins, outs, dev)
+            return out
+        stream = self.sim.current_stream(dev)
+        self.hb.edge(self.det.host(), stream)  # launched from the host
         self.det.ops += 1
         stack = capture_stack()
         name = func.__name__
@@ -341,9 +341,24 @@ class _Recorder(TorchDispatchMode):
             self.hb.access(stream, lo, hi, True, f"{name} allocation", stack, fresh=True)
             if func not in _ALLOCATE:
                 self.hb.access(stream, *storage_range(t), True, f"{name} output", stack)
-        if isinstance(out, (bool, int, float)) and ins and stream is not self.det.host():  # the value reached the host: it waited for the stream
+        if isinstance(out, (bool, int, float)) and ins:  # the value reached the host: it waited for the stream
             self.hb.edge(stream, self.det.host())
         return out
+
+    def _assign_fresh(self, ins, outs, dev) -> None:
+        """New output storages take the op's device (an address freed and reused must not keep an old one)."""
+        in_bases = {storage_of(t)[0] for t in ins}
+        for t in outs:
+            if storage_of(t)[0] not in in_bases:
+                self.sim.assign(t, dev)
+
+    def _host_op(self, func, ins, outs, mutated) -> None:
+        stack, host = capture_stack(1), self.det.host()
+        for t in ins + outs:
+            lo, hi = storage_range(t)
+            if self.det.on_host(lo, hi):
+                write = any(t is m for m in mutated) or any(t is o for o in outs)
+                self.hb.access(host, lo, hi, write, f"{func.__name__} on pinned host memory", stack)
 
 
 def _mutated(func, args, kwargs) -> list[torch.Tensor]:

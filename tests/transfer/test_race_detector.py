@@ -283,3 +283,12 @@ def test_memory_reused_by_an_allocation_while_a_copy_may_use_it_is_reported():
     hb.edge(engine, stream)
     hb.access(stream, 0x1000, 0x1800, True, "allocation", (), fresh=True)
     assert hb.reports == []
+
+
+def test_a_read_on_the_writing_stream_does_not_hide_the_write_from_other_streams():
+    hb = HappensBefore()
+    stream, engine = "compute", "d2h"
+    hb.access(stream, 0x1000, 0x1400, True, "write", ())
+    hb.access(stream, 0x1000, 0x1400, False, "attention reads it", ())  # must not replace the write
+    hb.access(engine, 0x1000, 0x1400, False, "a D2H copy not fenced after it", ())
+    assert [r.kind for r in hb.reports] == ["race"] and "write" in hb.reports[0].message
