@@ -88,7 +88,7 @@ build() {
 
 # The GPU-path tests taking the `gpu` fixture; on the card their [cuda] cases, dry: a few [fake] ones.
 GPU_PATH_TESTS=(tests/transfer/test_gpu_path.py tests/transfer/test_chunk_boundaries.py)
-gpu_path_k() { if [ -n "$DRY" ]; then echo "fake and (llama-1 or ra1)"; else echo "cuda"; fi; }
+gpu_path_k() { if [ -n "$DRY" ]; then echo "fake-llama-1] or fake-full-1]"; else echo "cuda"; fi; }
 
 gpu_path() {
   CACHEDATTN_GPU_TESTS=1 timeout "$STEP_T" "${PYTEST[@]}" "${GPU_PATH_TESTS[@]}" -k "$(gpu_path_k)" 2>&1 | tail -25

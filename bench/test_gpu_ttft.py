@@ -4,8 +4,10 @@ Model: Llama-3.1-8B's shape (hidden 4096, 32 layers, 32 heads, 8 KV heads,
 MLP 14336, vocab 128256, rope_theta 500000, default RoPE, no rope scaling),
 bf16, sdpa, random weights built on the GPU (normal std 0.02, initialised there:
 nothing of the 16 GB passes through the CPU). TTFT = one forward that yields
-the first new token's logits (``logits_to_keep=1``), ended by
-``torch.cuda.synchronize()`` before the clock is read. Grid H = 1024, 4096,
+the first new token's logits (``logits_to_keep=1``), ended by synchronizing
+the turn's own stream (``torch.cuda.current_stream().synchronize()``, not the
+whole device: other jobs' saves and preloads on the engine's streams are not
+the turn's) before the clock is read. Grid H = 1024, 4096,
 16384 (``CACHEDATTN_TTFT_H``), median of 3 rounds after 1 warm-up.
 
 Systems, side by side on the same model in one run:
@@ -16,7 +18,10 @@ Systems, side by side on the same model in one run:
   How: ``cachedattn.transfer.gpu_load.engine_for`` (the name GpuLoader.for_model
   calls) returns None and the model's loader is set aside for the turn
   (see ``host_path``), exactly what a store without a page-locked pool gets;
-- engine-ra-all: the copy engine, every layer issued at turn start;
+- engine-default: the copy engine with the bounded default staging
+  (``readahead=None``: gpu_load.STAGED_LAYERS layer slots, ring-reused);
+- engine-ra-all: the copy engine, every layer issued at turn start (one staging
+  slot per layer: the unbounded "all");
 - engine-ra2: the copy engine, read-ahead 2 layers;
 - preloaded: ``cachedattn.hf.patch.preload`` issued in the round's setup (as the
   serving engine does while the previous job decodes), the device synchronized
@@ -27,7 +32,9 @@ stays in the host tier (no disk tier: warm host memory).
 Also: pinned H2D bandwidth (torch copy) and per H the bound history bytes / that
 bandwidth; per engine system, one extra untimed round measuring with CUDA events
 how long the compute stream waits on the layer events (``stall_ms``: sum over
-layers; ``stall_max_ms``: the longest layer). Exactness: the tiny fp32 llama
+layers; ``stall_max_ms``: the longest layer), the peak GPU memory allocated
+during that round (``peak_MB``) and the staging bytes the loader holds after it
+(``staged_MB``): the bounded default's cost next to "all". Exactness: the tiny fp32 llama
 (tests/hf/models.py's config) cached vs recompute within 1e-4 on every system;
 the bf16 8B shape at the smallest H: last-token logits of cached vs recompute
 within 0.25 of the logits' standard deviation, and the same argmax (a
@@ -61,8 +68,8 @@ gl = importlib.import_module("cachedattn.transfer.gpu_load")
 
 DRY_ENV = "CACHEDATTN_TTFT_DRY"
 ROUNDS, WARMUP = 3, 1
-SYSTEMS = ["recompute", "ideal", "host", "engine-ra-all", "engine-ra2", "preloaded"]
-ENGINE_SYSTEMS = ("engine-ra-all", "engine-ra2", "preloaded")
+SYSTEMS = ["recompute", "ideal", "host", "engine-default", "engine-ra-all", "engine-ra2", "preloaded"]
+ENGINE_SYSTEMS = ("engine-default", "engine-ra-all", "engine-ra2", "preloaded")
 CACHED_SYSTEMS = ("host", *ENGINE_SYSTEMS)
 # The tiny llama of tests/hf/models.py (kept in step by hand: bench/ does not import tests/).
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -91,15 +98,27 @@ def device() -> torch.device:
 
 
 def sync() -> None:
+    """The turn's own work is done: its stream, not the device (the engine's streams may hold
+    other jobs' saves and preloads)."""
+    if device().type == "cuda":
+        torch.cuda.current_stream().synchronize()
+
+
+def settle() -> None:
+    """Untimed setup: everything queued anywhere on the device is done."""
     if device().type == "cuda":
         torch.cuda.synchronize()
+
+
+def readahead_of(system: str, num_layers: int):
+    return {"engine-ra2": 2, "engine-ra-all": num_layers}.get(system)  # None: the bounded default
 
 
 def big_config():
     from transformers import LlamaConfig
 
     if dry():
-        shape = dict(TINY, num_hidden_layers=4)
+        shape = dict(TINY, num_hidden_layers=6)  # more layers than the default staging holds
     else:
         shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8)
@@ -153,16 +172,16 @@ class StallProbe:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream_wait_layer(self, direction, layer, stream):
+    def stream_wait_layer(self, direction, layer, stream, epoch=-1):
         if self._cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            self._engine.stream_wait_layer(direction, layer, stream)
+            self._engine.stream_wait_layer(direction, layer, stream, epoch)
             b.record()
             self.spans.append((a, b))
         else:
             t = time.perf_counter()
-            self._engine.stream_wait_layer(direction, layer, stream)
+            self._engine.stream_wait_layer(direction, layer, stream, epoch)
             self.spans.append((time.perf_counter() - t) * 1e3)
 
     def per_layer_ms(self) -> list[float]:
@@ -248,7 +267,7 @@ class Rig:
         if saver is not None:
             saver.drain()
         self.store.flush()
-        sync()
+        settle()
         assert conv in self.store
 
     def check_engine(self) -> None:
@@ -263,7 +282,7 @@ class Rig:
     def turn(self, h: int, system: str, logits_to_keep: int = 1) -> torch.Tensor:
         """One cached turn of `system` (untimed by itself); returns its logits."""
         ids, conv = self.ids(h), self.conv(h)
-        readahead = 2 if system == "engine-ra2" else None
+        readahead = readahead_of(system, self.cfg.num_hidden_layers)
         ctx = host_path(self.model) if system == "host" else contextlib.nullcontext()
         with torch.no_grad(), ctx, cachedattn.session(self.model, conv, save=False, readahead=readahead) as s:
             out = self.model(ids, logits_to_keep=logits_to_keep).logits
@@ -273,7 +292,7 @@ class Rig:
 
     def preload(self, h: int) -> None:
         assert hp.preload(self.model, self.conv(h), self.ids(h)), "preload issued nothing"
-        sync()  # the read buffer's copies are done (the previous job's decode had time for them)
+        settle()  # the read buffer's copies are done (the previous job's decode had time for them)
 
     def measure(self, h: int, system: str, timer) -> dict:
         self.ensure_stored(h)
@@ -306,7 +325,7 @@ class Rig:
                 secs = timer(fn, setup)
                 del cache
             else:
-                setup = (lambda: self.preload(h)) if system == "preloaded" else sync
+                setup = (lambda: self.preload(h)) if system == "preloaded" else settle
                 secs = timer(lambda: self.turn(h, system), setup)
                 if system in ENGINE_SYSTEMS:
                     self.check_engine()
@@ -331,15 +350,21 @@ class Rig:
         loader = self.model._cachedattn.gpu
         real = loader.engine
         probe = loader.engine = StallProbe(real)
+        cuda = self.dev.type == "cuda"
         try:
             if system == "preloaded":
                 self.preload(h)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             self.turn(h, system)
         finally:
             loader.engine = real
         ms = probe.per_layer_ms()
         assert len(ms) == self.cfg.num_hidden_layers, len(ms)
-        return {"stall_ms": sum(ms), "stall_max_ms": max(ms)}
+        row = {"stall_ms": sum(ms), "stall_max_ms": max(ms), "staged_MB": loader.staged_bytes() / 1e6}
+        if cuda:
+            row["peak_MB"] = torch.cuda.max_memory_allocated() / 1e6
+        return row
 
     # ---- exactness on the 8B shape (bf16) ----------------------------------------
 
@@ -392,7 +417,7 @@ def exact_fp32() -> list[dict]:
                 model._cachedattn.saver.drain()
             ref = model(ids).logits[:, h:]
             for system in CACHED_SYSTEMS:
-                readahead = 2 if system == "engine-ra2" else None
+                readahead = readahead_of(system, model.config.num_hidden_layers)
                 if system == "preloaded":
                     assert hp.preload(model, "exact", ids)
                 ctx = host_path(model) if system == "host" else contextlib.nullcontext()

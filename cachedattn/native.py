@@ -109,9 +109,13 @@ def io_backend() -> str:
 def CopyEngine(device: int, num_layers: int) -> _core.CopyEngine:
     """Dedicated H2D/D2H CUDA streams with per-epoch layer events and tickets.
 
-    The API (begin_epoch, copy_batch, segment_copy, rope_copy, wait_for_stream,
-    stream_wait_layer, wait_layer, layer_done, record, ticket_done, wait_ticket,
-    synchronize) is the one the fake engine in cachedattn.transfer mirrors.
+    The API (begin_epoch, end_epoch, copy_batch, copy_2d, segment_copy, rope_copy,
+    wait_for_stream, stream_wait_layer, wait_layer, layer_done, record,
+    ticket_done, wait_ticket, synchronize) is the one the fake engine in
+    cachedattn.transfer mirrors. Epochs: one per load, several open at once;
+    the layer-event calls take ``epoch=`` (-1: the most recently begun).
+    ``copy_2d(direction, src, src_pitch, dst, dst_pitch, width, height, layer=-1,
+    epoch=-1)`` is one strided copy (cudaMemcpy2DAsync).
     Raises RuntimeError naming why when there is no usable GPU.
     """
     if not cuda_available():

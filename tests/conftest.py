@@ -91,12 +91,13 @@ class GpuPath:
         assert isinstance(eng, FakeCopyEngine if self.kind == "fake" else native.CopyEngine), type(eng)
         return eng
 
-    def assert_close(self, out, ref):
+    def tolerance(self, ref) -> float:
         """Cached equals recompute: within 1e-4 in fp32; in bf16 within 5% of the logits' spread (the new
         tokens' matmuls have other shapes than recompute's, so bf16 rounds differently)."""
-        out, ref = out.float(), ref.float()
-        atol = 1e-4 if self.exact else 0.05 * ref.std().item()
-        torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+        return 1e-4 if self.exact else 0.05 * ref.float().std().item()
+
+    def assert_close(self, out, ref):
+        torch.testing.assert_close(out.float(), ref.float(), atol=self.tolerance(ref), rtol=0)
 
 
 def _gpu_kinds():

@@ -373,3 +373,61 @@ def test_concurrent_wait_for_stream_keeps_every_dependency(engine):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_open_epochs_keep_their_layer_events_until_ended(pool, engine):
+    """One epoch per load: the read buffer's new epoch leaves the running load's events usable."""
+    b = pool.alloc()
+    try:
+        _block_tensor(b).fill_(3)
+        dev = torch.zeros(2, BLOCK, dtype=torch.uint8, device="cuda")
+        e1 = engine.begin_epoch()
+        engine.copy_batch("h2d", [(b.ptr, dev[0].data_ptr(), BLOCK)], layer=2, epoch=e1)
+        e2 = engine.begin_epoch()
+        engine.copy_batch("h2d", [(b.ptr, dev[1].data_ptr(), BLOCK)], layer=2, epoch=e2)
+        stream = torch.cuda.current_stream().cuda_stream
+        engine.stream_wait_layer("h2d", 2, stream, e1)
+        assert int(dev[0].min()) == 3
+        engine.wait_layer("h2d", 2, e2)
+        assert engine.layer_done("h2d", 2, e1) and engine.layer_done("h2d", 2, e2)
+        engine.end_epoch(e1)
+        with pytest.raises(RuntimeError, match=f"layer 2 of direction h2d was not issued in epoch {e1}"):
+            engine.wait_layer("h2d", 2, e1)
+        with pytest.raises(RuntimeError, match=f"epoch {e1} is not open"):
+            engine.copy_batch("h2d", [(b.ptr, dev[0].data_ptr(), BLOCK)], layer=2, epoch=e1)
+        engine.end_epoch(e2)
+    finally:
+        pool.free(b)
+
+
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_copy_2d_moves_strided_rows_in_one_call(pool, engine, direction):
+    """One cudaMemcpy2DAsync per layer, chunk and K/V: every head's tokens of a chunk (rows of
+    `width` bytes at the source's head stride, into the block's head stride)."""
+    b = pool.alloc()
+    try:
+        host = _block_tensor(b, torch.float32)[: 8 * 64].view(8, 64)  # 8 heads x 64 floats
+        dev = torch.arange(8 * 100, dtype=torch.float32, device="cuda").view(8, 100)
+        engine.begin_epoch()
+        if direction == "d2h":
+            host.zero_()
+            engine.copy_2d("d2h", dev.data_ptr() + 4 * 10, 400, host.data_ptr() + 4 * 5, 256, 4 * 20, 8, layer=1)
+            engine.wait_layer("d2h", 1)
+            assert torch.equal(host[:, 5:25], dev[:, 10:30].cpu())
+            assert not host[:, :5].any() and not host[:, 25:].any()
+        else:
+            host.copy_(torch.arange(8 * 64, dtype=torch.float32).view(8, 64))
+            engine.copy_2d("h2d", host.data_ptr() + 4 * 5, 256, dev.data_ptr() + 4 * 10, 400, 4 * 20, 8, layer=1)
+            engine.stream_wait_layer("h2d", 1, torch.cuda.current_stream().cuda_stream)
+            assert torch.equal(dev[:, 10:30].cpu(), host[:, 5:25])
+        with pytest.raises(ValueError, match="exceeds a pitch"):
+            engine.copy_2d(direction, host.data_ptr(), 16, dev.data_ptr(), 16, 32, 2)
+    finally:
+        pool.free(b)
+
+
+def test_copy_2d_refuses_pageable_host_memory(engine):
+    host = torch.zeros(4096, dtype=torch.uint8)
+    dev = torch.zeros(4096, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="pageable"):
+        engine.copy_2d("h2d", host.data_ptr(), 64, dev.data_ptr(), 64, 64, 8)

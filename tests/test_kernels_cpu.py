@@ -144,7 +144,7 @@ def test_segment_copy_raw_bytes(rng):
 
 # The copy-engine API every caller (and the fake engine) is written against: GPU_API.md.
 ENGINE_API = [
-    "device", "num_layers", "stream", "begin_epoch", "copy_batch", "segment_copy", "rope_copy",
+    "device", "num_layers", "stream", "begin_epoch", "end_epoch", "copy_batch", "copy_2d", "segment_copy", "rope_copy",
     "wait_for_stream", "stream_wait_layer", "wait_layer", "layer_done", "record", "ticket_done",
     "wait_ticket", "synchronize",
 ]

@@ -65,8 +65,8 @@ class _FirstToken(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         if self.at is None:
-            if scores.is_cuda:
-                torch.cuda.synchronize()
+            if scores.is_cuda:  # the batch's own stream, not other jobs' copies on the device
+                torch.cuda.current_stream(scores.device).synchronize()
             self.at = time.perf_counter()
             if self._then is not None:
                 self._then()
@@ -298,7 +298,7 @@ class BatchSession:
                              **{kw: cache}, **keep)
             logits = out.logits[:, -1].float()
             if logits.is_cuda:
-                torch.cuda.synchronize()
+                torch.cuda.current_stream(logits.device).synchronize()
             ttft = time.perf_counter() - t0
             if self.on_first_token is not None:
                 self.on_first_token()

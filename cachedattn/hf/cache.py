@@ -65,15 +65,15 @@ class StoreBackedCache(DynamicCache):
 
     @_disable
     def _restore_gpu(self, layer_idx: int, like: torch.Tensor) -> None:
-        """GPU path: the compute stream waits for this layer's copies, no host sync (see transfer.gpu_load)."""
-        k, v = self._gpu.layer(layer_idx)  # already only the window on sliding layers
+        """GPU path, sliding-window layer: the compute stream waits for this layer's copies, no host
+        sync (see transfer.gpu_load); the window is copied out of the staging slot once."""
+        k, v = self._gpu.layer(layer_idx, device=like.device)  # already only the window
         rows = like.shape[0]
         layer = self.layers[layer_idx]
         k, v = k.unsqueeze(0).expand(rows, -1, -1, -1), v.unsqueeze(0).expand(rows, -1, -1, -1)
         layer.lazy_initialization(k, v)
-        if self._sliding[layer_idx] is not None:
-            layer.cumulative_length = self._n
-        layer.keys, layer.values = k.contiguous(), v.contiguous()
+        layer.cumulative_length = self._n
+        layer.keys, layer.values = k.contiguous(), v.contiguous()  # no copy for one row
 
     def close_load(self) -> None:
         """Ends the store's load (after the copies reading its blocks, on the GPU path)."""
@@ -84,13 +84,15 @@ class StoreBackedCache(DynamicCache):
 
     @_disable
     def _restore_full(self, layer_idx: int, key_states, value_states):
-        """Full-attention layer on the CPU: the history is read straight into the
-        front of the tensors the layer will hold, the new tokens copied behind it
-        (one copy of the history instead of read-then-concatenate)."""
+        """Full-attention layer: the history is written straight into the front of the tensors
+        the layer will hold (from the staging slot on the GPU path, from the host blocks on the
+        CPU), the new tokens copied behind it: one copy of the history, no concatenation."""
         b, h, q, d = key_states.shape
         k = key_states.new_empty(b, h, self._n + q, d)
         v = value_states.new_empty(b, h, self._n + q, d)
-        if self._loaded:
+        if self._gpu is not None:
+            self._gpu.layer(layer_idx, k[0, :, : self._n], v[0, :, : self._n])
+        elif self._loaded:
             hk, hv = self._loaded.pop(layer_idx)
             k[0, :, : self._n], v[0, :, : self._n] = hk, hv
         else:
@@ -120,12 +122,12 @@ class StoreBackedCache(DynamicCache):
                 else (torch.cat([old[0], key_states], -2), torch.cat([old[1], value_states], -2))
             )
         if self._pending and self._take_pending(layer_idx):
+            if self._sliding[layer_idx] is None and (self._gpu is not None or key_states.device.type == "cpu"):
+                return self._restore_full(layer_idx, key_states, value_states)
             if self._gpu is not None:
                 self._restore_gpu(layer_idx, key_states)
-                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-            if self._sliding[layer_idx] is None and key_states.device.type == "cpu":
-                return self._restore_full(layer_idx, key_states, value_states)
-            self._restore(layer_idx, key_states)
+            else:
+                self._restore(layer_idx, key_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

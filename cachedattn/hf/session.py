@@ -263,7 +263,7 @@ class Session:
         self._emitted = True
         if self.ttft is None and self._t0 is not None:
             if self._cuda:  # kernels run asynchronously: the first token exists when they are done
-                torch.cuda.synchronize()
+                first_token_ready(cache)
             self.ttft = time.perf_counter() - self._t0
             if self.on_first_token is not None:
                 self.on_first_token()
@@ -359,6 +359,15 @@ class Session:
         # The KV saved is that of sequence 0 as far as a cache row provably holds it (see saving.provable_row).
         self._finish(cache, seqs[0], n)
         return out
+
+
+def first_token_ready(cache) -> None:
+    """Waits for the turn's own streams (those current on the devices its cache lives on), not the
+    whole device: other jobs' saves and preloads queued on the copy engine are not this turn's."""
+    devices = {layer.keys.device for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None}
+    for device in devices or {torch.device("cuda", torch.cuda.current_device())}:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
 
 def _skip_history(kwargs: dict, n: int, prompt_len: int) -> dict:

@@ -224,7 +224,21 @@ class Engine:
             self._run_one(batch[0])
         else:
             self._run_batch(batch)
+        with self._cv:
+            idle = not self._queue
+        if idle:
+            self._release_staging()
         return batch
+
+    def _release_staging(self) -> None:
+        """The queue ran dry: the GPU staging buffers no load holds go back to the allocator
+        (the next turn allocates what it needs; a read buffer still filled keeps its own)."""
+        loader = getattr(getattr(self.model, "_cachedattn", None), "gpu", None)
+        if loader is not None:
+            try:
+                loader.trim()
+            except Exception as e:  # bookkeeping, never the job's failure
+                log.warning("cachedattn: freeing idle GPU staging failed (%s: %s)", type(e).__name__, e)
 
     def _run_one(self, job: Job) -> None:
         """One job alone: exactly the engine's behaviour before batching existed."""

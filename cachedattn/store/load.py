@@ -108,6 +108,11 @@ class KVLoad:
         disk = sum(min(C, self.n_tokens - i * C) for i in self._disk_pos)
         return {"host": self.n_tokens - disk, "disk": disk}
 
+    @property
+    def geo(self):
+        """The store's chunk geometry (how a chunk block holds each layer's K and V)."""
+        return self._geo
+
     def layer_ready(self, layer: int) -> bool:
         """True when read_layer(layer) would not wait for the disk."""
         if layer in self._verified or not self._disk_pos:

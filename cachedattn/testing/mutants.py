@@ -101,15 +101,24 @@ class _Remove(ast.NodeTransformer):
         return super().visit(node)
 
 
+def _mutated(site: Site) -> ast.FunctionDef:
+    fn = dict(_functions(ast.parse(_source(site.module))))[site.qualname]
+    node = [n for n, name in _ordering_nodes(fn) if name == site.call][site.nth - 1]
+    fn = _Remove(node).visit(fn)
+    fn.decorator_list = []
+    return fn
+
+
+def mutated_source(site: Site) -> str:
+    """The enclosing function's source with the site removed (what `apply` installs)."""
+    return ast.unparse(_mutated(site))
+
+
 @contextlib.contextmanager
 def apply(site: Site):
     """The code with `site` removed, installed within the block."""
     mod = importlib.import_module(site.module)
-    tree = ast.parse(_source(site.module))
-    fn = dict(_functions(tree))[site.qualname]
-    node = [n for n, name in _ordering_nodes(fn) if name == site.call][site.nth - 1]
-    fn = _Remove(node).visit(fn)
-    fn.decorator_list = []
+    fn = _mutated(site)
     code = ast.Module(body=[fn], type_ignores=[])
     ast.fix_missing_locations(code)
     ns: dict = {}

@@ -104,8 +104,8 @@ class Detector:
         self.hb = HappensBefore()
         self._engines: dict[int, int] = {}  # id(engine) -> number
         self._numbers = itertools.count(1)
-        self._events: dict[tuple, tuple] = {}  # (engine, direction, layer) -> (epoch, snapshot)
-        self._epoch: dict[int, tuple] = {}  # engine -> (epoch, stack of its begin_epoch)
+        self._events: dict[tuple, dict] = {}  # (engine, epoch, direction, layer) -> snapshot
+        self._epoch: dict[tuple, tuple] = {}  # (engine, epoch) -> ("open" / "ended", stack of that call)
         self._tickets: dict[tuple, dict] = {}  # (engine, ticket) -> snapshot
         self._lock = threading.RLock()
         self._stack = contextlib.ExitStack()
@@ -224,9 +224,16 @@ class Detector:
     def on_epoch(self, engine, epoch: int) -> None:
         with self._lock:
             e = self._engine(engine, "h2d").engine
-            self._epoch[e] = (epoch, capture_stack())
+            self._epoch[(e, epoch)] = ("open", capture_stack())
 
-    def on_copy(self, engine, direction: str, reads, writes, layer: int) -> None:
+    def on_end_epoch(self, engine, epoch: int) -> None:
+        with self._lock:
+            e = self._engine(engine, "h2d").engine
+            self._epoch[(e, epoch)] = ("ended", capture_stack())
+            for key in [k for k in self._events if k[0] == e and k[1] == epoch]:
+                del self._events[key]
+
+    def on_copy(self, engine, direction: str, reads, writes, layer: int, epoch: int = -1) -> None:
         s, stack = self._engine(engine, direction), capture_stack()
         self.hb.edge(self.host(), s)
         for ptr, n in reads:
@@ -235,33 +242,31 @@ class Detector:
             self.hb.access(s, ptr, ptr + n, True, f"{direction} copy destination", stack)
         if layer >= 0:
             with self._lock:
-                epoch = self._epoch.get(s.engine, (0, ()))[0]
-                self._events[(s.engine, direction, layer)] = (epoch, self.hb.snapshot(s))
+                self._events[(s.engine, epoch, direction, layer)] = self.hb.snapshot(s)
 
-    def _event(self, engine, direction: str, layer: int) -> dict:
+    def _event(self, engine, direction: str, layer: int, epoch: int) -> dict:
         s = self._engine(engine, direction)
         with self._lock:
-            ev = self._events.get((s.engine, direction, layer))
-            epoch, _ = self._epoch.get(s.engine, (0, ()))
-        if ev is None or ev[0] != epoch:
-            self.on_stale_wait(engine, direction, layer)
+            ev = self._events.get((s.engine, epoch, direction, layer))
+        if ev is None:
+            self.on_stale_wait(engine, direction, layer, epoch)
             return {}
-        return ev[1]
+        return ev
 
-    def on_stale_wait(self, engine, direction: str, layer: int) -> None:
+    def on_stale_wait(self, engine, direction: str, layer: int, epoch: int) -> None:
         e = self._engine(engine, direction).engine
-        epoch, began = self._epoch.get(e, (0, ()))
-        self.hb.report("stale-wait", f"wait on layer {layer} ({direction}) of copy engine #{e}, not issued in its "
-                       f"current epoch {epoch}: the event belongs to another load", ("the wait", capture_stack()),
-                       ("the begin_epoch that replaced it", began))
+        state, stack = self._epoch.get((e, epoch), ("never begun", ()))
+        self.hb.report("stale-wait", f"wait on layer {layer} ({direction}) of copy engine #{e} in epoch {epoch} "
+                       f"({state}), where that layer was not issued: the event belongs to another load",
+                       ("the wait", capture_stack()), (f"where epoch {epoch} was {state}", stack))
 
-    def on_stream_wait_layer(self, engine, direction: str, layer: int, stream: int) -> None:
+    def on_stream_wait_layer(self, engine, direction: str, layer: int, stream: int, epoch: int) -> None:
         s = self._compute(stream, "stream_wait_layer")
         if s is not None:
-            self.hb.join(s, self._event(engine, direction, layer))
+            self.hb.join(s, self._event(engine, direction, layer, epoch))
 
-    def on_host_wait_layer(self, engine, direction: str, layer: int) -> None:
-        self.hb.join(self.host(), self._event(engine, direction, layer))
+    def on_host_wait_layer(self, engine, direction: str, layer: int, epoch: int) -> None:
+        self.hb.join(self.host(), self._event(engine, direction, layer, epoch))
 
     def on_record(self, engine, direction: str, ticket: int) -> None:
         s = self._engine(engine, direction)

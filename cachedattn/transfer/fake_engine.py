@@ -9,7 +9,8 @@ wait_layer, wait_ticket, synchronize, or layer_done / ticket_done answering
 True (they answer False on their first poll, like a copy still in flight).
 
 It also enforces the rules the native engine cannot check by itself:
-- epochs: waiting for a layer not issued in the current epoch raises;
+- epochs: waiting for a layer not issued in the epoch named (default: the
+  latest begun) raises; several epochs are open at once, one per load;
 - host blocks: releasing memory that a copy not yet performed reads or writes
   raises (every HostBlock release asks :mod:`cachedattn.transfer.guards`);
 - slot reuse: a copy into a region that a compute stream was bound to read
@@ -68,9 +69,10 @@ class FakeCopyEngine:
         self._lock = threading.RLock()
         self._queue = {d: [] for d in DIRECTIONS}  # (sequence number, op) not yet performed, in issue order
         self._issued = {d: 0 for d in DIRECTIONS}
-        self._epoch = 0
-        self._events: dict[tuple[str, int], int] = {}  # (direction, layer) -> ops issued at record, this epoch
-        self._layer_writes: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        self._epoch = 0  # the latest begun (what epoch -1 names)
+        self._open = {0}
+        self._events: dict[tuple[int, str, int], int] = {}  # (epoch, direction, layer) -> ops issued at record
+        self._layer_writes: dict[tuple[int, str, int], list[tuple[int, int]]] = {}
         self._tickets: dict[int, tuple[str, int]] = {}
         self._next_ticket = 1
         self._polled: set = set()
@@ -96,10 +98,27 @@ class FakeCopyEngine:
     def begin_epoch(self) -> int:
         with self._lock:
             self._epoch += 1
-            self._events.clear()
-            self._layer_writes.clear()
+            self._open.add(self._epoch)
             _tell("on_epoch", self, self._epoch)
             return self._epoch
+
+    def end_epoch(self, epoch: int) -> None:
+        with self._lock:
+            epoch = self._resolve(epoch)
+            self._open.discard(epoch)
+            _tell("on_end_epoch", self, epoch)
+            for d in (self._events, self._layer_writes):
+                for key in [k for k in d if k[0] == epoch]:
+                    del d[key]
+
+    def _resolve(self, epoch: int) -> int:
+        return self._epoch if int(epoch) < 0 else int(epoch)
+
+    def _open_epoch(self, epoch: int) -> int:
+        epoch = self._resolve(epoch)
+        if epoch not in self._open:
+            raise RuntimeError(f"epoch {epoch} is not open")
+        return epoch
 
     def _check_layer(self, layer: int) -> int:
         layer = int(layer)
@@ -107,10 +126,12 @@ class FakeCopyEngine:
             raise ValueError(f"layer {layer} out of range (engine has {self._num_layers})")
         return layer
 
-    def _issue(self, direction: str, run, reads, writes, layer: int) -> None:
+    def _issue(self, direction: str, run, reads, writes, layer: int, epoch: int = -1) -> None:
         direction, layer = _direction(direction), self._check_layer(layer)
         with self._lock:
-            _tell("on_copy", self, direction, reads, writes, layer)
+            if layer >= 0:
+                epoch = self._open_epoch(epoch)
+            _tell("on_copy", self, direction, reads, writes, layer, epoch)
             for stream, regions in self._readers.items():
                 for dst, n in writes:
                     for a, m in regions:
@@ -125,10 +146,10 @@ class FakeCopyEngine:
             self._issued[direction] = seq + 1
             self._queue[direction].append((seq, _Op(run, reads, writes)))
             if layer >= 0:
-                self._events[(direction, layer)] = seq + 1
-                self._layer_writes.setdefault((direction, layer), []).extend(writes)
+                self._events[(epoch, direction, layer)] = seq + 1
+                self._layer_writes.setdefault((epoch, direction, layer), []).extend(writes)
 
-    def copy_batch(self, direction: str, segments, layer: int = -1) -> None:
+    def copy_batch(self, direction: str, segments, layer: int = -1, epoch: int = -1) -> None:
         segs = [(int(s), int(d), int(n)) for s, d, n in segments]
         for s, d, n in segs:
             if n < 0 or (n and (not s or not d)):
@@ -141,12 +162,14 @@ class FakeCopyEngine:
 
         self.stats["copies"] += len(segs)
         self.stats["bytes"] += sum(n for _, _, n in segs)
-        self._issue(direction, run, [(s, n) for s, _, n in segs], [(d, n) for _, d, n in segs], layer)
+        self._issue(direction, run, [(s, n) for s, _, n in segs], [(d, n) for _, d, n in segs], layer, epoch)
 
-    def segment_copy(self, direction: str, segments, layer: int = -1) -> None:
-        self.copy_batch(direction, segments, layer)
+    def segment_copy(self, direction: str, segments, layer: int = -1, epoch: int = -1) -> None:
+        self.copy_batch(direction, segments, layer, epoch)
 
-    def rope_copy(self, src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq, layer=-1) -> None:
+    def rope_copy(
+        self, src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq, layer=-1, epoch=-1
+    ) -> None:
         size = {0: 4, 1: 2, 2: 2}.get(int(dtype))
         if size is None:
             raise ValueError(f"unknown dtype code {dtype}")
@@ -163,7 +186,23 @@ class FakeCopyEngine:
                 ctypes.memmove(int(dst), saved, n)
             native.rope_rotate_cpu(*args, float(delta), inv)
 
-        self._issue("h2d", run, [(int(src), n)], [(int(dst), n)], layer)
+        self._issue("h2d", run, [(int(src), n)], [(int(dst), n)], layer, epoch)
+
+    def copy_2d(self, direction, src, src_pitch, dst, dst_pitch, width, height, layer=-1, epoch=-1) -> None:
+        """One strided copy: `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` apart."""
+        src, sp, dst, dp, w, h = (int(x) for x in (src, src_pitch, dst, dst_pitch, width, height))
+        if w < 0 or h < 0 or w > sp or w > dp:
+            raise ValueError(f"copy_2d: width {w} exceeds a pitch (src {sp}, dst {dp}) or is negative")
+        rows = [(src + r * sp, dst + r * dp, w) for r in range(h)] if w else []
+        if any(not s or not d for s, d, _ in rows):
+            raise ValueError(f"copy_2d: bad pointers (src=0x{src:x}, dst=0x{dst:x})")
+
+        def run(rows=rows):
+            native.segment_copy_cpu(rows)
+
+        self.stats["copies"] += 1
+        self.stats["bytes"] += w * h
+        self._issue(direction, run, [(s, n) for s, _, n in rows], [(d, n) for _, d, n in rows], layer, epoch)
 
     # ---- ordering against compute ------------------------------------------------------
 
@@ -183,37 +222,38 @@ class FakeCopyEngine:
             op.done = True
             self.stats["performed"] += 1
 
-    def _event(self, direction: str, layer: int) -> int:
-        direction, layer = _direction(direction), int(layer)
+    def _event(self, direction: str, layer: int, epoch: int = -1) -> int:
+        direction, layer, epoch = _direction(direction), int(layer), self._resolve(epoch)
         if not 0 <= layer < self._num_layers:
             raise ValueError(f"layer {layer} out of range (engine has {self._num_layers})")
-        pos = self._events.get((direction, layer))
+        pos = self._events.get((epoch, direction, layer))
         if pos is None:
-            _tell("on_stale_wait", self, direction, layer)
-            raise RuntimeError(f"layer {layer} of direction {direction} was not issued in epoch {self._epoch}")
+            _tell("on_stale_wait", self, direction, layer, epoch)
+            raise RuntimeError(f"layer {layer} of direction {direction} was not issued in epoch {epoch}")
         return pos
 
-    def stream_wait_layer(self, direction: str, layer: int, stream: int) -> None:
+    def stream_wait_layer(self, direction: str, layer: int, stream: int, epoch: int = -1) -> None:
         with self._lock:
-            pos = self._event(direction, layer)
+            pos = self._event(direction, layer, epoch)
             self._perform_at(direction, pos)
-            self._readers.setdefault(int(stream), []).extend(self._layer_writes.get((direction, int(layer)), []))
-            _tell("on_stream_wait_layer", self, direction, int(layer), int(stream))
+            writes = self._layer_writes.get((self._resolve(epoch), direction, int(layer)), [])
+            self._readers.setdefault(int(stream), []).extend(writes)
+            _tell("on_stream_wait_layer", self, direction, int(layer), int(stream), self._resolve(epoch))
 
-    def wait_layer(self, direction: str, layer: int) -> None:
+    def wait_layer(self, direction: str, layer: int, epoch: int = -1) -> None:
         with self._lock:
-            self._perform_at(direction, self._event(direction, layer))
-            _tell("on_host_wait_layer", self, direction, int(layer))
+            self._perform_at(direction, self._event(direction, layer, epoch))
+            _tell("on_host_wait_layer", self, direction, int(layer), self._resolve(epoch))
 
-    def layer_done(self, direction: str, layer: int) -> bool:
+    def layer_done(self, direction: str, layer: int, epoch: int = -1) -> bool:
         with self._lock:
-            pos = self._event(direction, layer)
-            key = ("layer", self._epoch, direction, int(layer), pos)
+            pos = self._event(direction, layer, epoch)
+            key = ("layer", self._resolve(epoch), direction, int(layer), pos)
             if key not in self._polled:
                 self._polled.add(key)
                 return False
             self._perform_at(direction, pos)
-            _tell("on_host_wait_layer", self, direction, int(layer))
+            _tell("on_host_wait_layer", self, direction, int(layer), self._resolve(epoch))
             return True
 
     def record(self, direction: str) -> int:

@@ -6,8 +6,8 @@ head_dim]`` immediately followed by V of the same shape (spec.ChunkGeometry):
 one contiguous range of ``2 * k_bytes``. So a layer's history is one copy per
 chunk, never one per head. The destination (a staging slot) holds those
 ranges back to back, ``[chunks, 2, kv_heads, chunk_tokens, head_dim]``;
-:func:`place` turns it into ``[kv_heads, tokens, head_dim]`` K and V with one
-permute on the compute stream. A partial last chunk is copied whole (its
+:func:`place` copies it out as ``[kv_heads, tokens, head_dim]`` K and V on the
+compute stream (into new tensors, or straight into the cache's own). A partial last chunk is copied whole (its
 unused slots are zeros and are sliced away); a sliding-window layer copies
 only the chunks holding its last ``window - 1`` tokens.
 """
@@ -66,17 +66,46 @@ def plan_layer(geo, layer: int, n_tokens: int, window: int | None = None) -> Lay
     return LayerPlan(layer, first, last - first + 1, start, n_tokens, geo.layer_offset[layer], 2 * geo.k_bytes[layer])
 
 
-def place(plan: LayerPlan, slot: torch.Tensor, geo) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V ``[kv_heads, plan.end - plan.start, head_dim]`` (new contiguous tensors) from a filled slot.
+def place(plan: LayerPlan, slot: torch.Tensor, geo, k_out=None, v_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[kv_heads, plan.end - plan.start, head_dim]`` copied out of a filled slot.
 
-    ``slot``: the uint8 staging region of at least ``plan.nbytes`` bytes on the compute device; the copy out
-    runs on the current stream, so the slot may be refilled once that stream passed this point."""
+    ``slot``: the uint8 staging region of at least ``plan.nbytes`` bytes on the compute device.
+    ``k_out``/``v_out``: where to write (any views of that shape, e.g. the front of the tensors
+    the cache layer will hold); new tensors when None. The result never shares storage with the
+    slot: the copies out run on the current stream, so the slot may be refilled once that stream
+    passed this point (a view would be read later, after a refill). At most three copies per K/V:
+    the first chunk's tail, the whole chunks in between (one 4-D copy), the last chunk's head."""
     h, d = geo.spec.layers[plan.layer]
-    C = geo.chunk_tokens
+    C, n = geo.chunk_tokens, plan.end - plan.start
     kv = slot[: plan.nbytes].view(geo.spec.dtype).view(plan.chunks, 2, h, C, d)
-    a, b = plan.start - plan.first_chunk * C, plan.end - plan.first_chunk * C
+    outs = []
+    for part, out in ((0, k_out), (1, v_out)):
+        if out is None:
+            out = torch.empty(h, n, d, dtype=geo.spec.dtype, device=slot.device)
+        elif tuple(out.shape) != (h, n, d):
+            raise ValueError(f"output is {tuple(out.shape)}, layer {plan.layer} needs {(h, n, d)}")
+        src = kv[:, part]  # [chunks, h, C, d]
+        for t0, c, off, m in _pieces(plan.start - plan.first_chunk * C, plan.end - plan.first_chunk * C, C):
+            if off < 0:  # `m` whole chunks from chunk c
+                out[:, t0 : t0 + m * C].unflatten(1, (m, C)).copy_(src[c : c + m].permute(1, 0, 2, 3))
+            else:
+                out[:, t0 : t0 + m].copy_(src[c, :, off : off + m])
+        outs.append(out)
+    return outs[0], outs[1]
 
-    def one(x):  # [chunks, h, C, d] -> [h, tokens, d]
-        return x.permute(1, 0, 2, 3).reshape(h, plan.chunks * C, d)[:, a:b].contiguous()
 
-    return one(kv[:, 0]), one(kv[:, 1])
+def _pieces(a: int, b: int, C: int) -> list[tuple[int, int, int, int]]:
+    """Tokens [a, b) of back-to-back chunks of C as (out offset, chunk, offset in chunk, tokens);
+    offset -1: `tokens` is a count of whole chunks."""
+    out, u = [], a
+    if u % C and u < b:  # the first chunk's tail
+        m = min(b, (u // C + 1) * C) - u
+        out.append((u - a, u // C, u % C, m))
+        u += m
+    whole = (b - u) // C
+    if whole:
+        out.append((u - a, u // C, -1, whole))
+        u += whole * C
+    if u < b:  # the last chunk's head
+        out.append((u - a, u // C, 0, b - u))
+    return out

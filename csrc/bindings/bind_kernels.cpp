@@ -74,50 +74,65 @@ void bind_kernels(py::module_& m) {
           "stream", [](const cuda::CopyEngine& e, const std::string& d) { return e.stream(parse_direction(d)); },
           py::arg("direction"), "The direction's cudaStream_t as an int.")
       .def("begin_epoch", &cuda::CopyEngine::begin_epoch,
-           "Starts a new epoch (one per load or turn); layer events of older epochs can no longer be waited on.")
+           "Opens a new epoch (one per load) and returns it; other open epochs keep their layer events.")
+      .def("end_epoch", &cuda::CopyEngine::end_epoch, py::arg("epoch"),
+           "Forgets an epoch's layer events: waiting on them afterwards raises.")
       .def(
           "copy_batch",
-          [](cuda::CopyEngine& e, const std::string& d, const Segs& s, int layer) {
+          [](cuda::CopyEngine& e, const std::string& d, const Segs& s, int layer, int64_t epoch) {
             Direction dir = parse_direction(d);
             auto segs = to_segments(s);
             py::gil_scoped_release release;
-            e.copy_batch(dir, segs, layer);
+            e.copy_batch(dir, segs, layer, epoch);
           },
-          py::arg("direction"), py::arg("segments"), py::arg("layer") = -1)
+          py::arg("direction"), py::arg("segments"), py::arg("layer") = -1, py::arg("epoch") = -1)
+      .def(
+          "copy_2d",
+          [](cuda::CopyEngine& e, const std::string& d, uintptr_t src, size_t src_pitch, uintptr_t dst,
+             size_t dst_pitch, size_t width, size_t height, int layer, int64_t epoch) {
+            Direction dir = parse_direction(d);
+            py::gil_scoped_release release;
+            e.copy_2d(dir, src, src_pitch, dst, dst_pitch, width, height, layer, epoch);
+          },
+          py::arg("direction"), py::arg("src"), py::arg("src_pitch"), py::arg("dst"), py::arg("dst_pitch"),
+          py::arg("width"), py::arg("height"), py::arg("layer") = -1, py::arg("epoch") = -1,
+          "One strided copy: `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart.")
       .def(
           "segment_copy",
-          [](cuda::CopyEngine& e, const std::string& d, const Segs& s, int layer) {
+          [](cuda::CopyEngine& e, const std::string& d, const Segs& s, int layer, int64_t epoch) {
             Direction dir = parse_direction(d);
             auto segs = to_segments(s);
             py::gil_scoped_release release;
-            e.segment_copy(dir, segs, layer);
+            e.segment_copy(dir, segs, layer, epoch);
           },
-          py::arg("direction"), py::arg("segments"), py::arg("layer") = -1)
+          py::arg("direction"), py::arg("segments"), py::arg("layer") = -1, py::arg("epoch") = -1)
       .def(
           "rope_copy",
           [](cuda::CopyEngine& e, uintptr_t src, uintptr_t dst, size_t rows, int head_dim, int rotary_dim,
-             bool interleaved, int dtype, double delta, const std::vector<float>& inv_freq, int layer) {
+             bool interleaved, int dtype, double delta, const std::vector<float>& inv_freq, int layer,
+             int64_t epoch) {
             RopeArgs a = rope_args(src, dst, rows, head_dim, rotary_dim, interleaved, dtype, delta, inv_freq);
             py::gil_scoped_release release;
-            e.rope_copy(a, layer);
+            e.rope_copy(a, layer, epoch);
           },
-          ROPE_PARAMS, py::arg("layer") = -1)
+          ROPE_PARAMS, py::arg("layer") = -1, py::arg("epoch") = -1)
       .def(
           "stream_wait_layer",
-          [](cuda::CopyEngine& e, const std::string& d, int layer, uintptr_t stream) {
+          [](cuda::CopyEngine& e, const std::string& d, int layer, uintptr_t stream, int64_t epoch) {
             Direction dir = parse_direction(d);
             py::gil_scoped_release release;
-            e.stream_wait_layer(dir, layer, stream);
+            e.stream_wait_layer(dir, layer, stream, epoch);
           },
-          py::arg("direction"), py::arg("layer"), py::arg("stream"))
+          py::arg("direction"), py::arg("layer"), py::arg("stream"), py::arg("epoch") = -1)
       .def(
           "wait_layer",
-          [](cuda::CopyEngine& e, const std::string& d, int layer) {
+          [](cuda::CopyEngine& e, const std::string& d, int layer, int64_t epoch) {
             Direction dir = parse_direction(d);
             py::gil_scoped_release release;
-            e.wait_layer(dir, layer);
+            e.wait_layer(dir, layer, epoch);
           },
-          py::arg("direction"), py::arg("layer"), "Blocks until the layer's copies of this epoch are done.")
+          py::arg("direction"), py::arg("layer"), py::arg("epoch") = -1,
+          "Blocks until the layer's copies of the epoch are done.")
       .def(
           "wait_for_stream",
           [](cuda::CopyEngine& e, const std::string& d, uintptr_t stream) {
@@ -128,10 +143,10 @@ void bind_kernels(py::module_& m) {
           py::arg("direction"), py::arg("stream"))
       .def(
           "layer_done",
-          [](const cuda::CopyEngine& e, const std::string& d, int layer) {
-            return e.layer_done(parse_direction(d), layer);
+          [](const cuda::CopyEngine& e, const std::string& d, int layer, int64_t epoch) {
+            return e.layer_done(parse_direction(d), layer, epoch);
           },
-          py::arg("direction"), py::arg("layer"))
+          py::arg("direction"), py::arg("layer"), py::arg("epoch") = -1)
       .def(
           "record", [](cuda::CopyEngine& e, const std::string& d) { return e.record(parse_direction(d)); },
           py::arg("direction"), "A ticket marking every copy issued so far in the direction.")

@@ -37,9 +37,9 @@ const char* name(Direction d) { return d == Direction::HostToDevice ? "h2d" : "d
 struct CopyEngine::Impl {
   using Lock = std::lock_guard<std::recursive_mutex>;
   using Event = std::shared_ptr<CUevent_st>;
-  struct Slot {
-    Event ev;
-    int64_t epoch = -1;
+  // One open epoch's layer events, per direction (an unset Event: not issued).
+  struct Epoch {
+    std::vector<Event> layers[2];
   };
 
   int device = 0;
@@ -48,8 +48,8 @@ struct CopyEngine::Impl {
   // Guards everything below. Recursive: an event's deleter takes it, and runs
   // both under it (a slot overwritten) and outside it (a waiter's copy dropped).
   std::recursive_mutex mu;
-  int64_t epoch = 0;
-  std::vector<Slot> slots[2];
+  int64_t latest = 0;                // the most recently begun epoch (what epoch -1 names)
+  std::map<int64_t, Epoch> epochs;   // the open ones: each load (turn, read buffer) has its own
   std::map<int64_t, Event> tickets;
   int64_t next_ticket = 1;  // 0 is never a ticket: callers may use it for "none"
   std::vector<cudaEvent_t> idle;  // returned to the pool, maybe still pending
@@ -92,23 +92,32 @@ struct CopyEngine::Impl {
     });
   }
 
-  // Caller holds mu.
-  void record(Direction d, int layer) {
-    if (layer < 0) return;
-    Event ev = acquire();
-    CA_CUDA_CHECK(cudaEventRecord(ev.get(), stream(d)));
-    Slot& s = slots[static_cast<int>(d)][layer];
-    s.ev = std::move(ev);
-    s.epoch = epoch;
+  int64_t resolve(int64_t e) const { return e < 0 ? latest : e; }
+
+  // An open epoch; caller holds mu. Checked before anything is queued.
+  Epoch& open(int64_t e) {
+    auto it = epochs.find(resolve(e));
+    if (it == epochs.end()) throw std::runtime_error("epoch " + std::to_string(resolve(e)) + " is not open");
+    return it->second;
   }
 
-  // The layer's event of the current epoch; caller holds mu.
-  Event current(Direction d, int layer) const {
-    const Slot& s = slots[static_cast<int>(d)][layer];
-    if (s.epoch != epoch)
+  // Caller holds mu.
+  void record(Direction d, int layer, int64_t e) {
+    if (layer < 0) return;
+    Epoch& ep = open(e);
+    Event ev = acquire();
+    CA_CUDA_CHECK(cudaEventRecord(ev.get(), stream(d)));
+    ep.layers[static_cast<int>(d)][layer] = std::move(ev);
+  }
+
+  // The layer's event of epoch e; caller holds mu.
+  Event current(Direction d, int layer, int64_t e) const {
+    auto it = epochs.find(resolve(e));
+    const Event* ev = it == epochs.end() ? nullptr : &it->second.layers[static_cast<int>(d)][layer];
+    if (!ev || !*ev)
       throw std::runtime_error("layer " + std::to_string(layer) + " of direction " + name(d) +
-                               " was not issued in epoch " + std::to_string(epoch));
-    return s.ev;
+                               " was not issued in epoch " + std::to_string(resolve(e)));
+    return *ev;
   }
 
   Event ticket(int64_t id) const {
@@ -133,8 +142,9 @@ CopyEngine::CopyEngine(int device, int num_layers) : impl_(std::make_unique<Impl
     // Non-blocking: copies must not serialise with the legacy default stream.
     CA_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->streams[d], cudaStreamNonBlocking));
     CA_CUDA_CHECK(cudaEventCreateWithFlags(&impl_->fence[d], cudaEventDisableTiming));
-    impl_->slots[d].resize(num_layers);
   }
+  impl_->epochs[0].layers[0].resize(num_layers);
+  impl_->epochs[0].layers[1].resize(num_layers);
 }
 
 CopyEngine::~CopyEngine() {
@@ -142,7 +152,7 @@ CopyEngine::~CopyEngine() {
   cudaSetDevice(impl_->device);
   for (int d = 0; d < 2; ++d)
     if (impl_->streams[d]) cudaStreamSynchronize(impl_->streams[d]);
-  for (int d = 0; d < 2; ++d) impl_->slots[d].clear();
+  impl_->epochs.clear();
   impl_->tickets.clear();
   for (auto e : impl_->all) cudaEventDestroy(e);
   for (int d = 0; d < 2; ++d) {
@@ -158,10 +168,17 @@ uintptr_t CopyEngine::stream(Direction dir) const { return reinterpret_cast<uint
 
 int64_t CopyEngine::begin_epoch() {
   Impl::Lock lock(impl_->mu);
-  return ++impl_->epoch;
+  Impl::Epoch& e = impl_->epochs[++impl_->latest];
+  for (int d = 0; d < 2; ++d) e.layers[d].resize(impl_->layers);
+  return impl_->latest;
 }
 
-void CopyEngine::copy_batch(Direction dir, const std::vector<Segment>& copies, int layer) {
+void CopyEngine::end_epoch(int64_t epoch) {
+  Impl::Lock lock(impl_->mu);
+  impl_->epochs.erase(impl_->resolve(epoch));  // its events go back to the pool once no waiter holds them
+}
+
+void CopyEngine::copy_batch(Direction dir, const std::vector<Segment>& copies, int layer, int64_t epoch) {
   impl_->check_layer(layer);
   DeviceGuard g(impl_->device);
   // Checked before anything is queued: a refused batch leaves no half-issued copies.
@@ -171,15 +188,36 @@ void CopyEngine::copy_batch(Direction dir, const std::vector<Segment>& copies, i
     require_dma_capable(c.dst, c.bytes);
   }
   Impl::Lock lock(impl_->mu);
+  if (layer >= 0) impl_->open(epoch);
   for (const Segment& c : copies) {
     if (c.bytes == 0) continue;
     CA_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.bytes,
                                   cudaMemcpyDefault, impl_->stream(dir)));
   }
-  impl_->record(dir, layer);
+  impl_->record(dir, layer, epoch);
 }
 
-void CopyEngine::segment_copy(Direction dir, const std::vector<Segment>& copies, int layer) {
+void CopyEngine::copy_2d(Direction dir, uintptr_t src, size_t src_pitch, uintptr_t dst, size_t dst_pitch,
+                         size_t width, size_t height, int layer, int64_t epoch) {
+  impl_->check_layer(layer);
+  if (width > src_pitch || width > dst_pitch)
+    throw std::invalid_argument("copy_2d: width " + std::to_string(width) + " exceeds a pitch (src " +
+                                std::to_string(src_pitch) + ", dst " + std::to_string(dst_pitch) + ")");
+  DeviceGuard g(impl_->device);
+  if (width && height) {
+    size_t span_src = (height - 1) * src_pitch + width, span_dst = (height - 1) * dst_pitch + width;
+    require_dma_capable(src, span_src);
+    require_dma_capable(dst, span_dst);
+  }
+  Impl::Lock lock(impl_->mu);
+  if (layer >= 0) impl_->open(epoch);
+  if (width && height)
+    CA_CUDA_CHECK(cudaMemcpy2DAsync(reinterpret_cast<void*>(dst), dst_pitch, reinterpret_cast<const void*>(src),
+                                    src_pitch, width, height, cudaMemcpyDefault, impl_->stream(dir)));
+  impl_->record(dir, layer, epoch);
+}
+
+void CopyEngine::segment_copy(Direction dir, const std::vector<Segment>& copies, int layer, int64_t epoch) {
   impl_->check_layer(layer);
   DeviceGuard g(impl_->device);
   std::vector<Segment> visible;
@@ -189,11 +227,12 @@ void CopyEngine::segment_copy(Direction dir, const std::vector<Segment>& copies,
     visible.push_back({device_visible(c.src, c.bytes), device_visible(c.dst, c.bytes), c.bytes});
   }
   Impl::Lock lock(impl_->mu);
+  if (layer >= 0) impl_->open(epoch);
   launch_segment_copy(visible, impl_->stream(dir));
-  impl_->record(dir, layer);
+  impl_->record(dir, layer, epoch);
 }
 
-void CopyEngine::rope_copy(const RopeArgs& args, int layer) {
+void CopyEngine::rope_copy(const RopeArgs& args, int layer, int64_t epoch) {
   impl_->check_layer(layer);
   DeviceGuard g(impl_->device);
   RopeArgs a = args;
@@ -203,25 +242,26 @@ void CopyEngine::rope_copy(const RopeArgs& args, int layer) {
     a.dst = device_visible(a.dst, bytes);
   }
   Impl::Lock lock(impl_->mu);
+  if (layer >= 0) impl_->open(epoch);
   launch_rope_rotate(a, impl_->stream(Direction::HostToDevice));
-  impl_->record(Direction::HostToDevice, layer);
+  impl_->record(Direction::HostToDevice, layer, epoch);
 }
 
-void CopyEngine::stream_wait_layer(Direction dir, int layer, uintptr_t stream) {
+void CopyEngine::stream_wait_layer(Direction dir, int layer, uintptr_t stream, int64_t epoch) {
   impl_->check_layer_index(layer, "stream_wait_layer");
   DeviceGuard g(impl_->device);
   Impl::Lock lock(impl_->mu);
   // Binds to the event's current record at call time; a later re-record of
   // the same event cannot move this wait.
-  CA_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), impl_->current(dir, layer).get(), 0));
+  CA_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), impl_->current(dir, layer, epoch).get(), 0));
 }
 
-void CopyEngine::wait_layer(Direction dir, int layer) {
+void CopyEngine::wait_layer(Direction dir, int layer, int64_t epoch) {
   impl_->check_layer_index(layer, "wait_layer");
   Impl::Event ev;
   {
     Impl::Lock lock(impl_->mu);
-    ev = impl_->current(dir, layer);  // our reference keeps it out of the pool while we wait
+    ev = impl_->current(dir, layer, epoch);  // our reference keeps it out of the pool while we wait
   }
   DeviceGuard g(impl_->device);
   CA_CUDA_CHECK(cudaEventSynchronize(ev.get()));
@@ -252,10 +292,10 @@ bool query(cudaEvent_t e) {
 }
 }  // namespace
 
-bool CopyEngine::layer_done(Direction dir, int layer) const {
+bool CopyEngine::layer_done(Direction dir, int layer, int64_t epoch) const {
   impl_->check_layer_index(layer, "layer_done");
   Impl::Lock lock(impl_->mu);
-  return query(impl_->current(dir, layer).get());
+  return query(impl_->current(dir, layer, epoch).get());
 }
 
 int64_t CopyEngine::record(Direction dir) {

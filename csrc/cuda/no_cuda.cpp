@@ -28,14 +28,16 @@ CopyEngine::~CopyEngine() = default;
 int CopyEngine::device() const { not_built(); }
 int CopyEngine::num_layers() const { not_built(); }
 uintptr_t CopyEngine::stream(Direction) const { not_built(); }
-void CopyEngine::copy_batch(Direction, const std::vector<Segment>&, int) { not_built(); }
-void CopyEngine::segment_copy(Direction, const std::vector<Segment>&, int) { not_built(); }
-void CopyEngine::rope_copy(const RopeArgs&, int) { not_built(); }
+void CopyEngine::copy_batch(Direction, const std::vector<Segment>&, int, int64_t) { not_built(); }
+void CopyEngine::copy_2d(Direction, uintptr_t, size_t, uintptr_t, size_t, size_t, size_t, int, int64_t) { not_built(); }
+void CopyEngine::segment_copy(Direction, const std::vector<Segment>&, int, int64_t) { not_built(); }
+void CopyEngine::rope_copy(const RopeArgs&, int, int64_t) { not_built(); }
 int64_t CopyEngine::begin_epoch() { not_built(); }
-void CopyEngine::stream_wait_layer(Direction, int, uintptr_t) { not_built(); }
-void CopyEngine::wait_layer(Direction, int) { not_built(); }
+void CopyEngine::end_epoch(int64_t) { not_built(); }
+void CopyEngine::stream_wait_layer(Direction, int, uintptr_t, int64_t) { not_built(); }
+void CopyEngine::wait_layer(Direction, int, int64_t) { not_built(); }
 void CopyEngine::wait_for_stream(Direction, uintptr_t) { not_built(); }
-bool CopyEngine::layer_done(Direction, int) const { not_built(); }
+bool CopyEngine::layer_done(Direction, int, int64_t) const { not_built(); }
 int64_t CopyEngine::record(Direction) { not_built(); }
 bool CopyEngine::ticket_done(int64_t) { not_built(); }
 void CopyEngine::wait_ticket(int64_t) { not_built(); }

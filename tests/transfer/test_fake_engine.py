@@ -166,3 +166,36 @@ def test_bad_arguments_are_refused(eng):
     with pytest.raises(ValueError, match="unknown"):
         eng.wait_ticket(12345)
     assert eng.stream("h2d") != eng.stream("d2h") and eng.num_layers == 4 and eng.device == 0
+
+
+def test_epochs_are_per_load_a_new_one_keeps_the_open_ones(eng):
+    """Defect 4: a second load (the read buffer) opening its epoch left the running load's
+    layer events unusable. Open epochs each keep their events until end_epoch."""
+    a, b, da, db = torch.ones(4), torch.full((4,), 2.0), torch.zeros(4), torch.zeros(4)
+    e1 = eng.begin_epoch()
+    eng.copy_batch("h2d", [seg(a, da)], layer=0, epoch=e1)
+    e2 = eng.begin_epoch()
+    eng.copy_batch("h2d", [seg(b, db)], layer=0, epoch=e2)
+    eng.stream_wait_layer("h2d", 0, 0, e1)  # still valid, and only its own copy is waited for
+    assert torch.equal(da, a) and torch.isnan(db).all()
+    eng.wait_layer("h2d", 0, e2)
+    assert torch.equal(db, b)
+    eng.end_epoch(e1)
+    with pytest.raises(RuntimeError, match=f"layer 0 of direction h2d was not issued in epoch {e1}"):
+        eng.wait_layer("h2d", 0, e1)
+    with pytest.raises(RuntimeError, match=f"epoch {e1} is not open"):
+        eng.copy_batch("h2d", [seg(a, da)], layer=1, epoch=e1)
+    eng.end_epoch(e2)
+
+
+def test_copy_2d_copies_rows_between_pitches_and_is_deferred(eng):
+    src = torch.arange(5 * 8, dtype=torch.float32).view(5, 8)  # 5 rows of 8, copy 3 columns of each
+    dst = torch.zeros(5, 6)
+    eng.begin_epoch()
+    eng.copy_2d("d2h", src.data_ptr() + 4, 8 * 4, dst.data_ptr() + 8, 6 * 4, 3 * 4, 5, layer=1)
+    assert torch.isnan(dst[:, 2:5]).all() and not dst[:, :2].any() and not dst[:, 5:].any()
+    eng.wait_layer("d2h", 1)
+    assert torch.equal(dst[:, 2:5], src[:, 1:4]) and not dst[:, :2].any() and not dst[:, 5:].any()
+    assert eng.stats["copies"] == 1
+    with pytest.raises(ValueError, match="exceeds a pitch"):
+        eng.copy_2d("d2h", src.data_ptr(), 8, dst.data_ptr(), 8, 12, 1)

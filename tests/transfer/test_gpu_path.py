@@ -99,14 +99,14 @@ def test_gpu_branch_matches_recompute(arch, readahead, make_store, gpu):
 def test_the_gpu_branch_is_taken(make_store, monkeypatch):
     calls = []
     real = GpuLoad.layer
-    monkeypatch.setattr(GpuLoad, "layer", lambda self, i: calls.append(i) or real(self, i))
+    monkeypatch.setattr(GpuLoad, "layer", lambda self, i, *a, **k: calls.append(i) or real(self, i, *a, **k))
     _turns(tiny_model("llama"), make_store, 1, turns=[40, 30])
     assert sorted(calls) == [0, 1, 2]  # the second turn's three layers, once each
 
 
 @pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_a_missing_layer_wait_gives_wrong_logits(make_store, monkeypatch):
-    monkeypatch.setattr(FakeCopyEngine, "stream_wait_layer", lambda self, d, layer, stream: None)
+    monkeypatch.setattr(FakeCopyEngine, "stream_wait_layer", lambda self, d, layer, stream, epoch=-1: None)
     diffs, _ = _turns(tiny_model("llama"), make_store, 2, turns=[40, 30], check=False)
     assert not diffs[1] <= 1e-4  # NaN or far off: the fake catches a missing wait
 

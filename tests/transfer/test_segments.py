@@ -79,3 +79,41 @@ def test_bad_inputs(geo):
         plan_layer(geo, 3, 10)
     with pytest.raises(ValueError, match="n_tokens"):
         plan_layer(geo, 0, -1)
+
+
+@pytest.mark.parametrize("n,window", [(16, None), (10, None), (32, None), (40, 8), (16, 17), (53, 20)])
+def test_placed_history_never_shares_the_staging_slot(geo, n, window):
+    """The slot is refilled for a later layer once the compute stream passed place(): K/V that
+    are views of it (a one-chunk plan stays contiguous) would then be read after the refill."""
+    blocks = _blocks(geo, (n + C - 1) // C)
+    plan = plan_layer(geo, 0, n, window)
+    k, v = _run(geo, blocks, plan)
+    ek, ev = _expected(geo, blocks, 0, plan.start, n)
+    import ctypes
+
+    ptrs = [k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()]
+    slot = torch.zeros(plan.nbytes + 64, dtype=torch.uint8)
+    for src, dst, nb in plan.segments([b.data_ptr() for b in blocks], slot.data_ptr()):
+        ctypes.memmove(dst, src, nb)
+    k2, v2 = place(plan, slot, geo)
+    slot.fill_(0xFF)  # the refill
+    assert _same(k2, ek) and _same(v2, ev) and _same(k, ek) and len(set(ptrs)) == 2
+
+
+@pytest.mark.parametrize("n,window", [(40, None), (40, 17), (16, None), (33, 2)])
+def test_place_writes_into_the_callers_tensors(geo, n, window):
+    blocks = _blocks(geo, (n + C - 1) // C)
+    plan = plan_layer(geo, 1, n, window)
+    slot = torch.zeros(plan.nbytes, dtype=torch.uint8)
+    import ctypes
+
+    for src, dst, nb in plan.segments([b.data_ptr() for b in blocks], slot.data_ptr()):
+        ctypes.memmove(dst, src, nb)
+    m = n - plan.start
+    big_k, big_v = torch.zeros(2, 3, m + 7, 4), torch.zeros(2, 3, m + 7, 4)  # [rows, h, tokens + new, d]
+    k, v = place(plan, slot, geo, big_k[1, :, :m], big_v[1, :, :m])
+    ek, ev = _expected(geo, blocks, 1, plan.start, n)
+    assert _same(big_k[1, :, :m], ek) and _same(big_v[1, :, :m], ev)
+    assert k.data_ptr() == big_k[1].data_ptr() and not big_k[0].any() and not big_k[1, :, m:].any()
+    with pytest.raises(ValueError, match="needs"):
+        place(plan, slot, geo, big_k[1], big_v[1])

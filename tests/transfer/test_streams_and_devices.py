@@ -1,9 +1,10 @@
 """The GPU path under the race detector with more than one stream and device:
-a turn on a non-default stream, layers split over two simulated devices, and
-the history lengths that make a layer's plan one chunk (defect 1 of issue 20).
-
-Tests marked xfail(strict=True) show a defect the detector finds in today's
-code; they turn into failures (XPASS) when the fix lands, and then lose the mark.
+a turn on a non-default stream, a read buffer consumed on another stream
+(defect 3 of issue 20), layers split over two simulated devices (defect 2),
+and the history lengths that make a layer's plan one chunk (defect 1). Each
+failed under the detector before its fix (branch gpufix); the first one also
+before the staging buffer's allocating stream was fenced (a fresh buffer's
+block may still be used by kernels queued on the stream that allocated it).
 """
 
 import pytest
@@ -63,7 +64,6 @@ def test_a_turn_on_a_non_default_stream_is_ordered(store, race_detector):
     assert det.sim.stream(0, 1).handle != det.sim.stream(0, 0).handle and det.ops > 0
 
 
-@pytest.mark.xfail(strict=True, reason="defect 3, fixed on branch gpufix: a load keeps the stream current at its start")
 def test_a_read_buffer_consumed_on_another_stream_is_ordered(store, race_detector):
     det = race_detector
     model = tiny_model("llama")
@@ -78,7 +78,6 @@ def test_a_read_buffer_consumed_on_another_stream_is_ordered(store, race_detecto
     _matches_recompute(out, model, ids, 40)
 
 
-@pytest.mark.xfail(strict=True, reason="defect 2, fixed on branch gpufix: one engine and staging per device")
 def test_layers_on_two_simulated_devices_are_loaded_and_saved_on_their_own(store, race_detector):
     det = race_detector
     model = tiny_model("llama")
@@ -103,8 +102,7 @@ def test_a_model_split_over_two_devices_without_the_cache_is_ordered(race_detect
     det.check()
 
 
-# Defect 1: a layer plan of one chunk places a *view* of the staging slot, refilled before the cache reads it.
-@pytest.mark.xfail(strict=True, reason="defect 1, fixed on branch gpufix: segments.place returns a view of the slot")
+# Defect 1: a layer plan of one chunk placed a *view* of the staging slot, refilled before the cache read it.
 @pytest.mark.parametrize("arch,history", [("llama", 16), ("gemma3_text", 10)])
 def test_a_one_chunk_history_with_readahead_below_the_layer_count_is_ordered(arch, history, store, race_detector):
     model = tiny_model(arch)
