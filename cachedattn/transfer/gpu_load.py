@@ -217,7 +217,10 @@ class GpuLoader:
             # No copy writes the old buffer any more (its last load waited for its copies at close).
             grown = -(-int(nbytes * _SLACK) // _ALIGN) * _ALIGN
             self.buffers[b] = torch.empty(grown, dtype=torch.uint8, device=self.device)
-            self._readers[b] = set()  # fresh memory: the allocator orders it against its old users
+            # Fresh memory is ordered against its old users only on the allocating stream (the caching
+            # allocator reuses a block in that stream's order, its old kernels may still be queued): the
+            # engine's first copies into it must wait for that stream, as for a reader.
+            self._readers[b] = {streams.current(self.device)}
         return b
 
     def readers(self, b: int) -> set[int]:
