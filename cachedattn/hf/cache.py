@@ -34,8 +34,14 @@ class StoreBackedCache(DynamicCache):
         super().__init__(config=config)
         self._load = load
         self._gpu = gpu  # a transfer.gpu_load.GpuLoad: the history comes through the copy engine
-        # layerwise=False: every layer's history is read before the forward starts (load, then compute).
-        self._loaded = {i: load.read_layer(i) for i in range(len(sliding))} if load and not layerwise else {}
+        # layerwise=False: every layer's history is read before the forward starts (load, then compute);
+        # on the GPU path every layer is staged by the copy engine and waited for here.
+        self._loaded = {}
+        if load and not layerwise:
+            if gpu is None:
+                self._loaded = {i: load.read_layer(i) for i in range(len(sliding))}
+            elif gpu.readahead >= len(sliding):  # (a preloaded load taken over stays layer by layer)
+                gpu.wait_all()
         self._n = n_history
         self._sliding = sliding
         self._pending = set(range(len(sliding))) if n_history else set()
