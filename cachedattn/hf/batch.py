@@ -163,7 +163,7 @@ class BatchSession:
             return None, None
 
     def _row_failed(self, row: Session, e: OSError) -> None:
-        self._state.store._stats.add(recovered_turns=1)
+        self._state.store.count("recovered_turns")
         log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
 
     def _begin(self, ids: list[torch.Tensor]):

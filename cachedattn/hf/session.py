@@ -217,7 +217,7 @@ class Session:
                 if self._emitted or attempt == 2:
                     raise  # not from the history (consumed in the first forward): nothing to redo
                 if attempt == 0:  # one event per turn, however many reruns it takes
-                    self._state.store._stats.add(recovered_turns=1)
+                    self._state.store.count("recovered_turns")
                     log.warning("cachedattn: %r: %s; the turn is computed again from there", self.conv_id, e)
             except BaseException:
                 self._close(cache)

@@ -213,8 +213,7 @@ class GpuLoader:
         if cur is not None:  # the model moved: the old device's read buffer holds a load (a lease) open
             cur.drop_preloaded()
             cur.trim()
-        host = getattr(state.store, "_host", None)
-        engine = engine_for(device, state.kv.spec.num_layers, host.pool if host is not None else None)
+        engine = engine_for(device, state.kv.spec.num_layers, getattr(state.store, "gpu_pinned", None))
         state.gpu = None if engine is None else cls(engine, device)
         return state.gpu
 
