@@ -43,6 +43,7 @@ from cachedattn.store.tiering import Mover, mark_store_thread
 from cachedattn.store.writes import Writer
 
 log = logging.getLogger("cachedattn")
+MAX_HOST_BLOCKS = (1 << 32) - 1  # the native pool numbers its blocks with 32 bits
 
 
 class _Critical:
@@ -157,6 +158,11 @@ class AttentionStore:
             raise ValueError(
                 f"host_bytes: {cfg.host_bytes} is less than one chunk of this model ({geo.block_bytes} bytes "
                 f"for {cfg.chunk_tokens} tokens); raise host_bytes or lower chunk_tokens"
+            )
+        if cfg.host_bytes // geo.block_bytes > MAX_HOST_BLOCKS:
+            raise ValueError(
+                f"host_bytes: {cfg.host_bytes} makes {cfg.host_bytes // geo.block_bytes} chunk blocks of "
+                f"{geo.block_bytes} bytes, more than the limit of {MAX_HOST_BLOCKS}; raise chunk_tokens or lower host_bytes"
             )
         host = HostTier(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
         disk = None
