@@ -19,6 +19,9 @@ from cachedattn.transfer import guards
 
 __all__ = ["KVLoad", "ChunkCorruptError"]
 
+# A chunk file that cannot be opened for one of these is fine; the process ran out of something.
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
 
 class KVLoad:
     def __init__(self, store, conv, lease, n_tokens: int, chunks, blocks, from_disk, readahead=None, prefetch=False):
@@ -51,12 +54,26 @@ class KVLoad:
                 try:
                     self._files.append(store._disk.open_file(conv.dirname, chunks[i].file))
                 except OSError as e:
+                    if e.errno in OUT_OF_RESOURCES:  # not the chunk's fault: stop before it
+                        self._shorten(i)
+                        store.shortened(f"cannot open a chunk file ({e.strerror or e})")
+                        break
                     self._fail(i, f"cannot open: {e.strerror or e}", e.errno or errno.EIO)
             self._issue(self._readahead)
             store._register(self)
         except BaseException:
             self.close()
             raise
+
+    def _shorten(self, pos: int) -> None:
+        """Before any read is issued: the load ends before chunk position pos."""
+        for b in self._blocks[pos:]:
+            b.release()
+        self._chunks, self._blocks = self._chunks[:pos], self._blocks[:pos]
+        self._disk_pos = [p for p in self._disk_pos if p < pos]
+        self.n_tokens = min(self.n_tokens, pos * self._geo.chunk_tokens)
+        self.from_host = len(self._chunks) - len(self._disk_pos)
+        self.from_disk = len(self._disk_pos)
 
     # ---- reading ------------------------------------------------------------
 

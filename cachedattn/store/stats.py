@@ -16,6 +16,8 @@ named bytes or tokens):
   many bytes in flight). All zero without a remote tier.
 - recovered_turns: turns redone because a chunk failed while it was loading.
 - skipped_saves: turns whose KV was not stored (e.g. host memory full at save).
+- shortened_loads: loads cut short (or turned into misses) because a resource ran
+  out: host blocks all in use, no file descriptor left.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class StoreStats:
     write_errors: int = 0
     recovered_turns: int = 0
     skipped_saves: int = 0
+    shortened_loads: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

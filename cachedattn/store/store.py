@@ -118,6 +118,7 @@ class AttentionStore:
         self._open = weakref.WeakSet()  # open loads and appends
         self._leases = 0
         self._disk_error: str | None = None
+        self._warned_short = False
         self.spec: KVSpec | None = None
         self._geometry: ChunkGeometry | None = None
         self._host: HostTier | None = None
@@ -523,6 +524,13 @@ class AttentionStore:
         with self._critical():
             self._check_open()
             self._open.add(obj)
+
+    def shortened(self, why: str) -> None:
+        """A load was cut short because a resource ran out: counted, logged once."""
+        self._stats.add(shortened_loads=1)
+        if not self._warned_short:
+            self._warned_short = True
+            log.warning("cachedattn: %s; loads are shortened meanwhile (history recomputed, logged once)", why)
 
     def _disk_failed(self, e: OSError, what: str) -> None:
         with self._critical():

@@ -24,7 +24,7 @@ from cachedattn.store.state import WRITE_IN_FLIGHT, ChunkState, ConvState
 
 log = logging.getLogger("cachedattn")
 S = ChunkState
-WAIT_FOR_WRITES_S = 60.0  # a safety net: writes already running end long before this
+HOST_WAIT_S = 0.1  # the longest a caller waits for host blocks that writes in flight are about to free
 
 _on_store_thread = threading.local()
 
@@ -46,12 +46,14 @@ class Mover:
 
     # ---- host memory ------------------------------------------------------------
 
-    def alloc(self, n: int, foreground: bool) -> list:
+    def alloc(self, n: int, foreground: bool, partial: bool = False) -> list:
         """n host blocks, demoting other conversations (policy order) to make room.
 
         Called without the store lock. A foreground caller may write back a victim's
-        unwritten chunks itself and wait for writes already in flight; a background one
-        (a prefetch) takes only what is free at once and else fails with HostMemoryFull.
+        unwritten chunks itself and wait, HOST_WAIT_S at most, for writes already in
+        flight (they free blocks); a background one (a prefetch) takes only what is free
+        at once. When that is not enough: partial, the blocks found (maybe none); else
+        HostMemoryFull, holding nothing.
         """
         s = self.s
         blocks: list = []
@@ -73,19 +75,25 @@ class Mover:
                     if victim is not None:
                         writes = self.plan_demote(victim, drop_unwritable=True, at_once_only=not foreground)
                     elif foreground and self.writing:
-                        deadline = deadline or time.monotonic() + WAIT_FOR_WRITES_S
-                        if time.monotonic() > deadline:
-                            raise self._full()
-                        s._cond.wait(timeout=0.05)  # releases the lock: those writes record their end
+                        now = time.monotonic()
+                        deadline = deadline or now + HOST_WAIT_S
+                        if now >= deadline:
+                            break
+                        s._cond.wait(timeout=deadline - now)  # releases the lock: those writes record their end
                         continue
                     else:
-                        raise self._full()
+                        break
                 if writes:
                     self.run_writes(writes)
         except BaseException:
             for b in blocks:
                 b.release()
             raise
+        if partial:
+            return blocks
+        for b in blocks:
+            b.release()
+        raise self._full()
 
     def _full(self) -> HostMemoryFull:
         h = self.s._host
