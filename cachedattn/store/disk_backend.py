@@ -62,7 +62,7 @@ class DiskBackend(Tier):
         return ChunkHeader(chunk.index, chunk.key, chunk.parent, chunk.tokens, chunk.checksums, self.geometry.chunk_tokens)
 
     def _publish(self, conv, chunk, tmp: str) -> str:
-        name = file_name(chunk.index, chunk.ntokens, chunk.key)
+        name = file_name(chunk.index, chunk.ntokens, chunk.key, chunk.gen, chunk.tail)
         try:
             self.files.publish(tmp, conv.dirname, name)
         except OSError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from cachedattn.store import keys
+from cachedattn.store.chunk_file import ChunkCorruptError
 from cachedattn.store.conversation import common_prefix
 from cachedattn.store.load import KVLoad
 from cachedattn.store.state import ChunkState, ConvState
@@ -102,7 +103,10 @@ class Reader:
             if ld is None:
                 return 0  # dropped, cut or brought in meanwhile
             with ld:
-                ld.read_all()
+                try:
+                    ld.read_all()
+                except ChunkCorruptError:
+                    return 0  # removed and logged already; a later load recomputes from the cut
                 return ld.from_disk
 
         return s._submit(job)

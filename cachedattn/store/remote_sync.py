@@ -153,9 +153,13 @@ class RemoteSync:
                 for b in blocks:
                     b.release()
                 return 0
-            new = [Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b) for i, (g, b) in enumerate(zip(got, blocks))]
+            gen = s._next_gen()
+            new = [
+                Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b, gen=gen, tail=i == len(got) - 1)
+                for i, (g, b) in enumerate(zip(got, blocks))
+            ]
             for old in conv.chunks[k:]:
-                s._mover.retire(conv, old)
+                s._mover.retire(conv, old, replaced=True)
             conv.chunks = conv.chunks[:k] + new
             s.policy.on_access(conv.id)
             s._stats.add(remote_hits=len(new))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from cachedattn import native
 from cachedattn.store import keys
+from cachedattn.store.chunk_file import parse_version
 from cachedattn.store.config import StoreConfig
 from cachedattn.store.conversation import Conversation, common_prefix
 from cachedattn.store.disk_backend import DiskBackend
@@ -119,6 +121,7 @@ class AttentionStore:
         self._leases = 0
         self._disk_error: str | None = None
         self._warned_short = False
+        self._gen = 0  # the newest save generation given out or found on disk
         self.spec: KVSpec | None = None
         self._geometry: ChunkGeometry | None = None
         self._host: HostTier | None = None
@@ -185,6 +188,7 @@ class AttentionStore:
                 for conv_id, (dirname, files) in found.items():
                     conv = self._new_conversation(conv_id, dirname)
                     conv.state, conv.found = ConvState.FOUND, files
+                    self._gen = max([self._gen] + [parse_version(name)[0] for *_, name in files])
                 if cfg.remote:
                     self._remote = self._open_remote(spec, geo)
                 if disk is not None:
@@ -443,6 +447,12 @@ class AttentionStore:
         self._check_open()
         if self.spec is None:
             raise ValueError("the store is not attached to a model yet: call attach(spec) or cachedattn.patch()")
+
+    def _next_gen(self) -> int:
+        """The generation of a new save (lock held): above every one on disk and before it,
+        also across restarts (the clock, and the newest found at open, whichever is later)."""
+        self._gen = max(self._gen + 1, time.time_ns())
+        return self._gen
 
     def _host_free(self) -> int:
         return self._host.capacity() - self._host.used()

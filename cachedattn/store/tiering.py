@@ -224,7 +224,10 @@ class Mover:
             if c.state in WRITE_IN_FLIGHT:
                 c.move(S.HOST)  # the host copy is now the only one: it stays
         elif c.state is S.DROPPED:  # replaced or dropped while being written
-            self.delete_later(conv.dirname, name)
+            if conv.state is ConvState.READY and not conv.all_on_disk():
+                conv.superseded.append(name)  # maybe part of the newest complete save: kept as long as older ones
+            else:
+                self.delete_later(conv.dirname, name)
         else:
             c.file = name
             s._stats.add(disk_bytes_written=s._disk_tier.file_bytes)
@@ -233,6 +236,7 @@ class Mover:
             else:
                 self._drop_host_copy(c)
                 c.move(S.DISK)
+        self.settle(conv)
         s._cond.notify_all()
         self.finish_if_done(conv)
 
@@ -244,7 +248,9 @@ class Mover:
             cands = [
                 cid
                 for cid, c in s._convs.items()
-                if c is not exclude and c.owners == 0 and (c.state is ConvState.FOUND or c.disk_chunks())
+                if c is not exclude
+                and c.owners == 0
+                and (c.state is ConvState.FOUND or c.superseded or c.disk_chunks())
             ]
             cid = s.policy.victim(cands, "disk")
             if cid is None:
@@ -257,7 +263,8 @@ class Mover:
             self.s._stats.add(disk_evictions=len(conv.found))
             self.forget(conv)
             return
-        files = len(conv.disk_chunks())
+        files = len(conv.disk_chunks()) + len(conv.superseded)
+        self._doom_superseded(conv)  # eviction gives up the older save first
         lost = None
         for i, c in enumerate(conv.chunks):
             if c.state is S.HOST_DISK:  # its host copy stays
@@ -290,8 +297,10 @@ class Mover:
 
     # ---- losing chunks ----------------------------------------------------------
 
-    def retire(self, conv: Conversation, c: Chunk) -> None:
-        """Takes a chunk out of every tier (a write in flight deletes its own file when it ends)."""
+    def retire(self, conv: Conversation, c: Chunk, replaced: bool = False) -> None:
+        """Takes a chunk out of every tier (a write in flight deletes its own file when it ends).
+        replaced: a save put another chunk in its place; its file stays, superseded, until
+        every current chunk of the conversation has its file (settle)."""
         if c.in_host:
             c.host.release()
             c.host = None
@@ -299,7 +308,21 @@ class Mover:
         name = c.file if c.on_disk else None
         c.move(S.DROPPED)  # c.file stays: loads opened before may still name it (it is deleted once they end)
         if name is not None:
+            if replaced:
+                conv.superseded.append(name)
+            else:
+                self._doom(conv, name)
+
+    def settle(self, conv: Conversation) -> None:
+        """Superseded files go once the conversation's current chunks are all on disk: until
+        then they are the last complete save that a crash must not lose (lock held)."""
+        if conv.superseded and conv.state is ConvState.READY and conv.all_on_disk():
+            self._doom_superseded(conv)
+
+    def _doom_superseded(self, conv: Conversation) -> None:
+        for name in conv.superseded:
             self._doom(conv, name)
+        conv.superseded.clear()
 
     def truncate(self, conv: Conversation, index: int) -> None:
         for c in conv.chunks[index:]:
@@ -330,6 +353,7 @@ class Mover:
         for *_, name in found or ():
             self._doom(conv, name)
         conv.found = None
+        self._doom_superseded(conv)
         if s._convs.get(conv.id) is conv:
             del s._convs[conv.id]
             s.policy.on_remove(conv.id)
