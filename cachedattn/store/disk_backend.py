@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import threading
 
+from cachedattn.store import lock_order
 from cachedattn.store.chunk_file import ChunkCorruptError, ChunkHeader, file_name, layer_checksum
 from cachedattn.store.disk_tier import DiskTier
 from cachedattn.store.tier import Tier
@@ -52,7 +53,10 @@ class DiskBackend(Tier):
 
     def dir_lock(self, dirname: str) -> threading.Lock:
         with self._dir_locks_guard:
-            return self._dir_locks.setdefault(dirname, threading.Lock())
+            lock = self._dir_locks.get(dirname)
+            if lock is None:
+                lock = self._dir_locks[dirname] = lock_order.ordered(threading.Lock(), lock_order.DIRECTORY, "directory")
+            return lock
 
     def _ensure_dir(self, conv) -> None:
         with self.dir_lock(conv.dirname):

@@ -14,6 +14,7 @@ import threading
 
 import torch
 
+from cachedattn.store import lock_order
 from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
 from cachedattn.transfer import guards
 
@@ -29,7 +30,7 @@ class KVLoad:
         self._prefetch = prefetch
         self._conv = conv
         self._lease = lease
-        self._mutex = threading.Lock()  # read_layer against close() from the store's close()
+        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "load")  # read_layer against close() from the store's close()
         self._cancelled = False
         self._closed = False
         self._error: OSError | None = None

@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from cachedattn.store import keys
+from cachedattn.store import keys, lock_order
 from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
@@ -36,7 +36,7 @@ class RemoteSync:
         self.s = store
         self.tier = tier
         self.limit = inflight_bytes
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.REMOTE_QUEUE, "remote queue"))
         self._queue: deque = deque()
         self._inflight = 0
         self._busy = False

@@ -25,6 +25,8 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict, dataclass, field, fields
 
+from cachedattn.store import lock_order
+
 
 @dataclass
 class TierStats:
@@ -58,7 +60,9 @@ class StoreStats:
     recovered_turns: int = 0
     skipped_saves: int = 0
     shortened_loads: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _lock: threading.Lock = field(
+        default_factory=lambda: lock_order.ordered(threading.Lock(), lock_order.STATS, "stats"), repr=False, compare=False
+    )
 
     def add(self, **deltas: int) -> None:
         """add(host_hits=2, disk_bytes_read=4096, lookups=1, ...)"""

@@ -25,13 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from cachedattn import native
-from cachedattn.store import keys
+from cachedattn.store import keys, lock_order
 from cachedattn.store.chunk_file import parse_version
 from cachedattn.store.config import StoreConfig
 from cachedattn.store.conversation import Conversation, common_prefix
 from cachedattn.store.disk_backend import DiskBackend
 from cachedattn.store.disk_tier import DirectoryLock, DiskTier
 from cachedattn.store.eviction import EvictionPolicy, make_policy
+from cachedattn.store import queue_policies  # noqa: F401  (registers "queue" and "predictive")
 from cachedattn.store.host_tier import HostTier
 from cachedattn.store.load import KVLoad
 from cachedattn.store.reads import Reader, done_future
@@ -51,7 +52,7 @@ MAX_HOST_BLOCKS = (1 << 32) - 1  # the native pool numbers its blocks with 32 bi
 class _Critical:
     """The store lock; I/O queued under it (_after_lock) runs once the outermost holder lets go."""
 
-    def __init__(self, lock: threading.RLock):
+    def __init__(self, lock):
         self.lock = lock
         self.local = threading.local()
 
@@ -110,7 +111,7 @@ class AttentionStore:
         self.config = config if config is not None else StoreConfig(**given)
         self.policy = make_policy(eviction if eviction is not None else self.config.eviction)
         self._stats = StoreStats()
-        self._lock = threading.RLock()
+        self._lock = lock_order.ordered(threading.RLock(), lock_order.STORE, "store")
         self._cond = threading.Condition(self._lock)  # host blocks came free, a write or a resolution ended
         self._crit = _Critical(self._lock)
         self._convs: dict[str, Conversation] = {}
