@@ -83,9 +83,13 @@ def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> 
     """Replaces the stored conversation by the kept window's KV at its new positions."""
     st = session._state
     store, spec, k = st.store, st.kv.spec, session.options["keep_first"]
-    n_kept = stored - drop  # tokens of the kept window that have stored KV
     engine, device = _gpu_engine(session)
     with store.load(session.conv_id, stored) as ld:
+        stored = ld.n_tokens  # fewer when host memory ran out meanwhile
+        if stored <= k + drop:  # nothing after the dropped span: the window is computed
+            store.drop(session.conv_id)
+            return
+        n_kept = stored - drop  # tokens of the kept window that have stored KV
         layers = []
         for layer in range(spec.num_layers):
             keys, values = ld.read_layer(layer)

@@ -37,6 +37,7 @@ import inspect
 import logging
 import math
 import numbers
+import itertools
 import threading
 import time
 from collections import deque
@@ -48,7 +49,8 @@ from cachedattn.hf.batch import BatchSession
 from cachedattn.serving import fetching
 from cachedattn.serving.batching import BatchFormer, job_tokens
 from cachedattn.serving.job import Job
-from cachedattn.serving.policies import QueueAwarePolicy
+from cachedattn.serving.policies import QueueAwarePolicy, QueueView
+from cachedattn.store import lock_order
 from cachedattn.store.keys import validate_conversation_id
 
 log = logging.getLogger("cachedattn")
@@ -140,13 +142,12 @@ class Engine:
         self._host_cap = st["host"]["capacity_bytes"]
         self._disk_cap = st["disk"].get("capacity_bytes", 0)
         self._policy = store.policy if isinstance(store.policy, QueueAwarePolicy) else None
-        if self._policy is not None:
-            self._policy.bind(self)
-        elif save:
+        if self._policy is None and save:
             log.info("cachedattn: the store evicts by %r, blind to the queue; eviction='queue' lets the queue decide",
                      store.policy.name)
         self._queue: deque[Job] = deque()
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(lock_order.ordered(threading.Lock(), lock_order.ENGINE, "engine queue"))
+        self._views = itertools.count(1)  # orders the queue views pushed into the policy (under _cv)
         self._stop = False
         # A server needs only the last position's logits (generate() does the same).
         self._device = next(model.parameters()).device
@@ -183,12 +184,22 @@ class Engine:
                 raise RuntimeError("the engine is closed")
             self._queue.append(job)
             self._cv.notify()
+        problems: list[str] = []
+        self._best_effort(problems, "telling the policy of the queue", self._push_queue_view)
         if self._policy is not None:
-            problems: list[str] = []
             self._best_effort(problems, "telling the policy of the job",
                               lambda: self._policy.on_submit(conv_id, job.submitted))
-            self._log_problems(job, problems)
+        self._log_problems(job, problems)
         return job
+
+    def _push_queue_view(self) -> None:
+        """Tells the store's policy what is queued (after each submit and each start). Taken under
+        the queue's lock, pushed without it: the policy never calls the engine, and nothing of the
+        engine is locked while the store's lock is taken (the windows ask the store)."""
+        with self._cv:
+            seq, queued = next(self._views), tuple(j.conv_id for j in self._queue)
+        view = QueueView(queued, self.disk_window(), self.clock, seq)
+        self.store.policy.on_queue(view)
 
     def queued_conversations(self) -> list[str]:
         with self._cv:
@@ -219,6 +230,7 @@ class Engine:
             if not self._queue:
                 return []
             batch = self._former.take(self._queue, self._host_cap if self.save else None)
+        self._best_effort([], "telling the policy of the queue", self._push_queue_view)
         self._batches += 1
         if len(batch) == 1:
             self._run_one(batch[0])

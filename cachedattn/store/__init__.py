@@ -3,7 +3,7 @@
 from cachedattn.store.append import KVAppend
 from cachedattn.store.config import StoreConfig
 from cachedattn.store.fingerprint import model_digest
-from cachedattn.store.eviction import EvictionPolicy, FIFOPolicy, LRUPolicy, register_policy
+from cachedattn.store.eviction import EvictionPolicy, FIFOPolicy, LRUPolicy, QueueView, register_policy
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.load import ChunkCorruptError, KVLoad
 from cachedattn.store.spec import KVSpec
@@ -19,6 +19,7 @@ __all__ = [
     "LRUPolicy",
     "FIFOPolicy",
     "register_policy",
+    "QueueView",
     "HostMemoryFull",
     "ChunkCorruptError",
     "model_digest",

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
+from cachedattn.store import lock_order
 from cachedattn.store.chunk_file import layer_checksum
 
 
@@ -36,7 +37,7 @@ class KVAppend:
         self._closed = False
         self._cancelled = False
         self._settle = None  # waits for copies an engine still has in flight into self.blocks
-        self._mutex = threading.Lock()  # put_layer/commit/abort against the store's close()
+        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "append")  # put_layer/commit/abort against the store's close()
         store._register(self)
 
     @property

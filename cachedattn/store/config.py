@@ -25,6 +25,14 @@ def parse_size(field: str, value) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
 
 
+def physical_memory_bytes() -> int:
+    """The machine's RAM: the most pinned host memory a store can ask for."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not reported here: only the native pool's own limit applies
+        return (1 << 64) - 1
+
+
 def _parse_bool(field: str, value) -> bool:
     if isinstance(value, bool):
         return value
@@ -70,6 +78,13 @@ class StoreConfig:
         self.disk_bytes = parse_size("disk_bytes", self.disk_bytes)
         if self.host_bytes <= 0:
             raise ValueError(f"host_bytes: must be positive, got {self.host_bytes}")
+        limit = physical_memory_bytes()
+        if self.host_bytes > limit:
+            # Pinned memory cannot exceed RAM; past 2**64 the native pool cannot even be asked.
+            raise ValueError(
+                f"host_bytes: {self.host_bytes} is more than this machine's memory ({limit} bytes), the limit "
+                "of pinned host memory; lower host_bytes"
+            )
         if self.disk_bytes <= 0:
             raise ValueError(f"disk_bytes: must be positive, got {self.disk_bytes}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or not (

@@ -35,6 +35,8 @@ class Chunk:
     state: ChunkState
     host: HostBlock | None = None  # the chunk's own reference to its block (IN_HOST states)
     file: str | None = None  # its file's name, unique to this chunk (ON_DISK states, or being written)
+    gen: int = 0  # the generation of the save that made it (its file name carries it)
+    tail: bool = False  # the last chunk of that save
 
     def __post_init__(self):
         if self.state not in CHUNK_INITIAL:
@@ -71,6 +73,9 @@ class Conversation:
     writer: Lease | None = None  # the open append, if any (one at a time)
     writes: int = 0  # chunk writes in flight into this conversation's directory
     doomed: list[str] = field(default_factory=list)  # files to delete once no owner may read them
+    # Files of chunks a save replaced: the last complete save on disk, kept until every current
+    # chunk has its file (a crash in between reopens the old save, never less).
+    superseded: list[str] = field(default_factory=list)
 
     @property
     def ntokens(self) -> int:
@@ -101,6 +106,9 @@ class Conversation:
 
     def disk_chunks(self) -> list[Chunk]:
         return [c for c in self.chunks if c.on_disk]
+
+    def all_on_disk(self) -> bool:
+        return all(c.on_disk for c in self.chunks)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import threading
 
+from cachedattn.store import lock_order
 from cachedattn.store.chunk_file import ChunkCorruptError, ChunkHeader, file_name, layer_checksum
 from cachedattn.store.disk_tier import DiskTier
 from cachedattn.store.tier import Tier
@@ -52,7 +53,10 @@ class DiskBackend(Tier):
 
     def dir_lock(self, dirname: str) -> threading.Lock:
         with self._dir_locks_guard:
-            return self._dir_locks.setdefault(dirname, threading.Lock())
+            lock = self._dir_locks.get(dirname)
+            if lock is None:
+                lock = self._dir_locks[dirname] = lock_order.ordered(threading.Lock(), lock_order.DIRECTORY, "directory")
+            return lock
 
     def _ensure_dir(self, conv) -> None:
         with self.dir_lock(conv.dirname):
@@ -62,7 +66,7 @@ class DiskBackend(Tier):
         return ChunkHeader(chunk.index, chunk.key, chunk.parent, chunk.tokens, chunk.checksums, self.geometry.chunk_tokens)
 
     def _publish(self, conv, chunk, tmp: str) -> str:
-        name = file_name(chunk.index, chunk.ntokens, chunk.key)
+        name = file_name(chunk.index, chunk.ntokens, chunk.key, chunk.gen, chunk.tail)
         try:
             self.files.publish(tmp, conv.dirname, name)
         except OSError:

@@ -3,15 +3,31 @@
 The store asks a policy for a victim among candidate conversations (those not
 in use) when a tier is full, and gets None when none may go; the unit is the
 whole conversation, as in the paper. A policy sees every insert, access and
-removal; the scheduler-aware policy of the serving engine plugs in through the
-same interface.
+removal (from the store, under its lock) and the queue (QueueView, pushed by
+whoever schedules turns: the serving engine, on each submit and step). A
+policy never calls out: it decides from what it was told, so no lock of the
+scheduler is ever taken under the store's, and the store imports nothing of
+the serving package.
 """
 
 from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """What a scheduler tells the policy about its queue: the conversations of the queued jobs
+    (first to run first), the eviction window (the first `disk_window` queued jobs' conversations
+    are never dropped from disk), its clock, and a number that orders the views it pushes."""
+
+    queued: tuple[str, ...] = ()
+    disk_window: int = 0
+    clock: Callable[[], float] | None = None
+    seq: int = 0
 
 
 class EvictionPolicy(ABC):
@@ -25,6 +41,10 @@ class EvictionPolicy(ABC):
 
     def on_remove(self, conv_id: str) -> None:
         """A conversation left the store."""
+
+    def on_queue(self, view: QueueView) -> None:
+        """The scheduler's queue changed (a job was submitted or started). Views may arrive out
+        of order from several threads: keep the one with the highest seq."""
 
     @abstractmethod
     def order(self, candidates: Iterable[str], tier: str) -> list[str]:
@@ -69,11 +89,8 @@ class FIFOPolicy(_Clocked):
     name = "fifo"
 
 
+# The queue-aware policies register themselves (queue_policies.py, imported by the package).
 _POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
-# Policies that live with the serving engine (they read its queue). Named here so that
-# AttentionStore(eviction="queue") works without anything imported first; the module
-# registers them when imported.
-_SERVING_POLICIES = {"queue", "predictive"}
 
 
 def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
@@ -83,8 +100,6 @@ def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
 def make_policy(spec: str | EvictionPolicy) -> EvictionPolicy:
     if isinstance(spec, EvictionPolicy):
         return spec
-    if spec in _SERVING_POLICIES and spec not in _POLICIES:
-        import cachedattn.serving.policies  # noqa: F401  (registers them)
     try:
         return _POLICIES[spec]()
     except KeyError:

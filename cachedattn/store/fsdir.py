@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass
 
 from cachedattn import native
+from cachedattn.store import lock_order
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in between the check and the open must not block it.
@@ -68,7 +69,7 @@ class Dir:
         self._shared = shared
         if shared:
             self._users = 0
-            self._cond = threading.Condition()
+            self._cond = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.FS_DIR, "directory users"))
             self._finalizer = weakref.finalize(self, os.close, fd)
 
     # ---- opening and closing ------------------------------------------------

@@ -9,6 +9,7 @@ import threading
 import torch
 
 from cachedattn import native
+from cachedattn.store import lock_order
 from cachedattn.store.tier import Tier
 from cachedattn.transfer import guards
 
@@ -63,7 +64,7 @@ class HostTier(Tier):
 
     def __init__(self, capacity_bytes: int, block_bytes: int, hugepages: str):
         self.pool = native.HostPool(capacity_bytes, block_bytes, hugepages=hugepages)
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.HOST_POOL, "host pool"))
 
     # ---- the Tier interface ----------------------------------------------------
 

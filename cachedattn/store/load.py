@@ -14,10 +14,14 @@ import threading
 
 import torch
 
+from cachedattn.store import lock_order
 from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
 from cachedattn.transfer import guards
 
 __all__ = ["KVLoad", "ChunkCorruptError"]
+
+# A chunk file that cannot be opened for one of these is fine; the process ran out of something.
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 class KVLoad:
@@ -26,7 +30,7 @@ class KVLoad:
         self._prefetch = prefetch
         self._conv = conv
         self._lease = lease
-        self._mutex = threading.Lock()  # read_layer against close() from the store's close()
+        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "load")  # read_layer against close() from the store's close()
         self._cancelled = False
         self._closed = False
         self._error: OSError | None = None
@@ -51,12 +55,26 @@ class KVLoad:
                 try:
                     self._files.append(store._disk.open_file(conv.dirname, chunks[i].file))
                 except OSError as e:
+                    if e.errno in OUT_OF_RESOURCES:  # not the chunk's fault: stop before it
+                        self._shorten(i)
+                        store.shortened(f"cannot open a chunk file ({e.strerror or e})")
+                        break
                     self._fail(i, f"cannot open: {e.strerror or e}", e.errno or errno.EIO)
             self._issue(self._readahead)
             store._register(self)
         except BaseException:
             self.close()
             raise
+
+    def _shorten(self, pos: int) -> None:
+        """Before any read is issued: the load ends before chunk position pos."""
+        for b in self._blocks[pos:]:
+            b.release()
+        self._chunks, self._blocks = self._chunks[:pos], self._blocks[:pos]
+        self._disk_pos = [p for p in self._disk_pos if p < pos]
+        self.n_tokens = min(self.n_tokens, pos * self._geo.chunk_tokens)
+        self.from_host = len(self._chunks) - len(self._disk_pos)
+        self.from_disk = len(self._disk_pos)
 
     # ---- reading ------------------------------------------------------------
 

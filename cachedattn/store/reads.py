@@ -11,6 +11,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from cachedattn.store import keys
+from cachedattn.store.chunk_file import ChunkCorruptError
 from cachedattn.store.conversation import common_prefix
 from cachedattn.store.load import KVLoad
 from cachedattn.store.state import ChunkState, ConvState
@@ -29,7 +30,11 @@ class Reader:
     def open(self, conv_id, *, n_tokens=None, token_ids=None, limit=None, readahead=None, prefetch=False):
         """A KVLoad of the first n_tokens (load), of the longest stored prefix of token_ids
         (load_prefix: None when nothing matches) or of all stored tokens (prefetch: None when
-        nothing is stored or it is all in host memory)."""
+        nothing is stored or it is all in host memory).
+
+        Never fails for want of host memory: a load whose disk chunks find no block (after
+        HOST_WAIT_S at most) stops before the first of them (load_prefix/prefetch: None
+        when that leaves nothing; load: a load of fewer tokens, see KVLoad.n_tokens)."""
         s = self.s
         toks = None if token_ids is None else keys.as_token_array(token_ids)
         s._resolve(conv_id)
@@ -61,12 +66,21 @@ class Reader:
             lease = s._lease(conv, "prefetch" if prefetch else "load")
             s.policy.on_access(conv.id)
         try:
-            fresh = s._mover.alloc(len(from_disk), foreground=not prefetch) if from_disk else []
+            fresh = s._mover.alloc(len(from_disk), foreground=not prefetch, partial=True) if from_disk else []
         except BaseException:
             for b in held.values():
                 b.release()
             s._release(lease)
             raise
+        if len(fresh) < len(from_disk):  # host memory ran out: the load stops before the first chunk left out
+            cut = from_disk[len(fresh)]
+            for i in [i for i in held if i >= cut]:
+                held.pop(i).release()
+            chunks, from_disk, n = chunks[:cut], from_disk[: len(fresh)], min(n, cut * C)
+            s.shortened(f"host memory is full (all {s._host.capacity_blocks} chunk blocks are in use)")
+            if cut == 0 and (toks is not None or prefetch):
+                s._release(lease)
+                return None  # a miss
         fresh_iter = iter(fresh)
         blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
         s._stats.add(host_hits=len(held), host_misses=len(from_disk))
@@ -89,7 +103,10 @@ class Reader:
             if ld is None:
                 return 0  # dropped, cut or brought in meanwhile
             with ld:
-                ld.read_all()
+                try:
+                    ld.read_all()
+                except ChunkCorruptError:
+                    return 0  # removed and logged already; a later load recomputes from the cut
                 return ld.from_disk
 
         return s._submit(job)

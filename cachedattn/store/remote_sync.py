@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from cachedattn.store import keys
+from cachedattn.store import keys, lock_order
 from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
@@ -36,7 +36,7 @@ class RemoteSync:
         self.s = store
         self.tier = tier
         self.limit = inflight_bytes
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.REMOTE_QUEUE, "remote queue"))
         self._queue: deque = deque()
         self._inflight = 0
         self._busy = False
@@ -153,9 +153,13 @@ class RemoteSync:
                 for b in blocks:
                     b.release()
                 return 0
-            new = [Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b) for i, (g, b) in enumerate(zip(got, blocks))]
+            gen = s._next_gen()
+            new = [
+                Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b, gen=gen, tail=i == len(got) - 1)
+                for i, (g, b) in enumerate(zip(got, blocks))
+            ]
             for old in conv.chunks[k:]:
-                s._mover.retire(conv, old)
+                s._mover.retire(conv, old, replaced=True)
             conv.chunks = conv.chunks[:k] + new
             s.policy.on_access(conv.id)
             s._stats.add(remote_hits=len(new))

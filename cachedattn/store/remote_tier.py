@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from cachedattn.store import keys
+from cachedattn.store import keys, lock_order
 from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
 from cachedattn.store.remote_codec import RemoteChunk, RemoteValueError, decode, encode
 from cachedattn.store.remote_url import make_client, parse_remote_url
@@ -53,7 +53,7 @@ class RemoteTier(Tier):
         self.prefix = f"cachedattn:{fingerprint[:32]}:"
         self.timeout_s = timeout_s
         self.client = None  # made at first use: a cluster client connects when made
-        self._lock = threading.Lock()
+        self._lock = lock_order.ordered(threading.Lock(), lock_order.REMOTE_CLIENT, "remote client")
         self._retry_at = 0.0
         self._delay = BACKOFF_S[0]
         self._down: str | None = None

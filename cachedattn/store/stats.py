@@ -16,12 +16,16 @@ named bytes or tokens):
   many bytes in flight). All zero without a remote tier.
 - recovered_turns: turns redone because a chunk failed while it was loading.
 - skipped_saves: turns whose KV was not stored (e.g. host memory full at save).
+- shortened_loads: loads cut short (or turned into misses) because a resource ran
+  out: host blocks all in use, no file descriptor left.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field, fields
+
+from cachedattn.store import lock_order
 
 
 @dataclass
@@ -55,7 +59,10 @@ class StoreStats:
     write_errors: int = 0
     recovered_turns: int = 0
     skipped_saves: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    shortened_loads: int = 0
+    _lock: threading.Lock = field(
+        default_factory=lambda: lock_order.ordered(threading.Lock(), lock_order.STATS, "stats"), repr=False, compare=False
+    )
 
     def add(self, **deltas: int) -> None:
         """add(host_hits=2, disk_bytes_read=4096, lookups=1, ...)"""

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from cachedattn import native
-from cachedattn.store import keys
+from cachedattn.store import keys, lock_order
+from cachedattn.store.chunk_file import parse_version
 from cachedattn.store.config import StoreConfig
 from cachedattn.store.conversation import Conversation, common_prefix
 from cachedattn.store.disk_backend import DiskBackend
 from cachedattn.store.disk_tier import DirectoryLock, DiskTier
 from cachedattn.store.eviction import EvictionPolicy, make_policy
+from cachedattn.store import queue_policies  # noqa: F401  (registers "queue" and "predictive")
 from cachedattn.store.host_tier import HostTier
 from cachedattn.store.load import KVLoad
 from cachedattn.store.reads import Reader, done_future
@@ -43,12 +46,13 @@ from cachedattn.store.tiering import Mover, mark_store_thread
 from cachedattn.store.writes import Writer
 
 log = logging.getLogger("cachedattn")
+MAX_HOST_BLOCKS = (1 << 32) - 1  # the native pool numbers its blocks with 32 bits
 
 
 class _Critical:
     """The store lock; I/O queued under it (_after_lock) runs once the outermost holder lets go."""
 
-    def __init__(self, lock: threading.RLock):
+    def __init__(self, lock):
         self.lock = lock
         self.local = threading.local()
 
@@ -107,7 +111,7 @@ class AttentionStore:
         self.config = config if config is not None else StoreConfig(**given)
         self.policy = make_policy(eviction if eviction is not None else self.config.eviction)
         self._stats = StoreStats()
-        self._lock = threading.RLock()
+        self._lock = lock_order.ordered(threading.RLock(), lock_order.STORE, "store")
         self._cond = threading.Condition(self._lock)  # host blocks came free, a write or a resolution ended
         self._crit = _Critical(self._lock)
         self._convs: dict[str, Conversation] = {}
@@ -117,6 +121,8 @@ class AttentionStore:
         self._open = weakref.WeakSet()  # open loads and appends
         self._leases = 0
         self._disk_error: str | None = None
+        self._warned_short = False
+        self._gen = 0  # the newest save generation given out or found on disk
         self.spec: KVSpec | None = None
         self._geometry: ChunkGeometry | None = None
         self._host: HostTier | None = None
@@ -158,6 +164,11 @@ class AttentionStore:
                 f"host_bytes: {cfg.host_bytes} is less than one chunk of this model ({geo.block_bytes} bytes "
                 f"for {cfg.chunk_tokens} tokens); raise host_bytes or lower chunk_tokens"
             )
+        if cfg.host_bytes // geo.block_bytes > MAX_HOST_BLOCKS:
+            raise ValueError(
+                f"host_bytes: {cfg.host_bytes} makes {cfg.host_bytes // geo.block_bytes} chunk blocks of "
+                f"{geo.block_bytes} bytes, more than the limit of {MAX_HOST_BLOCKS}; raise chunk_tokens or lower host_bytes"
+            )
         host = HostTier(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
         disk = None
         try:
@@ -178,6 +189,7 @@ class AttentionStore:
                 for conv_id, (dirname, files) in found.items():
                     conv = self._new_conversation(conv_id, dirname)
                     conv.state, conv.found = ConvState.FOUND, files
+                    self._gen = max([self._gen] + [parse_version(name)[0] for *_, name in files])
                 if cfg.remote:
                     self._remote = self._open_remote(spec, geo)
                 if disk is not None:
@@ -456,6 +468,12 @@ class AttentionStore:
         if self.spec is None:
             raise ValueError("the store is not attached to a model yet: call attach(spec) or cachedattn.patch()")
 
+    def _next_gen(self) -> int:
+        """The generation of a new save (lock held): above every one on disk and before it,
+        also across restarts (the clock, and the newest found at open, whichever is later)."""
+        self._gen = max(self._gen + 1, time.time_ns())
+        return self._gen
+
     def _host_free(self) -> int:
         return self._host.capacity() - self._host.used()
 
@@ -536,6 +554,13 @@ class AttentionStore:
         with self._critical():
             self._check_open()
             self._open.add(obj)
+
+    def shortened(self, why: str) -> None:
+        """A load was cut short because a resource ran out: counted, logged once."""
+        self._stats.add(shortened_loads=1)
+        if not self._warned_short:
+            self._warned_short = True
+            log.warning("cachedattn: %s; loads are shortened meanwhile (history recomputed, logged once)", why)
 
     def _disk_failed(self, e: OSError, what: str) -> None:
         with self._critical():

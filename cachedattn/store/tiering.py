@@ -24,7 +24,7 @@ from cachedattn.store.state import WRITE_IN_FLIGHT, ChunkState, ConvState
 
 log = logging.getLogger("cachedattn")
 S = ChunkState
-WAIT_FOR_WRITES_S = 60.0  # a safety net: writes already running end long before this
+HOST_WAIT_S = 0.1  # the longest a caller waits for host blocks that writes in flight are about to free
 
 _on_store_thread = threading.local()
 
@@ -46,12 +46,14 @@ class Mover:
 
     # ---- host memory ------------------------------------------------------------
 
-    def alloc(self, n: int, foreground: bool) -> list:
+    def alloc(self, n: int, foreground: bool, partial: bool = False) -> list:
         """n host blocks, demoting other conversations (policy order) to make room.
 
         Called without the store lock. A foreground caller may write back a victim's
-        unwritten chunks itself and wait for writes already in flight; a background one
-        (a prefetch) takes only what is free at once and else fails with HostMemoryFull.
+        unwritten chunks itself and wait, HOST_WAIT_S at most, for writes already in
+        flight (they free blocks); a background one (a prefetch) takes only what is free
+        at once. When that is not enough: partial, the blocks found (maybe none); else
+        HostMemoryFull, holding nothing.
         """
         s = self.s
         blocks: list = []
@@ -73,19 +75,25 @@ class Mover:
                     if victim is not None:
                         writes = self.plan_demote(victim, drop_unwritable=True, at_once_only=not foreground)
                     elif foreground and self.writing:
-                        deadline = deadline or time.monotonic() + WAIT_FOR_WRITES_S
-                        if time.monotonic() > deadline:
-                            raise self._full()
-                        s._cond.wait(timeout=0.05)  # releases the lock: those writes record their end
+                        now = time.monotonic()
+                        deadline = deadline or now + HOST_WAIT_S
+                        if now >= deadline:
+                            break
+                        s._cond.wait(timeout=deadline - now)  # releases the lock: those writes record their end
                         continue
                     else:
-                        raise self._full()
+                        break
                 if writes:
                     self.run_writes(writes)
         except BaseException:
             for b in blocks:
                 b.release()
             raise
+        if partial:
+            return blocks
+        for b in blocks:
+            b.release()
+        raise self._full()
 
     def _full(self) -> HostMemoryFull:
         h = self.s._host
@@ -216,7 +224,10 @@ class Mover:
             if c.state in WRITE_IN_FLIGHT:
                 c.move(S.HOST)  # the host copy is now the only one: it stays
         elif c.state is S.DROPPED:  # replaced or dropped while being written
-            self.delete_later(conv.dirname, name)
+            if conv.state is ConvState.READY and not conv.all_on_disk():
+                conv.superseded.append(name)  # maybe part of the newest complete save: kept as long as older ones
+            else:
+                self.delete_later(conv.dirname, name)
         else:
             c.file = name
             s._stats.add(disk_bytes_written=s._disk_tier.file_bytes)
@@ -225,6 +236,7 @@ class Mover:
             else:
                 self._drop_host_copy(c)
                 c.move(S.DISK)
+        self.settle(conv)
         s._cond.notify_all()
         self.finish_if_done(conv)
 
@@ -236,7 +248,9 @@ class Mover:
             cands = [
                 cid
                 for cid, c in s._convs.items()
-                if c is not exclude and c.owners == 0 and (c.state is ConvState.FOUND or c.disk_chunks())
+                if c is not exclude
+                and c.owners == 0
+                and (c.state is ConvState.FOUND or c.superseded or c.disk_chunks())
             ]
             cid = s.policy.victim(cands, "disk")
             if cid is None:
@@ -249,7 +263,8 @@ class Mover:
             self.s._stats.add(disk_evictions=len(conv.found))
             self.forget(conv)
             return
-        files = len(conv.disk_chunks())
+        files = len(conv.disk_chunks()) + len(conv.superseded)
+        self._doom_superseded(conv)  # eviction gives up the older save first
         lost = None
         for i, c in enumerate(conv.chunks):
             if c.state is S.HOST_DISK:  # its host copy stays
@@ -282,8 +297,10 @@ class Mover:
 
     # ---- losing chunks ----------------------------------------------------------
 
-    def retire(self, conv: Conversation, c: Chunk) -> None:
-        """Takes a chunk out of every tier (a write in flight deletes its own file when it ends)."""
+    def retire(self, conv: Conversation, c: Chunk, replaced: bool = False) -> None:
+        """Takes a chunk out of every tier (a write in flight deletes its own file when it ends).
+        replaced: a save put another chunk in its place; its file stays, superseded, until
+        every current chunk of the conversation has its file (settle)."""
         if c.in_host:
             c.host.release()
             c.host = None
@@ -291,7 +308,21 @@ class Mover:
         name = c.file if c.on_disk else None
         c.move(S.DROPPED)  # c.file stays: loads opened before may still name it (it is deleted once they end)
         if name is not None:
+            if replaced:
+                conv.superseded.append(name)
+            else:
+                self._doom(conv, name)
+
+    def settle(self, conv: Conversation) -> None:
+        """Superseded files go once the conversation's current chunks are all on disk: until
+        then they are the last complete save that a crash must not lose (lock held)."""
+        if conv.superseded and conv.state is ConvState.READY and conv.all_on_disk():
+            self._doom_superseded(conv)
+
+    def _doom_superseded(self, conv: Conversation) -> None:
+        for name in conv.superseded:
             self._doom(conv, name)
+        conv.superseded.clear()
 
     def truncate(self, conv: Conversation, index: int) -> None:
         for c in conv.chunks[index:]:
@@ -322,6 +353,7 @@ class Mover:
         for *_, name in found or ():
             self._doom(conv, name)
         conv.found = None
+        self._doom_superseded(conv)
         if s._convs.get(conv.id) is conv:
             del s._convs[conv.id]
             s.policy.on_remove(conv.id)

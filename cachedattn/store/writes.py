@@ -115,15 +115,16 @@ class Writer:
             parent = conv.chunks[first - 1].key if 0 < first <= len(conv.chunks) else conv.root
             cut = not gone and (len(conv.chunks) < first or parent != txn.parent)
             if not (gone or cut):
-                new = []
-                for i, t, sums, block in pieces:
+                new, gen = [], s._next_gen()
+                for j, (i, t, sums, block) in enumerate(pieces):
                     key = keys.chunk_key(parent, t)
                     state = ChunkState.WRITING if txn.staged is not None else ChunkState.HOST
-                    new.append(Chunk(i, t, key, parent, sums, state, host=block))
+                    new.append(Chunk(i, t, key, parent, sums, state, host=block, gen=gen, tail=j == len(pieces) - 1))
                     parent = key
                 for old in conv.chunks[first:]:
-                    s._mover.retire(conv, old)
+                    s._mover.retire(conv, old, replaced=True)
                 conv.chunks = conv.chunks[:first] + new
+                s._mover.settle(conv)  # a pure truncation: the kept chunks may all be on disk already
                 if s._remote is not None:  # write-behind to the shared tier, off this path
                     s._remote.write_behind(new)
                 s._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * s.spec.kv_bytes_per_token())

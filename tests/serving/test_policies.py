@@ -1,26 +1,23 @@
 import pytest
 
-from cachedattn.serving.policies import PredictivePolicy, QueueAwarePolicy
+from cachedattn.serving.policies import PredictivePolicy, QueueAwarePolicy, QueueView
 from cachedattn.store.eviction import make_policy
 
 
 class FakeEngine:
+    """Pushes queue views the way the engine does; the policy never calls back."""
+
     def __init__(self, queue, disk_window=0):
-        self.queue, self.window, self.now = queue, disk_window, 0.0
+        self.queue, self.window, self.now, self.seq = queue, disk_window, 0.0, 0
 
-    def queued_conversations(self):
-        return list(self.queue)
-
-    def disk_window(self):
-        return self.window
-
-    def clock(self):
-        return self.now
+    def push(self, policy):
+        self.seq += 1
+        policy.on_queue(QueueView(tuple(self.queue), self.window, lambda: self.now, self.seq))
 
 
 def test_queue_aware_victims_idle_first_then_furthest_back():
     p = QueueAwarePolicy()
-    p.bind(FakeEngine(["c", "a", "c", "e"], disk_window=2))
+    FakeEngine(["c", "a", "c", "e"], disk_window=2).push(p)
     for conv in "abcde":
         p.on_insert(conv)
     p.on_access("b")  # b used more recently than d
@@ -30,11 +27,12 @@ def test_queue_aware_victims_idle_first_then_furthest_back():
 def test_queue_aware_never_drops_the_eviction_window_from_disk():
     p = QueueAwarePolicy()
     eng = FakeEngine(["c", "a", "c", "e"], disk_window=2)
-    p.bind(eng)
+    eng.push(p)
     for conv in "abcde":
         p.on_insert(conv)
     assert p.order(list("abcde"), "disk") == ["b", "d", "e"]  # c and a: first two queued jobs
     eng.window = 4
+    eng.push(p)
     assert p.order(list("abcde"), "disk") == ["b", "d"]
     assert set(p.order(list("abcde"), "host")) == set("abcde")  # host demotion may touch anyone
 
@@ -57,7 +55,7 @@ def test_policies_are_registered_by_name():
 def test_predictive_ranks_idle_conversations_by_overdue_ratio():
     p = PredictivePolicy()
     eng = FakeEngine([])
-    p.bind(eng)
+    eng.push(p)
     for conv in "fsn":
         p.on_insert(conv)
     # "f" answers quickly (gaps of 10 s), "s" slowly (gaps of 100 s).
@@ -76,12 +74,13 @@ def test_predictive_ranks_idle_conversations_by_overdue_ratio():
     assert p.order(list("fsn"), "host") == ["f", "n", "s"]
     # LRU would rank by last access only.
     eng.queue = ["f"]
+    eng.push(p)
     assert p.order(list("fsn"), "host") == ["n", "s", "f"]  # queued goes last, whatever its rhythm
 
 
 def test_predictive_uses_answer_length():
     p = PredictivePolicy()
-    p.bind(FakeEngine([]))
+    FakeEngine([]).push(p)
     for i, (answer, gap) in enumerate([(10, 12.0), (100, 30.0), (200, 50.0), (50, 20.0)]):
         conv = f"c{i}"
         p.on_finish(conv, 0.0, answer)
@@ -92,7 +91,7 @@ def test_predictive_uses_answer_length():
 
 def test_predictive_without_history_falls_back_to_lru():
     p = PredictivePolicy()
-    p.bind(FakeEngine([]))
+    FakeEngine([]).push(p)
     for conv in "abc":
         p.on_insert(conv)
     p.on_access("a")
@@ -101,7 +100,7 @@ def test_predictive_without_history_falls_back_to_lru():
 
 def test_predictive_trusts_the_global_fit_when_users_are_alike():
     p = PredictivePolicy()
-    p.bind(FakeEngine([]))
+    FakeEngine([]).push(p)
     t = 0.0
     for rnd in range(4):
         for i in range(6):  # every conversation alternates short and long gaps the same way
@@ -117,9 +116,18 @@ def test_predictive_trusts_the_global_fit_when_users_are_alike():
 
 def test_predictive_ignores_an_answer_length_slope_that_is_noise():
     p = PredictivePolicy()
-    p.bind(FakeEngine([]))
+    FakeEngine([]).push(p)
     for i, (answer, gap) in enumerate([(10, 20.0), (200, 21.0), (50, 19.0), (120, 20.0), (30, 22.0), (180, 18.5),
                                        (90, 21.5), (160, 19.5)]):
         p.on_finish(f"c{i}", 0.0, answer)
         p.on_submit(f"c{i}", gap)
     assert p._fit[1] == 0.0 and p._fit[0] == pytest.approx(20.19, abs=0.01)
+
+
+def test_a_view_older_than_the_one_held_is_ignored():
+    p = QueueAwarePolicy()
+    for conv in "ab":
+        p.on_insert(conv)
+    p.on_queue(QueueView(("a",), 1, None, seq=2))
+    p.on_queue(QueueView(("b",), 1, None, seq=1))  # pushed earlier, arrived later
+    assert p.order(["a", "b"], "disk") == ["b"]

@@ -33,6 +33,12 @@ def chunk_bytes(spec=SPEC, chunk=CHUNK):
     return ChunkGeometry(spec, chunk).block_bytes
 
 
+@pytest.fixture(autouse=True)
+def lock_order_checked(monkeypatch):
+    """Every lock the store makes in these tests raises when taken out of the package's order."""
+    monkeypatch.setenv("CACHEDATTN_LOCK_ORDER", "1")
+
+
 @pytest.fixture
 def tokens():
     return np.random.default_rng(7).integers(0, 32000, 200)

@@ -114,22 +114,6 @@ def test_demote_after_the_disk_failed_keeps_host_only_kv(make_store, tokens, mon
     assert s.lookup("a", t) == 40
 
 
-class _FakeEngine:
-    """What the queue-aware policy reads: every conversation queued inside the disk window."""
-
-    def __init__(self, convs):
-        self.convs = convs
-
-    def queued_conversations(self):
-        return list(self.convs)
-
-    def disk_window(self):
-        return len(self.convs)
-
-    def clock(self):
-        return 0.0
-
-
 class _NoVictim(LRUPolicy):
     def order(self, candidates, tier):
         return [] if tier == "disk" else super().order(candidates, tier)
@@ -137,11 +121,13 @@ class _NoVictim(LRUPolicy):
 
 @pytest.mark.parametrize("policy", ["queue", "none"])
 def test_a_full_disk_with_no_victim_stores_the_turn_in_host_memory_only(make_store, tokens, caplog, policy):
-    from cachedattn.serving.policies import QueueAwarePolicy
+    from cachedattn.store import QueueView
+    from cachedattn.store.queue_policies import QueueAwarePolicy
 
     if policy == "queue":
         pol = QueueAwarePolicy()
-        pol.bind(_FakeEngine([f"c{i}" for i in range(6)]))
+        convs = tuple(f"c{i}" for i in range(6))
+        pol.on_queue(QueueView(convs, disk_window=len(convs)))  # every conversation queued inside the disk window
     else:
         pol = _NoVictim()
     assert isinstance(pol, EvictionPolicy)

@@ -176,3 +176,13 @@ def test_store_from_env(monkeypatch, tmp_path, tokens):
 def test_config_object_and_fields_are_exclusive():
     with pytest.raises(ValueError, match="not both"):
         AttentionStore(host_bytes=1 << 20, config=StoreConfig())
+
+
+@pytest.mark.parametrize("huge", [2**62, 10**30, "1000000T"])
+def test_huge_host_bytes_is_refused_at_construction_naming_the_limit(huge):
+    from cachedattn.store.config import physical_memory_bytes
+
+    with pytest.raises(ValueError, match=rf"host_bytes: .*\({physical_memory_bytes()} bytes\)"):
+        AttentionStore(host_bytes=huge, chunk_tokens=CHUNK, hugepages="off")
+    with pytest.raises(ValueError, match="host_bytes"):
+        StoreConfig(host_bytes=huge)

@@ -266,7 +266,7 @@ def test_load_against_drop_and_append_from_many_threads(make_store, illegal):
 
 def test_a_prefetch_never_waits_for_writes_queued_behind_it(make_store, tokens):
     """Host memory full of chunks whose writes are queued behind the prefetch on the
-    store's only thread: the prefetch fails at once instead of waiting for them."""
+    store's only thread: the prefetch brings in nothing at once instead of waiting for them."""
     s = make_store(host_chunks=6, io_threads=1)
     t = tokens[:32]
     s.append("b", t, truth_kv(t)).result()
@@ -276,8 +276,7 @@ def test_a_prefetch_never_waits_for_writes_queued_behind_it(make_store, tokens):
     u = tokens[100:196]
     s.append("a", u, truth_kv(u))  # 6 chunks, all host memory; their writes queue behind the prefetch
     gate.set()
-    with pytest.raises(HostMemoryFull):
-        fut.result(timeout=20)  # a guard against a hang, not a measurement: it fails at once
+    assert fut.result(timeout=20) == 0  # a guard against a hang, not a measurement: a miss at once, no error
     s.flush()
     assert s.prefetch("b").result(timeout=20) == 2  # the written chunks can go now
     with s.load("b", 32) as ld:

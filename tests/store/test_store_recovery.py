@@ -167,3 +167,51 @@ def test_history_cut_during_an_append_stores_nothing(make_store, tokens):
         txn.commit().result()
     assert s.lookup("a", tokens) == 16
     assert_kv_equal(read_all(s, "a", 16), kv, upto=16)
+
+
+def _crash_copy(store, dest) -> str:
+    """What a kill -9 right now would leave on disk (the directory as it is)."""
+    import shutil
+
+    shutil.copytree(store.config.disk_dir, dest)
+    return str(dest)
+
+
+@pytest.mark.parametrize("how", ["extend", "regenerate", "several_chunks"])
+def test_a_crash_while_the_tail_chunk_is_rewritten_keeps_the_last_complete_save(make_store, tmp_path, how):
+    """The partial last chunk is rewritten by the next save: until the new file is
+    complete, the old one stays what a reopen finds (it used to be deleted at commit)."""
+    import threading
+
+    from .kvtruth import check_load, truth_kv
+
+    rng = np.random.default_rng(5)
+    old = rng.integers(0, 32000, 55)
+    s = make_store(io_threads=1)
+    s.append("a", old, truth_kv(old)).result()
+    new = np.concatenate([old, rng.integers(0, 32000, 60 if how == "several_chunks" else 10)])
+    start = 55
+    if how == "regenerate":  # a regenerated answer from token 50 on
+        new = np.concatenate([old[:50], rng.integers(0, 32000, 3)])  # shorter than the old save
+        start = 50
+    gate = threading.Event()
+    s._executor.submit(gate.wait)  # the new files' completion waits behind this
+    done = s.append("a", new, truth_kv(new, start), start=start)
+    copy = _crash_copy(s, tmp_path / "crashed")
+    gate.set()
+    done.result()
+    with AttentionStore(host_bytes=64 << 20, disk_dir=copy, chunk_tokens=CHUNK, spec=SPEC, hugepages="off") as r:
+        assert r.lookup("a", old) == 55  # the last complete save, whole
+        with r.load("a", 55) as ld:
+            check_load(ld, old)
+    s.close()
+    copy2 = _crash_copy(s, tmp_path / "after")
+    files = list(Path(copy2).rglob("*.kv"))
+    assert len(files) == -(-len(new) // CHUNK)  # the old files went once the new ones were complete
+    for f in Path(copy).rglob("*.kv"):  # a crash between the new save's last rename and those deletions
+        if not (Path(copy2) / f.relative_to(copy)).exists():
+            (Path(copy2) / f.relative_to(copy)).write_bytes(f.read_bytes())
+    with AttentionStore(host_bytes=64 << 20, disk_dir=copy2, chunk_tokens=CHUNK, spec=SPEC, hugepages="off") as r:
+        assert r.lookup("a", new) == len(new)  # the newest complete save, even where the old one is longer
+        with r.load("a", len(new)) as ld:
+            check_load(ld, new)

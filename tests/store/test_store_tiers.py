@@ -153,7 +153,7 @@ def test_real_full_filesystem(tmp_path, tokens, caplog):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_prefetch_into_a_pinned_full_host_fails_fast(make_store, tokens):
+def test_prefetch_into_a_pinned_full_host_is_a_miss_at_once(make_store, tokens):
     s = make_store(host_chunks=2)
     kv = make_kv(SPEC, 32, 1)
     s.append("b", tokens[:32], kv).result()
@@ -161,8 +161,7 @@ def test_prefetch_into_a_pinned_full_host_fails_fast(make_store, tokens):
     s.append("a", tokens[:32], kv).result()
     with s.load("a", 32):
         fut = s.prefetch("b")
-        with pytest.raises(HostMemoryFull):
-            fut.result(timeout=30)
+        assert fut.result(timeout=30) == 0  # nothing brought in, no error
     assert s.prefetch("b").result(timeout=30) == 2  # once "a" is free, it makes room
 
 
