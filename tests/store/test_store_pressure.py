@@ -56,7 +56,8 @@ def test_host_memory_tight_under_concurrency_never_fails_a_turn(tmp_path):
             cachedattn.patch(m, store)
         errors, mismatches = [], []
         threads = [
-            threading.Thread(target=_turns, args=(m, store, f"c{i}", i, 3, errors, mismatches)) for i, m in enumerate(models)
+            threading.Thread(target=_turns, args=(m, store, f"c{i}", i, 3, errors, mismatches))
+            for i, m in enumerate(models)
         ]
         for t in threads:
             t.start()

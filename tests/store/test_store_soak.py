@@ -224,8 +224,8 @@ def test_soak_turns_never_fail_under_tight_memory_disk_faults_and_chaos(tmp_path
                                                               stop, problems, turns))
                 for i, c in enumerate(session_convs)
             ] + [
-                threading.Thread(target=_engine_turns, args=(engine, base, engine_convs, hist, random.Random(99 + phase),
-                                                             stop, problems, turns)),
+                threading.Thread(target=_engine_turns, args=(engine, base, engine_convs, hist,
+                                                             random.Random(99 + phase), stop, problems, turns)),
                 threading.Thread(target=_chaos, args=(store, Path(d), session_convs + engine_convs,
                                                       random.Random(7 + phase), stop, problems, chaos_ops)),
             ]  # fmt: skip
