@@ -79,7 +79,10 @@ class Faults:
 
 def _damage(root: Path, rng: random.Random) -> None:
     """A truncated chunk file or a flipped byte, behind the store's back."""
-    files = sorted(root.rglob("*.kv"))
+    try:
+        files = sorted(root.rglob("*.kv"))
+    except FileNotFoundError:
+        return  # a conversation directory removed by the store during the walk
     if not files:
         return
     f = rng.choice(files)
