@@ -74,7 +74,11 @@ def truncate_turn(session, input_ids: torch.Tensor, extra: int) -> tuple[torch.T
         if policy != "recompute":
             note = "nothing stored after the dropped span: the window is computed"
     else:
-        _rewrite(session, input_ids, kept, stored, drop, rotate=policy == "reapply" and scheme.kind == ROTATE)
+        try:
+            _rewrite(session, input_ids, kept, stored, drop, rotate=policy == "reapply" and scheme.kind == ROTATE)
+        except Exception as e:  # e.g. host memory full: the cache's trouble, never the turn's
+            st.store.drop(session.conv_id)
+            note = f"the kept window is computed (its KV could not be rewritten: {type(e).__name__}: {e})"
     log.info("cachedattn: %r overflowed max_context=%d: dropped %d tokens; %s", session.conv_id, window, drop, note)
     return kept, drop, note
 

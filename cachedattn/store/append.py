@@ -37,7 +37,8 @@ class KVAppend:
         self._closed = False
         self._cancelled = False
         self._settle = None  # waits for copies an engine still has in flight into self.blocks
-        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "append")  # put_layer/commit/abort against the store's close()
+        # put_layer/commit/abort against the store's close()
+        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "append")
         store._register(self)
 
     @property

@@ -8,18 +8,19 @@ written under a temporary name and renamed into place once all of it is
 written, so a crash leaves either a complete file or a temporary one (deleted
 at the next open); the checksums catch damage after that.
 
-File name: ``{index:08d}.{ntokens:05d}.{key hex}.{generation:016x}{tail}.kv``
+File name: ``{index:08d}.{ntokens:05d}.{key hex}.{generation:016x}{tail}{random:06x}.kv``
 inside the conversation's directory. The key names the content; the generation
 (one per save, increasing, also across restarts) names this one write of it,
 so that rewriting a chunk (the same turn twice, a conversation dropped and
 stored anew) never produces the name of a file that something may still
 delete, and recovery can tell the newest complete save; tail is 1 on the last
-chunk of its save. Names with a random version or none (older stores) are
+chunk of its save; the random part tells two writes of one chunk apart. Names with a random version or none (older stores) are
 read too, ranked oldest.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -44,18 +45,20 @@ class ChunkCorruptError(OSError):
 
 
 def file_name(index: int, ntokens: int, key: bytes, gen: int, tail: bool) -> str:
-    """A chunk file's name. Its version is the generation of the save that made the chunk
-    (16 hex digits, increasing across saves and restarts) and whether the chunk was that
-    save's last: a chain from the root to such a tail is a complete save (recovery.py)."""
-    return f"{index:08d}.{ntokens:05d}.{key.hex()}.{gen:016x}{int(bool(tail))}{SUFFIX}"
+    """A fresh chunk file name. Its version: the generation of the save that made the chunk
+    (16 hex digits, increasing across saves and restarts), whether the chunk was that save's
+    last (a chain from the root to such a chunk is a complete save: recovery.py), and 6
+    random hex digits, so that writing the same chunk again (after its file was evicted)
+    never makes the name of a file whose deletion may still be pending."""
+    return f"{index:08d}.{ntokens:05d}.{key.hex()}.{gen:016x}{int(bool(tail))}{os.urandom(3).hex()}{SUFFIX}"
 
 
 def parse_version(name: str) -> tuple[int, bool]:
     """(generation, is a save's last chunk) of a chunk file name; (-1, False) for names
     of older stores (a random version, or none), which rank below every generation."""
     parts = name[: -len(SUFFIX)].split(".")
-    if len(parts) == 4 and len(parts[3]) == 17 and parts[3][-1] in "01":
-        return int(parts[3][:16], 16), parts[3][-1] == "1"
+    if len(parts) == 4 and len(parts[3]) == 23 and parts[3][16] in "01":
+        return int(parts[3][:16], 16), parts[3][16] == "1"
     return -1, False
 
 

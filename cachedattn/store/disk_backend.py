@@ -55,7 +55,8 @@ class DiskBackend(Tier):
         with self._dir_locks_guard:
             lock = self._dir_locks.get(dirname)
             if lock is None:
-                lock = self._dir_locks[dirname] = lock_order.ordered(threading.Lock(), lock_order.DIRECTORY, "directory")
+                lock = lock_order.ordered(threading.Lock(), lock_order.DIRECTORY, "directory")
+                self._dir_locks[dirname] = lock
             return lock
 
     def _ensure_dir(self, conv) -> None:

@@ -69,7 +69,8 @@ class Dir:
         self._shared = shared
         if shared:
             self._users = 0
-            self._cond = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.FS_DIR, "directory users"))
+            users = lock_order.ordered(threading.RLock(), lock_order.FS_DIR, "directory users")
+            self._cond = threading.Condition(users)
             self._finalizer = weakref.finalize(self, os.close, fd)
 
     # ---- opening and closing ------------------------------------------------

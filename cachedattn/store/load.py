@@ -30,7 +30,8 @@ class KVLoad:
         self._prefetch = prefetch
         self._conv = conv
         self._lease = lease
-        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "load")  # read_layer against close() from the store's close()
+        # read_layer against close() from the store's close()
+        self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "load")
         self._cancelled = False
         self._closed = False
         self._error: OSError | None = None
@@ -57,7 +58,7 @@ class KVLoad:
                 except OSError as e:
                     if e.errno in OUT_OF_RESOURCES:  # not the chunk's fault: stop before it
                         self._shorten(i)
-                        store.shortened(f"cannot open a chunk file ({e.strerror or e})")
+                        store._shortened(f"cannot open a chunk file ({e.strerror or e})")
                         break
                     self._fail(i, f"cannot open: {e.strerror or e}", e.errno or errno.EIO)
             self._issue(self._readahead)

@@ -40,7 +40,8 @@ class QueueAwarePolicy(LRUPolicy):
     def __init__(self):
         super().__init__()
         self._view = QueueView()
-        self._view_lock = lock_order.ordered(threading.Lock(), lock_order.POLICY, "policy view")  # views come from submitters and the worker, order() from the store
+        # Views come from submitters and the worker, order() from the store.
+        self._view_lock = lock_order.ordered(threading.Lock(), lock_order.POLICY, "policy view")
 
     def on_queue(self, view: QueueView) -> None:
         with self._view_lock:
@@ -83,7 +84,8 @@ class PredictivePolicy(QueueAwarePolicy):
         self._fit = (0.0, 0.0)
         self._between = 0.0  # variance of the conversations' true rhythms (empirical Bayes)
         self._within = 1.0  # variance of one gap ratio around its conversation's rhythm
-        self._lock = lock_order.ordered(threading.Lock(), lock_order.POLICY, "policy")  # job events come from submitters and the worker, order() from the store
+        # Job events come from submitters and the worker, order() from the store.
+        self._lock = lock_order.ordered(threading.Lock(), lock_order.POLICY, "policy")
 
     def on_submit(self, conv_id: str, now: float) -> None:
         with self._lock:

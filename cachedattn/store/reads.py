@@ -77,7 +77,7 @@ class Reader:
             for i in [i for i in held if i >= cut]:
                 held.pop(i).release()
             chunks, from_disk, n = chunks[:cut], from_disk[: len(fresh)], min(n, cut * C)
-            s.shortened(f"host memory is full (all {s._host.capacity_blocks} chunk blocks are in use)")
+            s._shortened(f"host memory is full (all {s._host.capacity_blocks} chunk blocks are in use)")
             if cut == 0 and (toks is not None or prefetch):
                 s._release(lease)
                 return None  # a miss

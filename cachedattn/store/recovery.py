@@ -84,7 +84,9 @@ def read_chain(disk, conv_id: str, dirname: str, root: bytes, files) -> tuple[li
     chunks = []
     for i, (h, name) in enumerate(chain):
         gen, tail = parse_version(name)
-        chunks.append(Chunk(i, h.tokens, h.key, h.parent, h.checksums, ChunkState.DISK, file=name, gen=max(gen, 0), tail=tail))
+        chunks.append(
+            Chunk(i, h.tokens, h.key, h.parent, h.checksums, ChunkState.DISK, file=name, gen=max(gen, 0), tail=tail)
+        )
     keep = {name for _, name in chain}
     return chunks, [name for *_, name in files if name not in keep], headers.damaged
 

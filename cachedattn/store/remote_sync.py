@@ -153,9 +153,9 @@ class RemoteSync:
                 for b in blocks:
                     b.release()
                 return 0
-            gen = s._next_gen()
+            gen, last = s._next_gen(), len(got) - 1
             new = [
-                Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b, gen=gen, tail=i == len(got) - 1)
+                Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b, gen=gen, tail=i == last)
                 for i, (g, b) in enumerate(zip(got, blocks))
             ]
             for old in conv.chunks[k:]:

@@ -61,7 +61,9 @@ class StoreStats:
     skipped_saves: int = 0
     shortened_loads: int = 0
     _lock: threading.Lock = field(
-        default_factory=lambda: lock_order.ordered(threading.Lock(), lock_order.STATS, "stats"), repr=False, compare=False
+        default_factory=lambda: lock_order.ordered(threading.Lock(), lock_order.STATS, "stats"),
+        repr=False,
+        compare=False,
     )
 
     def add(self, **deltas: int) -> None:

@@ -167,7 +167,8 @@ class AttentionStore:
         if cfg.host_bytes // geo.block_bytes > MAX_HOST_BLOCKS:
             raise ValueError(
                 f"host_bytes: {cfg.host_bytes} makes {cfg.host_bytes // geo.block_bytes} chunk blocks of "
-                f"{geo.block_bytes} bytes, more than the limit of {MAX_HOST_BLOCKS}; raise chunk_tokens or lower host_bytes"
+                f"{geo.block_bytes} bytes, more than the limit of {MAX_HOST_BLOCKS}; "
+                "raise chunk_tokens or lower host_bytes"
             )
         host = HostTier(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
         disk = None
@@ -555,7 +556,7 @@ class AttentionStore:
             self._check_open()
             self._open.add(obj)
 
-    def shortened(self, why: str) -> None:
+    def _shortened(self, why: str) -> None:
         """A load was cut short because a resource ran out: counted, logged once."""
         self._stats.add(shortened_loads=1)
         if not self._warned_short:

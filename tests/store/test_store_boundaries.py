@@ -32,8 +32,10 @@ def test_the_store_imports_nothing_of_serving_or_hf_and_has_no_import_cycle():
     for name, imps in mods.items():
         bad = sorted(i for i in imps if i.startswith(("cachedattn.serving", "cachedattn.hf")))
         assert not bad, f"cachedattn.store.{name} imports {bad}"
-    graph = {n: {i.rsplit(".", 1)[-1] for i in imps if i.startswith("cachedattn.store.") and i.rsplit(".", 1)[-1] in mods}
-             for n, imps in mods.items()}  # fmt: skip
+    graph = {
+        n: {i.rsplit(".", 1)[-1] for i in imps if i.startswith("cachedattn.store.") and i.rsplit(".", 1)[-1] in mods}
+        for n, imps in mods.items()
+    }
     state: dict[str, int] = {}
 
     def visit(n, path):

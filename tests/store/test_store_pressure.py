@@ -56,7 +56,8 @@ def test_host_memory_tight_under_concurrency_never_fails_a_turn(tmp_path):
             cachedattn.patch(m, store)
         errors, mismatches = [], []
         threads = [
-            threading.Thread(target=_turns, args=(m, store, f"c{i}", i, 3, errors, mismatches)) for i, m in enumerate(models)
+            threading.Thread(target=_turns, args=(m, store, f"c{i}", i, 3, errors, mismatches))
+            for i, m in enumerate(models)
         ]
         for t in threads:
             t.start()
@@ -118,3 +119,28 @@ def test_running_out_of_descriptors_shortens_the_load_and_keeps_the_chunks(make_
     assert s.stats()["corrupt_chunks"] == 0 and s.stats()["shortened_loads"] == 1
     with s.load("b", 48) as ld:
         assert torch.equal(ld.read_layer(1)[0], kv[1][0])
+
+
+def test_an_overflow_whose_rewrite_finds_no_host_memory_still_answers(tmp_path):
+    """The context window overflows; rewriting the kept window's KV needs host blocks that
+    the conversation itself holds: the turn is computed (the stored KV dropped), not failed."""
+    model = tiny_model("llama")
+    probe = AttentionStore(host_bytes=1 << 20, chunk_tokens=16, hugepages="off")
+    cachedattn.patch(model, probe)
+    block = probe._geometry.block_bytes
+    cachedattn.unpatch(model)
+    probe.close()
+    store = AttentionStore(host_bytes=6 * block, chunk_tokens=16, hugepages="off")  # no disk: nothing to demote to
+    try:
+        cachedattn.patch(model, store, max_context=96)
+        ids = torch.randint(1, VOCAB, (1, 90), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad(), cachedattn.session(model, "w"):
+            model(ids)  # 6 chunks: host memory is full of this conversation
+        more = torch.cat([ids, torch.randint(1, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))], 1)
+        with torch.no_grad(), cachedattn.session(model, "w") as s:
+            got = model(more).logits
+            kept = more[:, s.dropped_tokens :]
+        want = store_free_logits(model, kept)[:, -got.shape[1] :]
+        assert (got - want).abs().max().item() <= 1e-4
+    finally:
+        store.close()

@@ -215,3 +215,17 @@ def test_a_crash_while_the_tail_chunk_is_rewritten_keeps_the_last_complete_save(
         assert r.lookup("a", new) == len(new)  # the newest complete save, even where the old one is longer
         with r.load("a", len(new)) as ld:
             check_load(ld, new)
+
+
+def test_writing_a_chunk_again_never_reuses_the_name_of_its_earlier_file():
+    """A chunk whose file was evicted (deletion pending until the lock is released or the
+    last load ends) and then written again must get another name: else the pending deletion
+    would remove the new file."""
+    from cachedattn.store.chunk_file import file_name, parse_file_name, parse_version
+
+    key = bytes(range(16))
+    a, b = file_name(3, 16, key, gen=12345, tail=True), file_name(3, 16, key, gen=12345, tail=True)
+    assert a != b
+    assert parse_file_name(a) == (3, 16, key) and parse_version(a) == (12345, True)
+    assert parse_version(file_name(0, 5, key, gen=7, tail=False)) == (7, False)
+    assert parse_version("00000000.00016." + key.hex() + ".0a1b2c3d4e5f.kv") == (-1, False)  # an older store's

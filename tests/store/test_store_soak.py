@@ -79,7 +79,10 @@ class Faults:
 
 def _damage(root: Path, rng: random.Random) -> None:
     """A truncated chunk file or a flipped byte, behind the store's back."""
-    files = sorted(root.rglob("*.kv"))
+    try:
+        files = sorted(root.rglob("*.kv"))
+    except FileNotFoundError:
+        return  # a conversation directory removed by the store during the walk
     if not files:
         return
     f = rng.choice(files)
@@ -224,8 +227,8 @@ def test_soak_turns_never_fail_under_tight_memory_disk_faults_and_chaos(tmp_path
                                                               stop, problems, turns))
                 for i, c in enumerate(session_convs)
             ] + [
-                threading.Thread(target=_engine_turns, args=(engine, base, engine_convs, hist, random.Random(99 + phase),
-                                                             stop, problems, turns)),
+                threading.Thread(target=_engine_turns, args=(engine, base, engine_convs, hist,
+                                                             random.Random(99 + phase), stop, problems, turns)),
                 threading.Thread(target=_chaos, args=(store, Path(d), session_convs + engine_convs,
                                                       random.Random(7 + phase), stop, problems, chaos_ops)),
             ]  # fmt: skip
