@@ -20,8 +20,10 @@ import pytest
 import torch
 
 import cachedattn
+from cachedattn import native
 from cachedattn.testing import mutants
 from cachedattn.testing.race import Detector
+from cachedattn.transfer import guards, streams
 from cachedattn.transfer.factory import FAKE_ENV
 
 from ..hf.models import VOCAB, tiny_model
@@ -228,20 +230,37 @@ def scenario_store_closed_mid_save(tmp):
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
+HANG_S = 150  # a scenario still running after this is taken as hung (a wait that never returns)
+
+
 def run(scenario: str, tmp) -> str | None:
-    """None if the scenario ran clean under the detector, else why not."""
+    """None if the scenario ran clean under the detector, else why not (a hang included)."""
     os.makedirs(tmp, exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FAKE_ENV, "1")
-        failure = None
+    result: dict = {}
+
+    def body():  # in its own thread: the detector's dispatch mode is the running thread's
         with Detector() as det, torch.no_grad():
+            result["det"] = det
             try:
                 SCENARIOS[scenario](tmp)
             except Exception as e:  # noqa: BLE001 - any failure kills the mutant
-                failure = f"{type(e).__name__}: {e}"
+                result["failure"] = f"{type(e).__name__}: {e}"
         if det.reports:
-            failure = f"{len(det.reports)} detector report(s), first: {det.reports[0].message}"
-    return failure
+            result["failure"] = f"{len(det.reports)} detector report(s), first: {det.reports[0].message}"
+        result["done"] = True
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAKE_ENV, "1")
+        saved = (guards._observer, streams._provider, native.HostPool)
+        t = threading.Thread(target=body, daemon=True, name=f"scenario-{scenario}")
+        t.start()
+        t.join(HANG_S)
+        if t.is_alive():  # left behind (daemon); what its detector installed process-wide is put back
+            guards._observer, streams._provider, native.HostPool = None, saved[1], saved[2]
+            reports = result["det"].reports if "det" in result else []
+            return f"hung for {HANG_S} s" + (f", after {len(reports)} detector report(s), first: {reports[0].message}"
+                                             if reports else "")
+    return result.get("failure") if result.get("done") else result.get("failure", "the scenario thread died")
 
 
 # ---- the tests -------------------------------------------------------------------------------------------
