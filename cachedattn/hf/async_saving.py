@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from cachedattn.transfer import streams
+from cachedattn.transfer.strided import fold
 
 log = logging.getLogger("cachedattn")
 
@@ -96,7 +97,9 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
         if sources:
             engine.wait_for_stream("d2h", streams.current(sources[0][0].device))
         for layer, (k, v) in enumerate(sources):
-            engine.copy_batch("d2h", txn.copy_segments(layer, k, v))
+            # One strided copy per chunk and K/V (every head's rows), not one per head.
+            for src, sp, dst, dp, width, height in fold(txn.copy_segments(layer, k, v)):
+                engine.copy_2d("d2h", src, sp, dst, dp, width, height)
         ticket = engine.record("d2h")
     except BaseException:
         txn.abort()  # after the copies already issued (settle_with)

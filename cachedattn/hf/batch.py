@@ -45,6 +45,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from cachedattn.hf.saving import save_turn
 from cachedattn.hf.session import Session
+from cachedattn.transfer.gpu_load import GpuLoader
 
 log = logging.getLogger("cachedattn")
 
@@ -146,51 +147,88 @@ class BatchSession:
             out.append(ids)
         return out
 
-    def _open_history(self, row: Session, ids: torch.Tensor):
-        """Row's stored history, opened (its conversation leased) but not read: a KVLoad or None."""
+    def _open_history(self, row: Session, ids: torch.Tensor, loader):
+        """Row's stored history, opened (its conversation leased) but not read: (KVLoad or None,
+        the read buffer's GpuLoad when it holds this row's history, else None)."""
         if not row._weights_current or ids.numel() < 2:
-            return None
+            return None, None
+        if loader is not None and loader.preloaded_conversation() == row.conv_id:
+            g = loader.take_preloaded(row.conv_id, ids, ids.numel() - 1)  # the engine filled it for this job
+            if g is not None:
+                return g.load, g
         try:
-            return row._load_prefix(ids, ids.numel() - 1)
+            return row._load_prefix(ids, ids.numel() - 1), None
         except OSError as e:  # a failing store: this row computes its history
-            self._state.store._stats.add(recovered_turns=1)
-            log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
-            return None
+            self._row_failed(row, e)
+            return None, None
 
-    def _read_history(self, row: Session, load) -> tuple[list | None, int]:
-        """The opened history read in full: ([(k, v) per layer], n) or (None, 0) if a chunk is bad."""
-        if load is None:
-            return None, 0
-        try:
-            layers = [load.read_layer(i) for i in range(self._state.kv.spec.num_layers)]
-            row.tier_tokens = load.tier_tokens()
-            return layers, load.n_tokens
-        except OSError as e:  # a bad chunk or a failing store: this row computes its history
-            self._state.store._stats.add(recovered_turns=1)
-            log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
-            return None, 0
+    def _row_failed(self, row: Session, e: OSError) -> None:
+        self._state.store.count("recovered_turns")
+        log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
 
     def _begin(self, ids: list[torch.Tensor]):
         """Opens every row's history before reading any: while the batch runs, every row's
         conversation is leased (in use), so reading or saving one row never evicts another
-        row's chunks. Returns (hist, loads); the caller closes the loads after the saves."""
-        loads = []
+        row's chunks. Returns (loads, staged): the caller closes the loads after the saves."""
+        loader = GpuLoader.for_model(self._state, self.model)
+        loads, staged = [], []
         try:
             for row, x in zip(self.rows, ids):
                 row._weights_current = self._state.kv.identity.check(self.model)
                 row.tier_tokens = {"host": 0, "disk": 0}
-                loads.append(self._open_history(row, x))
-            hist = [self._read_history(row, load) for row, load in zip(self.rows, loads)]
+                load, g = self._open_history(row, x, loader)
+                loads.append(load)
+                staged.append(g)
         except BaseException:
-            _close_all(loads)
+            _close_all(loads, staged)
             raise
-        return hist, loads
+        return loader, loads, staged
 
-    def _layout(self, ids, hist, pad: int, device):
+    def _read_row(self, r: int, row: Session, load, g, loader, ks, vs, H: int) -> int:
+        """Row r's history into columns [H - n, H) of every layer's cache tensors; returns n (0 when
+        a chunk is bad: the row computes its history). With a copy engine the history goes from the
+        pinned blocks through the engine straight into those columns (no pageable staging)."""
+        n = load.n_tokens
+        sliding = self._state.kv.sliding
+        try:
+            if loader is not None and g is None:
+                g = loader.start(load, n, sliding, row.readahead)
+            try:
+                for i, (k, v) in enumerate(zip(ks, vs)):
+                    if g is not None:
+                        g.layer(i, k[r, :, H - n :], v[r, :, H - n :])
+                    else:
+                        load.read_layer(i, k[r, :, H - n :], v[r, :, H - n :])
+            finally:
+                if g is not None:
+                    g.release_staging()  # the load itself stays open until the rows are saved
+            row.tier_tokens = load.tier_tokens()
+            return n
+        except OSError as e:  # a bad chunk or a failing store: this row computes its history
+            self._row_failed(row, e)
+            for k, v in zip(ks, vs):
+                k[r].zero_()
+                v[r].zero_()
+            return 0
+
+    def _layout(self, ids, loader, loads, staged, pad: int, device):
         """Left-padded ids, mask and the history-filled cache of the layout in the module docstring."""
-        ns = [n for _, n in hist]
+        ns = [load.n_tokens if load is not None else 0 for load in loads]
+        H = max(ns)
+        cache = DynamicCache(config=self.model.config)
+        if H:
+            dtype = next(self.model.parameters()).dtype
+            ks, vs = [], []
+            for h, d in self._state.kv.spec.layers:
+                ks.append(torch.zeros(len(ids), h, H, d, dtype=dtype, device=device))
+                vs.append(torch.zeros(len(ids), h, H, d, dtype=dtype, device=device))
+            for r, (row, load, g) in enumerate(zip(self.rows, loads, staged)):
+                if load is not None:
+                    ns[r] = self._read_row(r, row, load, g, loader, ks, vs, H)
+            for layer, (k, v) in enumerate(zip(ks, vs)):
+                cache.update(k, v, layer)
         ms = [x.numel() - n for x, n in zip(ids, ns)]
-        H, M, B = max(ns), max(ms), len(ids)
+        M, B = max(ms), len(ids)
         input_ids = torch.full((B, H + M), pad, dtype=torch.long, device=device)
         mask = torch.zeros((B, H + M), dtype=torch.long, device=device)
         for r, (x, n, m) in enumerate(zip(ids, ns, ms)):
@@ -198,20 +236,6 @@ class BatchSession:
             input_ids[r, H + M - m :] = x[n:]
             mask[r, H - n : H] = 1
             mask[r, H + M - m :] = 1
-        cache = DynamicCache(config=self.model.config)
-        if H:
-            dtype = next(self.model.parameters()).dtype
-            for layer in range(self._state.kv.spec.num_layers):
-                ks, vs = [], []
-                for (layers, n) in hist:
-                    k0, v0 = (layers[layer] if layers is not None else hist_like(hist, layer))
-                    k = k0.new_zeros(k0.shape[0], H, k0.shape[2])
-                    v = v0.new_zeros(v0.shape[0], H, v0.shape[2])
-                    if n:
-                        k[:, H - n :], v[:, H - n :] = k0, v0
-                    ks.append(k)
-                    vs.append(v)
-                cache.update(torch.stack(ks).to(device, dtype), torch.stack(vs).to(device, dtype), layer)
         return input_ids, mask, cache, ns, ms, H, M
 
     def _check_context(self, ids, new_bound: int) -> None:
@@ -234,10 +258,9 @@ class BatchSession:
         device = next(self.model.parameters()).device
         pad = kwargs.get("pad_token_id", self.model.generation_config.pad_token_id)
         pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
-        hist, loads = self._begin(ids)
+        loader, loads, staged = self._begin(ids)
         try:
-            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, hist, pad, device)
-            del hist  # the cache holds the history now
+            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, loader, loads, staged, pad, device)
             first = _FirstToken(self.on_first_token)
             procs = LogitsProcessorList([first])
             kwargs = {**kwargs, "use_cache": True, "pad_token_id": pad}
@@ -264,7 +287,7 @@ class BatchSession:
                     cols = torch.arange(H + M - m, H + M + kept)
                     save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
         finally:
-            _close_all(loads)  # the rows' conversations are in use until every row is saved
+            _close_all(loads, staged)  # the rows' conversations are in use until every row is saved
         if hasattr(out, "sequences"):
             out.rows = gens
         return out if hasattr(out, "sequences") else gens
@@ -288,10 +311,9 @@ class BatchSession:
         pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
         kw = self._state.kv.cache_kwarg
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-        hist, loads = self._begin(ids)
+        loader, loads, staged = self._begin(ids)
         try:
-            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, hist, pad, device)
-            del hist
+            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, loader, loads, staged, pad, device)
             # Positions from the mask, as generate derives them: a hole repeats its neighbour's (it is masked).
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids[:, H:], attention_mask=mask, position_ids=pos[:, H:], use_cache=True,
@@ -328,23 +350,17 @@ class BatchSession:
                     cols = torch.cat([torch.arange(H + M - m, H + M), torch.arange(H + M + A - k, H + M + A)])
                     save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
         finally:
-            _close_all(loads)
+            _close_all(loads, staged)
         return logits, seqs
 
 
-def _close_all(loads) -> None:
+def _close_all(loads, staged=()) -> None:
+    for g in staged:
+        if g is not None:
+            g.release_staging()
     for load in loads:
         if load is not None:
             load.close()
-
-
-def hist_like(hist, layer):
-    """Zero-length KV shaped like another row's (a row with no history among rows with one)."""
-    for layers, _ in hist:
-        if layers is not None:
-            k, v = layers[layer]
-            return k[:, :0], v[:, :0]
-    raise RuntimeError("no row of the batch has history")  # unreachable: H > 0 means some row has one
 
 
 def batch_session(model, conv_ids, save: bool = True, readahead: int | None = None) -> BatchSession:

@@ -34,15 +34,24 @@ class StoreBackedCache(DynamicCache):
         super().__init__(config=config)
         self._load = load
         self._gpu = gpu  # a transfer.gpu_load.GpuLoad: the history comes through the copy engine
-        # layerwise=False: every layer's history is read before the forward starts (load, then compute).
-        self._loaded = {i: load.read_layer(i) for i in range(len(sliding))} if load and not layerwise else {}
+        # layerwise=False: every layer's history is read before the forward starts (load, then compute);
+        # on the GPU path every layer is staged by the copy engine and waited for here.
+        self._loaded = {}
+        if load and not layerwise:
+            if gpu is None:
+                self._loaded = {i: load.read_layer(i) for i in range(len(sliding))}
+            elif gpu.readahead >= len(sliding):  # (a preloaded load taken over stays layer by layer)
+                gpu.wait_all()
         self._n = n_history
         self._sliding = sliding
         self._pending = set(range(len(sliding))) if n_history else set()
-        # New KV of sliding-window layers ([rows, heads, tokens, dim]), kept in step with the layer's rows.
-        self._side: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Token ids fed through the model per row ([rows, tokens], CPU); None once a forward ran without ids.
-        self._tokens: torch.Tensor | None = torch.zeros(1, 0, dtype=torch.long)
+        # New KV of sliding-window layers ([rows, heads, tokens, dim]), kept in step with the layer's rows,
+        # in buffers grown by doubling (a decode step appends in place: no re-concatenation per token).
+        self._side: dict[int, _Growing] = {}
+        # Token ids fed through the model per row: pieces ([rows, tokens], on the device they came on)
+        # joined only when read or remapped (no host copy, no sync per decode step); None once a
+        # forward ran without ids.
+        self._tokens: list[torch.Tensor] | None = []
         for i, window in enumerate(sliding):
             if window is not None and n_history and i < len(self.layers):
                 self.layers[i].cumulative_length = n_history
@@ -115,12 +124,11 @@ class StoreBackedCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self._sliding[layer_idx] is not None:
-            old = self._side.get(layer_idx)
-            self._side[layer_idx] = (
-                (key_states, value_states)
-                if old is None
-                else (torch.cat([old[0], key_states], -2), torch.cat([old[1], value_states], -2))
-            )
+            side = self._side.get(layer_idx)
+            if side is None:
+                self._side[layer_idx] = _Growing(key_states, value_states)
+            else:
+                side.append(key_states, value_states)
         if self._pending and self._take_pending(layer_idx):
             if self._sliding[layer_idx] is None and (self._gpu is not None or key_states.device.type == "cpu"):
                 return self._restore_full(layer_idx, key_states, value_states)
@@ -154,18 +162,27 @@ class StoreBackedCache(DynamicCache):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             self._tokens = None  # embeddings or something else: what the KV belongs to is unknown
             return
-        ids = input_ids.detach().to("cpu", torch.long)
-        if self._tokens.shape[1] == 0:
-            self._tokens = ids.clone()
-        elif self._tokens.shape[0] == ids.shape[0]:
-            self._tokens = torch.cat([self._tokens, ids], 1)
-        else:
+        if self._tokens and self._tokens[0].shape[0] != input_ids.shape[0]:
             self._tokens = None
+            return
+        self._tokens.append(input_ids.detach().clone())  # a clone: generate reuses its buffers
+
+    def _joined_tokens(self) -> torch.Tensor | None:
+        if self._tokens is None:
+            return None
+        if not self._tokens:
+            return torch.zeros(1, 0, dtype=torch.long)
+        if len(self._tokens) > 1 or self._tokens[0].device.type != "cpu":
+            dev = self._tokens[0].device
+            self._tokens = [torch.cat([t.to(dev, torch.long) for t in self._tokens], 1).to("cpu", torch.long)]
+        return self._tokens[0]
 
     def _map_rows(self, fn) -> None:
-        self._side = {i: (fn(k), fn(v)) for i, (k, v) in self._side.items()}
-        if self._tokens is not None:
-            self._tokens = fn(self._tokens)
+        for side in self._side.values():
+            side.map(fn)
+        if self._tokens:
+            joined = torch.cat([t.to(self._tokens[0].device, torch.long) for t in self._tokens], 1)
+            self._tokens = [fn(joined)]
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -183,9 +200,10 @@ class StoreBackedCache(DynamicCache):
         super().crop(tokens_to_remove)  # refuses what DynamicLayer refuses (a positive, absolute length)
         if tokens_to_remove < 0:
             cut = -tokens_to_remove
-            self._side = {i: (k[:, :, :-cut], v[:, :, :-cut]) for i, (k, v) in self._side.items()}
-            if self._tokens is not None:
-                self._tokens = self._tokens[:, :-cut]
+            for side in self._side.values():
+                side.crop(cut)
+            if self._tokens:
+                self._tokens = [self._joined_tokens()[:, :-cut]]
 
     def reset(self) -> None:
         super().reset()
@@ -194,13 +212,44 @@ class StoreBackedCache(DynamicCache):
     # ---- the turn's new KV, as the cache holds it at the end -----------------
 
     def computed_tokens(self) -> torch.Tensor | None:
-        """[rows, tokens] ids whose KV this cache holds after the history, or None if unknown."""
-        return self._tokens
+        """[rows, tokens] ids (CPU) whose KV this cache holds after the history, or None if unknown."""
+        return self._joined_tokens()
 
     def row_new_kv(self, layer_idx: int, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of new tokens [start, end) (counted after the history) of one row and layer."""
         if self._sliding[layer_idx] is not None:
-            k, v = self._side[layer_idx]
+            k, v = self._side[layer_idx].view()
             return k[row, :, start:end], v[row, :, start:end]
         layer = self.layers[layer_idx]
         return layer.keys[row, :, self._n + start : self._n + end], layer.values[row, :, self._n + start : self._n + end]
+
+
+class _Growing:
+    """K and V ``[rows, heads, tokens, dim]`` growing along tokens in place: capacity doubles, so
+    appending one decode step costs that step's bytes (amortised), not the whole length."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self._k, self._v, self.n = k, v, k.shape[-2]
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[:, :, : self.n], self._v[:, :, : self.n]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        m = self.n + k.shape[-2]
+        if m > self._k.shape[-2]:
+            cap = max(m, 2 * self._k.shape[-2], 16)
+            ok, ov = self.view()
+            self._k = ok.new_empty(*ok.shape[:2], cap, ok.shape[-1])
+            self._v = ov.new_empty(*ov.shape[:2], cap, ov.shape[-1])
+            self._k[:, :, : self.n], self._v[:, :, : self.n] = ok, ov
+        self._k[:, :, self.n : m], self._v[:, :, self.n : m] = k, v
+        self.n = m
+
+    def map(self, fn) -> None:
+        """The rows reordered / selected / repeated as the cache's rows are."""
+        k, v = self.view()
+        self._k, self._v = fn(k), fn(v)
+        self.n = self._k.shape[-2]
+
+    def crop(self, cut: int) -> None:
+        self.n = max(0, self.n - cut)

@@ -70,7 +70,7 @@ def save_turn(session, cache, token_ids: torch.Tensor, n: int, start: int | None
 def _skipped(session, e: Exception) -> None:
     """The answer is computed and right: losing its KV costs only a later recompute."""
     st = session._state
-    st.store._stats.add(skipped_saves=1)
+    st.store.count("skipped_saves")
     warn_once(
         st, f"save:{type(e).__name__}", "cachedattn: the KV of a turn of %r was not stored (%s: %s)",
         session.conv_id, type(e).__name__, e,

@@ -173,7 +173,7 @@ class Session:
         if self._hidden_from is not None:
             limit = min(limit, self._hidden_from)
         reuse = history and limit > 0 and self._weights_current
-        loader = GpuLoader.for_model(self._state, self.model) if self.layerwise else None
+        loader = GpuLoader.for_model(self._state, self.model)
         gpu = loader.take_preloaded(self.conv_id, input_ids, limit) if loader is not None and reuse else None
         if loader is not None and not reuse:
             loader.drop_preloaded()
@@ -181,7 +181,9 @@ class Session:
         n = load.n_tokens if load is not None else 0
         try:
             if gpu is None and loader is not None and load is not None:
-                gpu = loader.start(load, n, self._state.kv.sliding, self.readahead)
+                # layerwise=False (load, then compute): every layer staged at once, from the pinned blocks
+                readahead = self.readahead if self.layerwise else self._state.kv.spec.num_layers
+                gpu = loader.start(load, n, self._state.kv.sliding, readahead)
             cache = StoreBackedCache(self.model.config, load, n, self._state.kv.sliding, self.layerwise, gpu)
         except BaseException:
             if gpu is not None:
@@ -215,7 +217,7 @@ class Session:
                 if self._emitted or attempt == 2:
                     raise  # not from the history (consumed in the first forward): nothing to redo
                 if attempt == 0:  # one event per turn, however many reruns it takes
-                    self._state.store._stats.add(recovered_turns=1)
+                    self._state.store.count("recovered_turns")
                     log.warning("cachedattn: %r: %s; the turn is computed again from there", self.conv_id, e)
             except BaseException:
                 self._close(cache)

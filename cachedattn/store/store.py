@@ -356,6 +356,25 @@ class AttentionStore:
         `nbytes` of host memory are free or nothing more can go; returns the free bytes."""
         return self._mover.make_host_room(nbytes, protect)
 
+    @property
+    def gpu_pinned(self) -> bool | None:
+        """Whether the host tier's pool is page-locked for the GPU (a copy engine may DMA from its
+        blocks); None before the store is attached to a model."""
+        host = self._host
+        return None if host is None else bool(host.pool.cuda_registered)
+
+    #: Events a caller of the store (the model integration) counts with count().
+    CALLER_EVENTS = ("recovered_turns", "skipped_saves")
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Counts `n` events of a kind the store's callers report (see CALLER_EVENTS): a turn redone
+        because a chunk failed while loading, a turn whose KV was not stored. Shows in stats()."""
+        if name not in self.CALLER_EVENTS:
+            raise ValueError(f"unknown event {name!r}; known: {self.CALLER_EVENTS}")
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        self._stats.add(**{name: n})
+
     def stats(self) -> dict:
         """Counters (see cachedattn.store.stats) plus what each tier holds now."""
         d = self._stats.snapshot()

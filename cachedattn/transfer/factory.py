@@ -33,13 +33,13 @@ def fake_requested() -> bool:
     return os.environ.get(FAKE_ENV, "") not in ("", "0")
 
 
-def engine_for(device, num_layers: int, pool=None):
+def engine_for(device, num_layers: int, pinned: bool | None = None):
     """A copy engine for a model on `device` with `num_layers` layers, or None (see the module doc).
 
-    ``pool``: the store's host pool; the native engine needs it page-locked."""
+    ``pinned``: whether the store's host pool is page-locked (the native engine needs it; None: unknown)."""
     device = torch.device(device)
     if device.type == "cuda":
-        if pool is not None and not pool.cuda_registered:
+        if pinned is False:
             _once("the store's host pool is not page-locked for the GPU (it was created without a usable GPU)")
             return None
         try:

@@ -166,12 +166,21 @@ class GpuLoad:
         try:
             self.load.close()  # waits for the copies first (before_release), also after store.close()
         finally:
-            try:
-                self._wait_copies()  # a load already ended by the store: its staging slots may still be written
-                if self.epoch is not None:
-                    self.engine.end_epoch(self.epoch)
-            finally:
-                self.loader.release_buffer(self._buffer, self.readahead * self._slot_bytes, self._readers)
+            self.release_staging()  # a load already ended by the store: its staging slots may still be written
+
+    def release_staging(self) -> None:
+        """Waits for this load's copies and gives its staging buffer back, leaving the store's load
+        open (a batch keeps every row's conversation in use until its rows are saved)."""
+        if self._buffer is None:
+            return
+        try:
+            self._wait_copies()
+            if self.epoch is not None:
+                self.engine.end_epoch(self.epoch)
+        finally:
+            self._last = self.epoch = None
+            b, self._buffer = self._buffer, None
+            self.loader.release_buffer(b, self.readahead * self._slot_bytes, self._readers)
 
 
 def _into(t: torch.Tensor, out, device) -> torch.Tensor:
@@ -201,8 +210,10 @@ class GpuLoader:
         cur = getattr(state, "gpu", None)
         if cur is not None and cur.device == device:
             return cur
-        host = getattr(state.store, "_host", None)
-        engine = engine_for(device, state.kv.spec.num_layers, host.pool if host is not None else None)
+        if cur is not None:  # the model moved: the old device's read buffer holds a load (a lease) open
+            cur.drop_preloaded()
+            cur.trim()
+        engine = engine_for(device, state.kv.spec.num_layers, getattr(state.store, "gpu_pinned", None))
         state.gpu = None if engine is None else cls(engine, device)
         return state.gpu
 
@@ -272,6 +283,11 @@ class GpuLoader:
             return False
         self._ahead = (conv_id, ids[: load.n_tokens].clone(), self.start(load, load.n_tokens, sliding, readahead))
         return True
+
+    def preloaded_conversation(self) -> str | None:
+        """Whose history the read buffer holds (None: nothing preloaded)."""
+        ahead = self._ahead
+        return None if ahead is None else ahead[0]
 
     def take_preloaded(self, conv_id: str, ids: torch.Tensor, limit: int) -> GpuLoad | None:
         """The preloaded turn if it is this conversation's and a prefix of `ids` within `limit`.

@@ -186,3 +186,21 @@ def test_a_full_attention_history_is_copied_once_into_the_layers_own_tensor(stor
     assert [t[0] for t in targets] == [0, 1, 2]
     for i, kp, vp in targets:
         assert (cache.layers[i].keys.data_ptr(), cache.layers[i].values.data_ptr()) == (kp, vp)
+
+
+def test_a_model_moved_to_another_device_drops_its_old_read_buffer(store):
+    """for_model replaced the loader on a device change without dropping its preloaded load: the
+    conversation stayed leased (in use, never evictable) for as long as the process lived."""
+    model = cachedattn.patch(tiny_model("llama"), store)
+    ids = _ids(40, 4)
+    with torch.no_grad():
+        with cachedattn.session(model, "q"):
+            model(ids)
+        assert hp.preload(model, "q", torch.cat([ids, ids[:, :3]], 1))
+        old = model._cachedattn.gpu
+        held = old._ahead[2].load
+        old.device = torch.device("meta")  # as if the model had moved since the loader was made
+        with cachedattn.session(model, "other"):
+            model(ids[:, :5])
+    assert model._cachedattn.gpu is not old
+    assert held._closed and old.preloaded_conversation() is None

@@ -86,6 +86,7 @@ def _refill(eng, fence: bool, read_after_refill: bool):
     eng.copy_batch("h2d", [seg(host_src(value=2.0), slot)], layer=1)  # layer 1 into the same slot
     if read_after_refill:
         out = view * 1  # DynamicLayer's cat reads the view after the refill was issued
+    eng.synchronize("h2d")  # before `slot` is freed: the allocator may hand its memory to the caller's next tensor
     return out
 
 
