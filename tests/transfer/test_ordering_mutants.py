@@ -55,7 +55,7 @@ MUTANTS = {
     "transfer/gpu_load.py:GpuLoad._compute_waits_for:stream_wait_layer": ["turns", "read_buffer"],
     "transfer/gpu_load.py:GpuLoad._wait_copies:wait_layer": ["turns", "raising"],
     "transfer/gpu_load.py:GpuLoad.__init__:_wait_copies": ["raising", "turns"],
-    "transfer/gpu_load.py:GpuLoad.close:_wait_copies": ["store_closed_mid_turn"],
+    "transfer/gpu_load.py:GpuLoad.release_staging:_wait_copies": ["store_closed_mid_turn"],
     # the save: D2H fence after compute, ticket before abort frees blocks, ticket before commit
     "hf/async_saving.py:save_async:wait_ticket": ["store_closed_mid_save"],
     "hf/async_saving.py:save_async:wait_for_stream": ["turns"],
