@@ -25,14 +25,16 @@ def _apply_2d(copies):
 @pytest.mark.parametrize("heads,tokens", [(1, 5), (4, 7), (8, 16)])
 def test_fold_covers_exactly_the_triples(heads, tokens):
     src = torch.arange(heads * 40 * 3, dtype=torch.float32).view(heads, 40, 3)  # [h, T, d]
-    a, b = torch.zeros(heads, 16, 3), torch.zeros(heads, 16, 3)  # a block's [h, C, d]
+    # a block's [h, C, d]; one spare head behind it: with tokens=16 from row 2 the last head's run ends
+    # 2 rows past its [C, d] (it was a write past the allocation, a heap overflow)
+    a, b = torch.zeros(heads + 1, 16, 3)[:heads], torch.zeros(heads + 1, 16, 3)[:heads]
     es = 4
     segs = [(src[h, 10].data_ptr(), a[h, 2].data_ptr(), tokens * 3 * es) for h in range(heads)]
     segs += [(src[h, 20].data_ptr(), a[h, 0].data_ptr() + 0, 0) for h in range(heads)]  # empty: skipped
     _apply_triples(segs)
     copies = fold(segs)
     _apply_2d(copies)
-    b2 = torch.zeros_like(b)
+    b2 = torch.zeros(heads + 1, 16, 3)[:heads]
     _apply_2d([(s, sp, d - a.data_ptr() + b2.data_ptr(), dp, w, h) for s, sp, d, dp, w, h in copies])
     assert torch.equal(b2, a) and len(copies) == 1 and copies[0][5] == heads
 
