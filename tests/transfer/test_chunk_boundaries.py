@@ -24,16 +24,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fake_engine(monkeypatch):
-    monkeypatch.setenv("CACHEDATTN_FAKE_COPY_ENGINE", "1")
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = cachedattn.AttentionStore(host_bytes=32 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=C, hugepages="off")
-    yield s
-    s.close()
+pytestmark = pytest.mark.usefixtures("fake_engine")
 
 
 def three_turns(model, conv: str, history: int):

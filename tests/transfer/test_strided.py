@@ -27,7 +27,8 @@ def test_fold_covers_exactly_the_triples(heads, tokens):
     src = torch.arange(heads * 40 * 3, dtype=torch.float32).view(heads, 40, 3)  # [h, T, d]
     a, b = torch.zeros(heads, 16, 3), torch.zeros(heads, 16, 3)  # a block's [h, C, d]
     es = 4
-    segs = [(src[h, 10].data_ptr(), a[h, 2].data_ptr(), tokens * 3 * es) for h in range(heads)]
+    at = 16 - tokens  # where the chunk's slice starts (the slice ends at the chunk's end)
+    segs = [(src[h, 10].data_ptr(), a[h, at].data_ptr(), tokens * 3 * es) for h in range(heads)]
     segs += [(src[h, 20].data_ptr(), a[h, 0].data_ptr() + 0, 0) for h in range(heads)]  # empty: skipped
     _apply_triples(segs)
     copies = fold(segs)
