@@ -1,4 +1,4 @@
-"""`python -m cachedattn demo`: the native core end to end on this machine.
+"""`python -m cachedattn native-demo`: the native core end to end on this machine.
 
 Fills pinned-pool blocks with random "KV chunks", writes them to disk with
 the I/O engine, drops them from the page cache, reads them back into other
@@ -14,11 +14,10 @@ import tempfile
 import time
 
 import numpy as np
-from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from cachedattn import native
+from cachedattn.console import print_table, say, track
 
 
 def _drop_page_cache(path: str) -> None:
@@ -31,12 +30,13 @@ def _drop_page_cache(path: str) -> None:
 
 
 def run(total_mb: int, block_kb: int, directory: str | None, backend: str | None) -> dict[str, float]:
-    console = Console()
     feats = native.features()
-    info = Table(title="cachedattn native core", show_header=False)
+    info = Table(title="cachedattn native core")
+    info.add_column("feature")
+    info.add_column("value")
     for k, v in feats.items():
         info.add_row(k, str(v) if v != "" else "-")
-    console.print(info)
+    print_table(info)
 
     block = block_kb << 10
     nblocks = max(1, (total_mb << 20) // block)
@@ -45,11 +45,8 @@ def run(total_mb: int, block_kb: int, directory: str | None, backend: str | None
     rng = np.random.default_rng(0)
     src = [pool.alloc() for _ in range(nblocks)]
     dst = [pool.alloc() for _ in range(nblocks)]
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("filling blocks", total=nblocks)
-        for b in src:
-            np.frombuffer(b, dtype=np.uint8)[:] = rng.integers(0, 256, block, dtype=np.uint8)
-            progress.advance(task)
+    for b in track(src, "filling blocks", unit="blocks"):
+        np.frombuffer(b, dtype=np.uint8)[:] = rng.integers(0, 256, block, dtype=np.uint8)
 
     with tempfile.TemporaryDirectory(dir=directory, prefix="cachedattn-demo-") as tmp:
         path = os.path.join(tmp, "kv.bin")
@@ -74,8 +71,8 @@ def run(total_mb: int, block_kb: int, directory: str | None, backend: str | None
     res.add_column("seconds", justify="right")
     res.add_row("write + fdatasync", f"{gb / t_write:.2f}", f"{t_write:.3f}")
     res.add_row("read (cold cache)", f"{gb / t_read:.2f}", f"{t_read:.3f}")
-    console.print(res)
-    console.print("[green]every byte read back matches[/green]" if ok else "[red]MISMATCH in read-back data[/red]")
+    print_table(res)
+    say("[green]every byte read back matches[/green]" if ok else "[red]MISMATCH in read-back data[/red]")
     if not ok:
         raise SystemExit(1)
     return {"write_gbps": gb / t_write, "read_gbps": gb / t_read}

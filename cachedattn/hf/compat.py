@@ -250,7 +250,10 @@ def _alarm(signum, frame):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="cachedattn compat", description=__doc__.split("\n\n")[0])
+    from cachedattn.console import example, track
+
+    p = argparse.ArgumentParser(prog="cachedattn compat", description=__doc__.split("\n\n")[0],
+                                **example("python3 -m cachedattn compat --only llama gpt2"))
     p.add_argument("--out", default=None, help="write a Markdown table and a JSON file with this stem")
     p.add_argument("--only", nargs="*", help="architectures to check (default: all)")
     args = p.parse_args(argv)
@@ -260,9 +263,7 @@ def main(argv=None) -> None:
     archs = args.only or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     results = {}
     signal.signal(signal.SIGALRM, _alarm)
-    from rich.progress import track
-
-    for arch in track(archs, description="checking architectures"):
+    for arch in track(archs, "checking architectures", unit="architectures"):
         t0 = time.perf_counter()
         results[arch] = check(arch)
         results[arch]["seconds"] = round(time.perf_counter() - t0, 1)

@@ -13,11 +13,11 @@ import tempfile
 import time
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import cachedattn
+from cachedattn.console import print_table, say
 
 DEFAULT_MODEL = dict(
     model_type="llama",
@@ -49,7 +49,6 @@ def small_model(seed: int = 0):
 
 
 def run(turns: int, user_tokens: int, answer_tokens: int, directory: str | None, host_mb: int) -> list[dict]:
-    console = Console()
     model = small_model()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -79,8 +78,8 @@ def run(turns: int, user_tokens: int, answer_tokens: int, directory: str | None,
         store.flush()
         st = store.stats()
         store.close()
-    console.print(table)
-    console.print(
+    print_table(table)
+    say(
         f"store: {st['tokens_stored']} tokens stored, {st['tokens_reused']} reused; "
         f"chunks from host {st['host']['hits']}, from disk {st['disk']['hits']}; "
         f"{st['disk']['bytes_written'] / 1e6:.1f} MB written to disk"

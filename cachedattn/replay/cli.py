@@ -1,5 +1,5 @@
 """`python -m cachedattn replay`: replays ShareGPT multi-turn conversations
-through each system on one trace and writes the comparison (see README)."""
+through each system on one trace and writes the comparison (see docs/replay.md)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cachedattn import native
+from cachedattn.console import Progress, duration, example
 from cachedattn.hf.probe import probe
 from cachedattn.replay import report
 from cachedattn.replay.clock import ServiceModel, calibrate
@@ -35,7 +35,8 @@ def _floats(s: str) -> list[float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cachedattn replay", description=__doc__)
+    p = argparse.ArgumentParser(prog="cachedattn replay", description=__doc__, **example(
+        "python3 -m cachedattn replay --conversations 8 --max-rounds 3 --systems RE,CA --out /tmp/replay-small"))
     t = p.add_argument_group("trace")
     t.add_argument("--conversations", type=int, default=80, help="multi-turn conversations sampled (default 80)")
     t.add_argument("--seed", type=int, default=0)
@@ -125,10 +126,60 @@ def _service_model(args, model, vocab) -> ServiceModel:
     return ServiceModel()
 
 
+def _plan_line(args, names: list[str]) -> str:
+    """What runs and where its results go: the replay's first line, printed before anything slow."""
+    if args.servers > 1:
+        what = (f"{args.servers} servers, each turn sent to one at random, local tiers only"
+                + (f" and with the remote tier {args.remote}" if args.remote else ""))
+        files = "servers.json, servers.md"
+    elif args.sweep:
+        what = (f"capacity sweep: {','.join(names)} over {len(args.sweep_host)} host x {len(args.sweep_disk)} disk "
+                "sizes")
+        files = "sweep.json, sweep.md, sweep.png"
+    else:
+        what = f"{len(names)} systems side by side ({','.join(names)})"
+        files = "results.json, table.md, ttft_cdf.png, hit_rate.png"
+    return (f"cachedattn replay: {what}, on {args.conversations} multi-turn ShareGPT conversations (seed {args.seed},"
+            f" up to {args.max_rounds} rounds each); results go to {Path(args.out).resolve()}/ ({files})")
+
+
+def _estimate(trace, runs: list[bool], model, vocab: int, service: ServiceModel, args) -> tuple[float, str]:
+    """Seconds the replay should take on this machine, and how that was found: the service model's compute
+    time of every job (answers are fed, so each job computes its new prompt tokens and its answer; `runs`
+    says per system whether it reuses history), scaled by how long one warm-up turn took here against the
+    model's time for it. Store I/O, set-up and plots are not in it."""
+    warm = min(256, args.max_context)
+    ids = torch.randint(1, vocab, (1, warm), generator=torch.Generator().manual_seed(0)).to(args.device)
+    took = float("inf")
+    with torch.no_grad():
+        model(ids)  # the first forward pays for allocations and lazy set-up
+        start = time.perf_counter()
+        for i in range(5):  # the best of up to five (three seconds): what this machine does when least in the way
+            t = time.perf_counter()
+            model(ids)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            took = min(took, time.perf_counter() - t)
+            if i >= 1 and time.perf_counter() - start > 3:
+                break
+    scale = took / service.compute(warm, warm)
+    total = 0.0
+    for conv in trace.conversations:
+        history = 0
+        for r in conv.rounds:
+            context = min(history + r.user_tokens, args.max_context)
+            for reuses in runs:
+                new = r.user_tokens if reuses and history else context
+                total += service.compute(new + r.answer_tokens, context + r.answer_tokens)
+            history = context + r.answer_tokens
+    return scale * total, f"a warm-up turn of {warm} tokens took {1e3 * took:.0f} ms here"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     chosen = _check(args)
     names = SWEEP_SYSTEMS if args.sweep else chosen
+    print(_plan_line(args, names), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -136,6 +187,14 @@ def main(argv: list[str] | None = None) -> None:
                         args.max_rounds, args.dataset, args.think_spread)
     model, vocab, model_name = _model(args)
     service = _service_model(args, model, vocab)
+    if args.servers > 1:
+        runs = [True] * (2 if args.remote else 1)
+    else:
+        runs = [SYSTEMS[n].save for n in names] * (len(args.sweep_host) * len(args.sweep_disk) if args.sweep else 1)
+    estimate, how = _estimate(trace, runs, model, vocab, service, args)
+    print(f"trace: {trace.rounds} rounds of {len(trace.conversations)} conversations, {trace.rounds * len(runs)} jobs"
+          f" in all; about {duration(estimate)} on this machine ({how}; plus seconds of set-up per system, and"
+          " longer while other work loads the machine)", flush=True)
     spec = probe(model).spec
     block = ChunkGeometry(spec, args.chunk_tokens).block_bytes
     ws = working_set(trace, args.max_context, args.chunk_tokens, block)
@@ -149,14 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(h, d) for h in args.sweep_host for d in args.sweep_disk] if args.sweep else [(args.host_fraction, args.disk_fraction)]
     runs = []
     with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=args.workdir) as tmp, Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        trace.rounds * len(names) * len(plan), "replay", unit="jobs"
     ) as progress:
-        task = progress.add_task("replay", total=trace.rounds * len(names) * len(plan))
         for h, d in plan:
             caps = Capacities(max(int(h * ws), min_host), max(int(d * ws), 2 * block), args.chunk_tokens, ws, block)
-            progress.update(task, description=f"host {100 * h:.0f}% disk {100 * d:.0f}%")
+            progress.describe(f"host {100 * h:.0f}% disk {100 * d:.0f}%")
             results = run_systems([SYSTEMS[n] for n in names], trace, model, vocab, caps, service, args.max_context,
-                                  tmp, on_job=lambda *_: progress.advance(task), max_batch=args.max_batch)
+                                  tmp, on_job=lambda *_: progress.advance(), max_batch=args.max_batch)
             for res in results:
                 row = summarize(res, caps.host_bytes, caps.disk_bytes)
                 row.update(host_fraction=h, disk_fraction=d, host_bytes=caps.host_bytes, disk_bytes=caps.disk_bytes)
@@ -178,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"trace: {trace.rounds} rounds of {len(trace.conversations)} conversations (seed {args.seed}); "
           f"working set {ws / 1e6:.0f} MB{caps_line}")
     print(f"clock: virtual, service times from {service.source}; TTFT and prefill throughput measured on this machine")
-    print(f"wrote {args.out} in {config['wall_seconds']:.0f} s")
+    print(f"wrote {args.out} in {config['wall_seconds']:.0f} s (estimated at the start: {estimate:.0f} s)")
 
 
 def _main_servers(args, trace, model, vocab, ws, min_host, block, t0) -> None:
@@ -187,11 +245,10 @@ def _main_servers(args, trace, model, vocab, ws, min_host, block, t0) -> None:
     caps = Capacities(max(int(args.host_fraction * ws), min_host), max(int(args.disk_fraction * ws), 2 * block),
                       args.chunk_tokens, ws, block)
     with tempfile.TemporaryDirectory(prefix="cachedattn-replay-", dir=args.workdir) as tmp, Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        trace.rounds, f"{args.servers} servers", unit="jobs"
     ) as progress:
-        task = progress.add_task(f"{args.servers} servers", total=trace.rounds)
         rows, records = run_servers(trace, model, vocab, caps, args.max_context, tmp, args.servers, args.remote,
-                                    args.seed, on_job=lambda: progress.advance(task))
+                                    args.seed, on_job=progress.advance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(trace=trace.params, rounds=trace.rounds, servers=args.servers, remote=args.remote,

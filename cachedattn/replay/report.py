@@ -1,12 +1,14 @@
-"""What a replay writes: a rich table on the console, results.json, and PNG plots."""
+"""What a replay writes: its tables (rich on a terminal, Markdown in a pipe or a log, see
+cachedattn/console.py), table.md, results.json, and PNG plots."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
+
+from cachedattn.console import markdown, print_table  # noqa: F401  (the replay's tables in both forms)
 
 
 def _pct(x) -> str:
@@ -58,16 +60,6 @@ def sweep_table(rows: list[dict]) -> Table:
         t.add_row(f"{r['host_fraction']:.2f}", f"{r['disk_fraction']:.2f}", r["system"], _pct(r["hit_rate"]),
                   _pct(r["hit_host"]), _pct(r["hit_disk"]), f"{1e3 * r['ttft_mean']:.1f} ms", f"{1e3 * r['ttft_p99']:.1f}")
     return t
-
-
-def markdown(table: Table) -> str:
-    """The same table as GitHub markdown (for bench/results)."""
-    cols = [c.header for c in table.columns]
-    cells = [list(c._cells) for c in table.columns]
-    lines = [f"**{table.title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for i in range(len(cells[0]) if cells else 0):
-        lines.append("| " + " | ".join(str(col[i]) for col in cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -144,6 +136,3 @@ def plot_sweep(out: Path, rows: list[dict]) -> Path:
     plt.close(fig)
     return path
 
-
-def print_table(table: Table) -> None:
-    Console().print(table)

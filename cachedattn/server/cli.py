@@ -12,7 +12,9 @@ EVICTIONS = ("lru", "fifo", "queue", "predictive")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cachedattn serve", description="An OpenAI-compatible server on cachedattn.")
+    p = argparse.ArgumentParser(prog="cachedattn serve", description="An OpenAI-compatible server on cachedattn.",
+                                epilog="example:\n  python3 -m cachedattn serve --port 8000 --disk-dir /tmp/kv",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
                    help="a local model directory (never downloaded), or 'tiny': a small random-weight model with a "
                         "tokenizer trained here, built once into $CACHEDATTN_SERVE_CACHE (default tiny)")

@@ -26,7 +26,10 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(random.getrandbits(63) if seed is None else seed)
 
     def __call__(self, input_ids, scores):
-        logits = scores.float().cpu() / self.temperature
+        # Shift to max 0 before dividing: a tiny temperature (1e-320) or huge logits then give -inf, never
+        # inf - inf = NaN; the best token keeps logit 0, so sampling tends to greedy as it should.
+        logits = scores.double().cpu()  # float64: a temperature of 1e-320 is 0 in float32
+        logits = (logits - logits.max(-1, keepdim=True).values) / self.temperature
         if self.top_p < 1:
             sorted_logits, order = torch.sort(logits, descending=True)
             probs = sorted_logits.softmax(-1)

@@ -33,18 +33,29 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from cachedattn.server.errors import bad_request
+from cachedattn.store.keys import MAX_ID_BYTES, validate_conversation_id
+
 HEADERS = ("x-session-id", "x-user-id")
 SHARERS = 8  # conversations remembered per served turn (alike openings)
 
 
+PREFIX = "id:"  # explicit ids live apart from the ids the server makes up (new_id)
+
+
 def explicit_id(headers, conversation_id: str | None, user: str | None) -> str | None:
-    for name in HEADERS:
-        v = headers.get(name)
+    """The conversation a request names, or None; an id the store cannot hold is the client's error (400)."""
+    named = [(name, headers.get(name)) for name in HEADERS] + [("conversation_id", conversation_id), ("user", user)]
+    for name, v in named:
         if v:
-            return "id:" + v
-    for v in (conversation_id, user):
-        if v:
-            return "id:" + v
+            limit = MAX_ID_BYTES - len(PREFIX)  # the store's limit counts the prefix
+            try:
+                n = len(v.encode("utf-8"))
+                if n > limit:
+                    raise ValueError(f"the id is {n} bytes long; the limit is {limit}")
+                return validate_conversation_id(PREFIX + v)
+            except ValueError as e:  # UnicodeEncodeError (a lone surrogate) included
+                raise bad_request(f"{name}: {e}", name) from None
     return None
 
 

@@ -32,7 +32,7 @@ class _Sampling(_Lenient):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's seed is an int64
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -16,6 +16,10 @@ It also enforces the rules the native engine cannot check by itself:
 - slot reuse: a copy into a region that a compute stream was bound to read
   (stream_wait_layer) raises until wait_for_stream(direction, that stream)
   fenced the reader.
+
+Under a race detector (cachedattn.testing.race, installed through
+guards.observing) every copy, event, wait and fence is also reported to it, so
+ordering is checked as happens-before, independently of when copies ran.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ def _direction(d: str) -> str:
     if d not in DIRECTIONS:
         raise ValueError(f"direction must be 'h2d' or 'd2h', not {d!r}")
     return d
+
+
+def _tell(hook: str, *args) -> None:
+    """Reports to the race detector, if one is installed (tests)."""
+    obs = guards.observer()
+    if obs is not None:
+        getattr(obs, hook)(*args)
 
 
 def _overlaps(a: int, n: int, b: int, m: int) -> bool:
@@ -88,12 +99,14 @@ class FakeCopyEngine:
         with self._lock:
             self._epoch += 1
             self._open.add(self._epoch)
+            _tell("on_epoch", self, self._epoch)
             return self._epoch
 
     def end_epoch(self, epoch: int) -> None:
         with self._lock:
             epoch = self._resolve(epoch)
             self._open.discard(epoch)
+            _tell("on_end_epoch", self, epoch)
             for d in (self._events, self._layer_writes):
                 for key in [k for k in d if k[0] == epoch]:
                     del d[key]
@@ -118,6 +131,7 @@ class FakeCopyEngine:
         with self._lock:
             if layer >= 0:
                 epoch = self._open_epoch(epoch)
+            _tell("on_copy", self, direction, reads, writes, layer, epoch)
             for stream, regions in self._readers.items():
                 for dst, n in writes:
                     for a, m in regions:
@@ -197,6 +211,7 @@ class FakeCopyEngine:
         with self._lock:
             # Work queued on `stream` so far (its reads of copied buffers included) precedes what comes next.
             self._readers.pop(int(stream), None)
+            _tell("on_wait_for_stream", self, direction, int(stream))
 
     def _perform_at(self, direction: str, upto: int) -> None:
         """Runs the direction's copies issued before sequence number `upto` (a stream completes in order)."""
@@ -213,6 +228,7 @@ class FakeCopyEngine:
             raise ValueError(f"layer {layer} out of range (engine has {self._num_layers})")
         pos = self._events.get((epoch, direction, layer))
         if pos is None:
+            _tell("on_stale_wait", self, direction, layer, epoch)
             raise RuntimeError(f"layer {layer} of direction {direction} was not issued in epoch {epoch}")
         return pos
 
@@ -222,10 +238,12 @@ class FakeCopyEngine:
             self._perform_at(direction, pos)
             writes = self._layer_writes.get((self._resolve(epoch), direction, int(layer)), [])
             self._readers.setdefault(int(stream), []).extend(writes)
+            _tell("on_stream_wait_layer", self, direction, int(layer), int(stream), self._resolve(epoch))
 
     def wait_layer(self, direction: str, layer: int, epoch: int = -1) -> None:
         with self._lock:
             self._perform_at(direction, self._event(direction, layer, epoch))
+            _tell("on_host_wait_layer", self, direction, int(layer), self._resolve(epoch))
 
     def layer_done(self, direction: str, layer: int, epoch: int = -1) -> bool:
         with self._lock:
@@ -235,6 +253,7 @@ class FakeCopyEngine:
                 self._polled.add(key)
                 return False
             self._perform_at(direction, pos)
+            _tell("on_host_wait_layer", self, direction, int(layer), self._resolve(epoch))
             return True
 
     def record(self, direction: str) -> int:
@@ -243,6 +262,7 @@ class FakeCopyEngine:
             t = self._next_ticket
             self._next_ticket += 1
             self._tickets[t] = (direction, self._issued[direction])
+            _tell("on_record", self, direction, t)
             return t
 
     def _ticket(self, ticket: int) -> tuple[str, int]:
@@ -260,6 +280,7 @@ class FakeCopyEngine:
             self._polled.discard(("ticket", ticket))
             self._perform_at(direction, pos)
             del self._tickets[int(ticket)]
+            _tell("on_host_wait_ticket", self, int(ticket))
             return True
 
     def wait_ticket(self, ticket: int) -> None:
@@ -268,11 +289,13 @@ class FakeCopyEngine:
             self._polled.discard(("ticket", ticket))
             self._perform_at(direction, pos)
             del self._tickets[int(ticket)]
+            _tell("on_host_wait_ticket", self, int(ticket))
 
     def synchronize(self, direction: str) -> None:
         direction = _direction(direction)
         with self._lock:
             self._perform_at(direction, self._issued[direction])
+            _tell("on_synchronize", self, direction)
 
     # ---- checks for the wiring and tests (not part of the native API) ---------------------
 

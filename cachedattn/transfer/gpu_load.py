@@ -235,7 +235,7 @@ class GpuLoader:
     def __init__(self, devices, engines: dict):
         self.devices = list(devices)  # layer -> (logical, physical)
         self.layer_devices = [d for d, _ in self.devices]
-        self._staging = {d: DeviceStaging(engines[d], p) for d, p in dict(self.devices).items()}
+        self._staging = {d: DeviceStaging(engines[d], p, d) for d, p in dict(self.devices).items()}
         self._ahead: tuple[str, torch.Tensor, GpuLoad] | None = None  # conv id, ids, preloaded turn
 
     @classmethod

@@ -51,6 +51,14 @@ def test_sampler_is_reproducible_by_seed_and_top_p_keeps_the_top_token():
     assert set(draws(5, top_p=1e-6)) == {int(scores.argmax())}
 
 
+@pytest.mark.parametrize("temperature", [1e-320, 1e-30, 1e-6])
+def test_a_tiny_temperature_samples_the_best_token_not_nan(temperature):
+    scores = torch.tensor([[3e38, -3e38, 1.0, 3e38 * 0.99]])
+    out = Sampler(temperature, 1.0, seed=1)(None, scores)
+    assert out.argmax(-1).item() == 0
+    assert Sampler(temperature, 0.5, seed=1)(None, scores).argmax(-1).item() == 0
+
+
 def test_explicit_ids_in_order_of_precedence():
     assert explicit_id({"x-session-id": "s", "x-user-id": "u"}, "c", "v") == "id:s"
     assert explicit_id({"x-user-id": "u"}, "c", "v") == "id:u"

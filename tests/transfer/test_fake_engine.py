@@ -8,6 +8,9 @@ from cachedattn import native
 from cachedattn.transfer import guards
 from cachedattn.transfer.fake_engine import FakeCopyEngine
 
+# The engine's own semantics, with raw stream handles (the race detector's tests are test_race_detector.py).
+pytestmark = pytest.mark.no_race_detector
+
 
 def seg(src, dst):
     return (src.data_ptr(), dst.data_ptr(), src.numel() * src.element_size())

@@ -56,7 +56,7 @@ def _engine(model):
     return eng
 
 
-def _turns(model, make_store, readahead, turns=TURNS, check=True):
+def _turns(model, make_store, readahead, turns=TURNS, check=True, gpu=None):
     store = make_store()
     cachedattn.patch(model, store, readahead=readahead)
     g = torch.Generator().manual_seed(1)
@@ -65,15 +65,20 @@ def _turns(model, make_store, readahead, turns=TURNS, check=True):
     with torch.no_grad():
         for turn, n_new in enumerate(turns):
             full = torch.cat([history, torch.randint(1, VOCAB, (1, n_new), generator=g)], 1)
+            if gpu is not None:
+                full = gpu.ids(full)
             with cachedattn.session(model, "conv") as s:
                 out = _gen(model, full)
             ref = _gen(model, full)
             diffs.append(_diff(out, ref))
-            if check:
+            if check and gpu is not None:
+                gpu.assert_close(torch.stack(out.logits), torch.stack(ref.logits))
+                assert s.reused_tokens == max(history.shape[1] - 1, 0)
+            elif check:
                 assert torch.equal(out.sequences, ref.sequences) and diffs[-1] <= 1e-4, (turn, diffs[-1])
                 assert s.reused_tokens == max(history.shape[1] - 1, 0)
             tiers.append(dict(s.tier_tokens))
-            if turn:
+            if turn and (gpu is None or gpu.kind == "fake"):
                 assert _engine(model).stats["copies"] > 0 and _engine(model).pending() == 0
             history = out.sequences
             if turn == 1:  # the history of turn 2 comes from disk
@@ -86,8 +91,8 @@ def _turns(model, make_store, readahead, turns=TURNS, check=True):
 
 @pytest.mark.parametrize("readahead", [1, 2, None])
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text", "mistral", "gpt2", "gpt_neox"])
-def test_gpu_branch_matches_recompute(arch, readahead, make_store):
-    _, tiers = _turns(tiny_model(arch), make_store, readahead)
+def test_gpu_branch_matches_recompute(arch, readahead, make_store, gpu):
+    _, tiers = _turns(gpu.model(arch), make_store, readahead, gpu=gpu)
     assert tiers[2]["disk"] > 0  # the restart's turn really read from disk through the GPU path
 
 
@@ -99,18 +104,21 @@ def test_the_gpu_branch_is_taken(make_store, monkeypatch):
     assert sorted(calls) == [0, 1, 2]  # the second turn's three layers, once each
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_a_missing_layer_wait_gives_wrong_logits(make_store, monkeypatch):
     monkeypatch.setattr(FakeCopyEngine, "stream_wait_layer", lambda self, d, layer, stream, epoch=-1: None)
     diffs, _ = _turns(tiny_model("llama"), make_store, 2, turns=[40, 30], check=False)
     assert not diffs[1] <= 1e-4  # NaN or far off: the fake catches a missing wait
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_a_missing_fence_before_refilling_a_slot_raises(make_store, monkeypatch):
     monkeypatch.setattr(FakeCopyEngine, "wait_for_stream", lambda self, d, stream: None)
     with pytest.raises(RuntimeError, match="slot reuse"):
         _turns(tiny_model("llama"), make_store, 1, turns=[40, 30])
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_blocks_released_without_waiting_for_the_copies_raises(make_store, monkeypatch):
     monkeypatch.setattr(GpuLoad, "_wait_copies", lambda self: None)
     # readahead 1: layer 1 is issued by layer 0's update and never waited for: its forward raises
@@ -154,6 +162,7 @@ def test_a_forward_raising_mid_turn_releases_blocks_after_the_copies(make_store,
         torch.testing.assert_close(out[:, -1], model(full).logits[:, -1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.expect_races  # the ordering is broken on purpose: the detector must see it too
 def test_epochs_one_per_turn_and_a_stale_layer_is_refused(make_store, monkeypatch):
     epochs = []
     real = FakeCopyEngine.begin_epoch
@@ -172,35 +181,35 @@ def test_epochs_one_per_turn_and_a_stale_layer_is_refused(make_store, monkeypatc
         eng.stream_wait_layer("h2d", 0, 0)
 
 
-def test_read_buffer_preloads_the_next_turn(make_store):
-    model = tiny_model("gemma2")
+def test_read_buffer_preloads_the_next_turn(make_store, gpu):
+    model = gpu.model("gemma2")
     store = make_store()
     cachedattn.patch(model, store, readahead=2)
     g = torch.Generator().manual_seed(3)
-    ids = {c: torch.randint(1, VOCAB, (1, 60), generator=g) for c in "pq"}
+    ids = {c: gpu.ids(torch.randint(1, VOCAB, (1, 60), generator=g)) for c in "pq"}
     with torch.no_grad():
         for c in "pq":
             with cachedattn.session(model, c):
                 model(ids[c])
-        eng = _engine(model)
+        eng = gpu.engine(model)
+        fake = gpu.kind == "fake"
         full = torch.cat([ids["q"], ids["q"][:, :7]], 1)
         assert hp.preload(model, "q", full)
-        issued = eng.stats["copies"]
-        assert issued > 0 and eng.pending() > 0  # first layers issued, nothing waited for yet
+        if fake:
+            assert eng.stats["copies"] > 0 and eng.pending() > 0  # first layers issued, nothing waited for yet
         with cachedattn.session(model, "p"):  # another conversation's turn meanwhile drops nothing it needs
             pass
         with cachedattn.session(model, "q") as s:
             out = model(full).logits
         assert s.reused_tokens == 60
-        torch.testing.assert_close(out, model(full).logits[:, 60:], atol=1e-4, rtol=0)
+        gpu.assert_close(out, model(full).logits[:, 60:])
         # a preload for a prefix the turn does not have is dropped, its blocks released after its copies
         assert hp.preload(model, "p", torch.cat([ids["p"], ids["p"][:, :3]], 1))
         other = torch.cat([ids["p"][:, :20] + 1, ids["p"][:, 20:]], 1)
         with cachedattn.session(model, "p") as s:
             out = model(other).logits
-        assert s.reused_tokens == 0 and eng.pending("h2d") == 0  # (its own save may still be in flight)
-        torch.testing.assert_close(out, model(other).logits, atol=1e-4, rtol=0)
-
+        assert s.reused_tokens == 0 and (not fake or eng.pending("h2d") == 0)  # (its own save may still be in flight)
+        gpu.assert_close(out, model(other).logits)
 
 def test_engine_read_buffer_goes_to_the_gpu(tmp_path):
     from cachedattn.serving import Engine

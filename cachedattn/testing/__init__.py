@@ -1,0 +1,9 @@
+"""Test doubles and checkers for the GPU path on the CPU (never imported by production code).
+
+- :mod:`cachedattn.testing.happens_before`: vector clocks and the access history (no torch);
+- :mod:`cachedattn.testing.sim_devices`: simulated CUDA devices and streams (a provider for
+  ``cachedattn.transfer.streams.use``) and the dispatch mode that records every aten op's accesses;
+- :mod:`cachedattn.testing.race`: the stream-ordering race detector tying both to the fake copy engine.
+
+See docs/gpu-ordering.md.
+"""

@@ -1,0 +1,288 @@
+"""Mutation tests of the GPU path's ordering: every ordering call the production
+path makes (found in the source, cachedattn.testing.mutants) is removed, one
+at a time, and a set of GPU-path scenarios must then fail: the race detector
+reports, the fake engine raises, or a cached turn stops equalling recompute.
+
+MUTANTS is the list of call sites; a new ordering call in the production path
+fails test_every_ordering_call_site_has_a_mutant until it is added here (and
+killed). When the code moves, update the names (file:function:call) and,
+if needed, a scenario that exercises the new site.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+import cachedattn
+from cachedattn.testing import mutants
+from cachedattn.testing.race import Detector
+from cachedattn.transfer.factory import FAKE_ENV
+
+from ..hf.models import VOCAB, tiny_model
+
+hp = importlib.import_module("cachedattn.hf.patch")
+pytestmark = pytest.mark.no_race_detector  # each scenario runs under its own detector
+
+# The production modules of the GPU path (load, save, read buffer, their callers).
+MODULES = [
+    "cachedattn.transfer.gpu_load",
+    "cachedattn.transfer.segments",
+    "cachedattn.transfer.factory",
+    "cachedattn.hf.async_saving",
+    "cachedattn.hf.saving",
+    "cachedattn.hf.cache",
+    "cachedattn.hf.session",
+    "cachedattn.hf.patch",
+    "cachedattn.hf.batch",
+    "cachedattn.hf.truncation",
+    "cachedattn.kernels",
+]
+
+# Each mutant: the scenarios that must kill it (the first failure ends the run of a mutant).
+MUTANTS = {
+    # the running turn's and the read buffer's staging: the hand-over fence, the refill fence, the layer wait,
+    # the wait for the load's own last copy before its blocks go back (also when a forward raised)
+    "transfer/gpu_load.py:GpuLoad._fence_previous_readers:wait_for_stream": ["handover"],
+    "transfer/gpu_load.py:GpuLoad._fence_refill:wait_for_stream": ["turns", "sliding"],
+    "transfer/gpu_load.py:GpuLoad._compute_waits_for:stream_wait_layer": ["turns", "read_buffer"],
+    "transfer/gpu_load.py:GpuLoad._wait_copies:wait_layer": ["turns", "raising"],
+    "transfer/gpu_load.py:GpuLoad.__init__:_wait_copies": ["raising", "turns"],
+    "transfer/gpu_load.py:GpuLoad.close:_wait_copies": ["store_closed_mid_turn"],
+    # the save: D2H fence after compute, ticket before abort frees blocks, ticket before commit
+    "hf/async_saving.py:save_async:wait_ticket": ["store_closed_mid_save"],
+    "hf/async_saving.py:save_async:wait_for_stream": ["turns"],
+    "hf/async_saving.py:save_async:wait_ticket#2": ["turns"],
+}
+
+# Sites that only CUDA tensors reach (`is_cuda` / `device.type == "cuda"` gates): no CPU scenario runs them;
+# bench/gpu_suite.sh runs their tests on a card.
+CUDA_ONLY = {
+    "hf/truncation.py:_rotate_on_gpu:synchronize": "overflow re-rotation on the GPU (loader.device.type == 'cuda')",
+    "kernels.py:_after_compute:wait_for_stream": "rope_rotate / segment_copy with CUDA tensors only",
+    # TTFT measurement points (defect 7): the host waits for the turn's own stream to time the first token
+    "hf/session.py:first_token_ready:synchronize": "times the first token on a CUDA device",
+    "hf/batch.py:_FirstToken.__call__:synchronize": "times a batch's first token on a CUDA device",
+    "hf/batch.py:BatchSession.forward_turns:synchronize": "times a batch's first token on a CUDA device",
+}
+
+# Sites no production path calls: a mutant there cannot be killed (and need not be): listed so that a caller
+# appearing makes test_every_ordering_call_site_has_a_mutant ask for a mutant.
+UNREACHED = {
+    "transfer/gpu_load.py:GpuLoad.wait_all:_wait_copies": "GpuLoad.wait_all has no caller in cachedattn/ or bench/",
+}
+
+
+# ---- scenarios: each builds its own model and store, returns normally only if everything was right ----------
+
+
+def _store(tmp):
+    return cachedattn.AttentionStore(host_bytes=64 << 20, disk_dir=str(tmp / "kv"), chunk_tokens=16, hugepages="off")
+
+
+def _ids(n, seed):
+    return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _same(cached, ref):
+    d = (cached - ref).abs().max().item()
+    if not d <= 1e-4:
+        raise AssertionError(f"cached turn differs from recompute by {d}")
+
+
+def _turns(tmp, arch="llama", readahead=1, lengths=(40, 70, 90)):
+    model, store = tiny_model(arch), _store(tmp)
+    cachedattn.patch(model, store, readahead=readahead)
+    ids = _ids(max(lengths), 1)
+    try:
+        prev = 0
+        for n in lengths:
+            with cachedattn.session(model, "c") as s:
+                out = model(ids[:, :n]).logits
+            if s.reused_tokens != prev:
+                raise AssertionError(f"turn of {n} reused {s.reused_tokens}, not {prev}")
+            _same(out, model(ids[:, :n]).logits[:, prev:])
+            model._cachedattn.saver.wait("c")
+            prev = n
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
+def scenario_turns(tmp):
+    _turns(tmp)
+
+
+def scenario_sliding(tmp):
+    _turns(tmp, "gemma2", readahead=2)
+
+
+def scenario_handover(tmp):
+    """Four cached turns, read-ahead all, compared only at the end: no host sync between them, so only
+    the hand-over fence orders a buffer's new copies after the reads of the turn that used it two turns ago."""
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=None)
+    ids = _ids(100, 2)
+    lengths = (20, 40, 60, 80, 100)
+    try:
+        outs = []
+        for n in lengths:
+            with cachedattn.session(model, "c"):
+                outs.append(model(ids[:, :n]).logits)
+            model._cachedattn.saver.wait("c")
+        for prev, n, out in zip((0,) + lengths, lengths, outs):
+            _same(out, model(ids[:, :n]).logits[:, prev:])
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
+def scenario_read_buffer(tmp):
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=2)
+    ids = _ids(60, 3)
+    full = torch.cat([ids, ids[:, :7]], 1)
+    try:
+        with cachedattn.session(model, "q"):
+            model(ids)
+        model._cachedattn.saver.wait("q")
+        if not hp.preload(model, "q", full):
+            raise AssertionError("nothing preloaded")
+        with cachedattn.session(model, "q") as s:
+            out = model(full).logits
+        if s.reused_tokens != 60:
+            raise AssertionError(f"reused {s.reused_tokens}")
+        _same(out, model(full).logits[:, 60:])
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
+def scenario_raising(tmp):
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=1)
+    ids = _ids(50, 4)
+    try:
+        with cachedattn.session(model, "c"):
+            model(ids)
+        model._cachedattn.saver.wait("c")
+        real = model.model.layers[1].forward
+        model.model.layers[1].forward = _boom
+        try:
+            with cachedattn.session(model, "c"):
+                model(torch.cat([ids, ids[:, :5]], 1))
+        except KeyError:
+            pass
+        finally:
+            model.model.layers[1].forward = real
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
+def _boom(*a, **k):
+    raise KeyError("boom")
+
+
+def scenario_store_closed_mid_turn(tmp):
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=1)
+    ids = _ids(50, 5)
+    with cachedattn.session(model, "c"):
+        model(ids)
+    model._cachedattn.saver.wait("c")
+    hook = model.model.layers[1].register_forward_pre_hook(lambda *a: store.close())
+    try:
+        with cachedattn.session(model, "c"):
+            model(torch.cat([ids, ids[:, :5]], 1))
+    except Exception:
+        pass  # the turn may fail with the store gone; what matters is the order of the releases
+    finally:
+        hook.remove()
+        model._cachedattn.saver.drain()
+
+
+def scenario_store_closed_mid_save(tmp):
+    from cachedattn.hf.async_saving import saver_of
+
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store)
+    hold = threading.Event()
+    with cachedattn.session(model, "x"):
+        model(_ids(2, 6))  # the model's loader and saver exist from here on
+    saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: the next save stays queued
+    try:
+        with cachedattn.session(model, "w"):
+            model(_ids(60, 6))
+        store.close()  # aborts the append in flight: its blocks go back after its copies
+    finally:
+        hold.set()
+        model._cachedattn.saver.drain()
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+
+def run(scenario: str, tmp) -> str | None:
+    """None if the scenario ran clean under the detector, else why not."""
+    os.makedirs(tmp, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAKE_ENV, "1")
+        failure = None
+        with Detector() as det, torch.no_grad():
+            try:
+                SCENARIOS[scenario](tmp)
+            except Exception as e:  # noqa: BLE001 - any failure kills the mutant
+                failure = f"{type(e).__name__}: {e}"
+        if det.reports:
+            failure = f"{len(det.reports)} detector report(s), first: {det.reports[0].message}"
+    return failure
+
+
+# ---- the tests -------------------------------------------------------------------------------------------
+
+
+def test_every_ordering_call_site_has_a_mutant():
+    found = {s.name for s in mutants.find_sites(MODULES)}
+    listed = set(MUTANTS) | set(CUDA_ONLY) | set(UNREACHED)
+    assert found == listed, (
+        f"new ordering sites without a mutant: {sorted(found - listed)}; mutants whose site is gone: {sorted(listed - found)}"
+    )
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_scenarios_run_clean_without_a_mutant(scenario, tmp_path):
+    assert run(scenario, tmp_path) is None
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_each_mutant_is_killed(name, tmp_path):
+    site = {s.name: s for s in mutants.find_sites(MODULES)}[name]
+    t0 = time.perf_counter()
+    why = []
+    with mutants.apply(site):
+        for i, scenario in enumerate(MUTANTS[name]):
+            failure = run(scenario, tmp_path / str(i))
+            if failure is not None:
+                why.append(f"{scenario}: {failure}")
+                break
+    assert why, f"mutant {name} ({mutants.source_snippet(site)!r} removed) survived {MUTANTS[name]}"
+    print(f"{name}: killed by {why[0][:200]} in {time.perf_counter() - t0:.1f} s")
+
+
+def test_a_mutant_removes_exactly_its_call():
+    name = "hf/async_saving.py:save_async:wait_ticket#2"
+    site = {s.name: s for s in mutants.find_sites(MODULES)}[name]
+    from cachedattn.hf import async_saving, saving
+
+    real = async_saving.save_async
+    with mutants.apply(site):
+        assert async_saving.save_async is not real and saving.save_async is async_saving.save_async  # both bindings
+        src = mutants.mutated_source(site)
+        assert src.count("wait_ticket") == 1 and "engine.wait_ticket(engine.record" in src  # the other one stays
+    assert async_saving.save_async is real and saving.save_async is real
