@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from cachedattn.transfer import streams
+
 _SLACK = 1.25  # growth headroom: a conversation growing turn by turn does not reallocate every turn
 ALIGN = 4 << 10  # allocation granularity of a staging buffer (a page)
 
@@ -20,8 +22,9 @@ ALIGN = 4 << 10  # allocation granularity of a staging buffer (a page)
 class DeviceStaging:
     BUFFERS = 2  # the running turn's and the read buffer
 
-    def __init__(self, engine, device: torch.device):
+    def __init__(self, engine, device: torch.device, logical: torch.device | None = None):
         self.engine, self.device = engine, device  # device: physical (where the memory is)
+        self.logical = device if logical is None else logical  # whose streams order it (streams.device_of)
         self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8, device=device)] * self.BUFFERS
         self._readers: list[set[int]] = [set() for _ in range(self.BUFFERS)]
         self._free = list(range(self.BUFFERS))
@@ -41,6 +44,10 @@ class DeviceStaging:
             grown = -(-int(nbytes * _SLACK) // ALIGN) * ALIGN
             self._drop(b)
             self.buffers[b] = torch.empty(grown, dtype=torch.uint8, device=self.device)
+            # Fresh memory is ordered against its old users only on the allocating stream (the caching
+            # allocator reuses a block in that stream's order, its old kernels may still be queued): the
+            # engine's first copies into it must wait for that stream, as for a reader.
+            self._readers[b] = {streams.current(self.logical)}
         return b
 
     def readers(self, b: int) -> set[int]:

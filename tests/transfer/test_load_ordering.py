@@ -16,10 +16,10 @@ from cachedattn.transfer.fake_engine import FakeCopyEngine
 from ..hf.models import VOCAB, tiny_model
 
 hp = importlib.import_module("cachedattn.hf.patch")
-pytestmark = pytest.mark.no_race_detector  # installs its own stream provider (handles the race detector cannot know)
 
 
-pytestmark = pytest.mark.usefixtures("fake_engine")
+# Installs its own stream provider (handles the race detector cannot know).
+pytestmark = [pytest.mark.usefixtures("fake_engine"), pytest.mark.no_race_detector]
 
 
 class Streams:

@@ -11,7 +11,8 @@ from cachedattn.transfer.fake_engine import FakeCopyEngine
 
 from ..hf.models import VOCAB, tiny_model
 
-pytestmark = pytest.mark.usefixtures("fake_engine")
+# Installs its own stream and device provider (simulated devices the race detector does not know).
+pytestmark = [pytest.mark.usefixtures("fake_engine"), pytest.mark.no_race_detector]
 
 A, B = torch.device("cuda", 0), torch.device("cuda", 1)  # logical labels; the memory stays on the CPU
 STREAM = {A: 10, B: 20}
