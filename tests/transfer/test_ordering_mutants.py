@@ -54,7 +54,6 @@ MUTANTS = {
     "transfer/gpu_load.py:GpuLoad._compute_waits_for:stream_wait_layer": ["turns", "read_buffer"],
     "transfer/gpu_load.py:GpuLoad._wait_copies:wait_layer": ["turns", "raising"],
     "transfer/gpu_load.py:GpuLoad.__init__:_wait_copies": ["raising", "turns"],
-    "transfer/gpu_load.py:GpuLoad.release_staging:_wait_copies": ["store_closed_mid_turn"],
     # the save: D2H fence after compute, ticket before abort frees blocks, ticket before commit
     "hf/async_saving.py:save_async:wait_ticket": ["store_closed_mid_save"],
     "hf/async_saving.py:_fence_compute:wait_for_stream": ["turns"],
@@ -75,6 +74,14 @@ CUDA_ONLY = {
 # Sites no production path calls: a mutant there cannot be killed (and need not be): listed so that a caller
 # appearing makes test_every_ordering_call_site_has_a_mutant ask for a mutant.
 UNREACHED: dict[str, str] = {}
+
+# Ordering calls no scenario can kill yet (an open item, not a verdict).
+NO_SCENARIO_YET = {
+    "transfer/gpu_load.py:GpuLoad.release_staging:_wait_copies": (
+        "on close() the store's before_release already waited for the load's copies; this wait orders the "
+        "buffer's hand-back only where a batch row's read stops early (an OSError mid-row), not scripted yet"
+    ),
+}
 
 # Host waits that order nothing the path needs: removing them changes when the host blocks, not what is read.
 TIMING_ONLY = {
@@ -256,7 +263,7 @@ def run(scenario: str, tmp) -> str | None:
 
 def test_every_ordering_call_site_has_a_mutant():
     found = {s.name for s in mutants.find_sites(MODULES)}
-    listed = set(MUTANTS) | set(CUDA_ONLY) | set(UNREACHED) | set(TIMING_ONLY)
+    listed = set(MUTANTS) | set(CUDA_ONLY) | set(UNREACHED) | set(TIMING_ONLY) | set(NO_SCENARIO_YET)
     assert found == listed, (
         f"new ordering sites without a mutant: {sorted(found - listed)}; mutants whose site is gone: {sorted(listed - found)}"
     )
@@ -291,5 +298,5 @@ def test_a_mutant_removes_exactly_its_call():
     with mutants.apply(site):
         assert async_saving.save_async is not real and saving.save_async is async_saving.save_async  # both bindings
         src = mutants.mutated_source(site)
-        assert src.count("wait_ticket") == 1 and "engine.wait_ticket(engine.record" in src  # the other one stays
+        assert src.count("wait_ticket") == 1 and "e.wait_ticket(e.record" in src  # the other one stays
     assert async_saving.save_async is real and saving.save_async is real
