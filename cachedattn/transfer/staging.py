@@ -47,7 +47,7 @@ class DeviceStaging:
             # Fresh memory is ordered against its old users only on the allocating stream (the caching
             # allocator reuses a block in that stream's order, its old kernels may still be queued): the
             # engine's first copies into it must wait for that stream, as for a reader.
-            self._readers[b] = {streams.current(self.logical)}
+            self._readers[b] = {streams.current(streams.device_of(self.buffers[b]))}
         return b
 
     def readers(self, b: int) -> set[int]:

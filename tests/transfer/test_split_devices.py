@@ -25,13 +25,19 @@ class TwoDevices:
 
     def __init__(self, model):
         self.active = A
-        self.known: dict[int, torch.device] = {}
+        self.params: dict[int, torch.device] = {}
+        self.known: dict[int, torch.device] = {}  # this forward's KV (freed memory comes back: forgotten per forward)
         for i, layer in enumerate(model.model.layers):
             dev = A if i < SPLIT else B
             for p in layer.parameters():
-                self.known[p.untyped_storage().data_ptr()] = dev
-            layer.register_forward_pre_hook(lambda m, a, dev=dev: setattr(self, "active", dev))
+                self.params[p.untyped_storage().data_ptr()] = dev
+            layer.register_forward_pre_hook(lambda m, a, i=i, dev=dev: self._enter(i, dev))
             layer.register_forward_hook(lambda m, a, k, out, i=i, dev=dev: self._note(k, i, dev), with_kwargs=True)
+
+    def _enter(self, i, dev):
+        if i == 0:
+            self.known = {}
+        self.active = dev
 
     def _note(self, kwargs, i, dev):
         cache = next((kwargs[n] for n in ("cache", "past_key_values", "past_key_value") if kwargs.get(n) is not None), None)
@@ -44,7 +50,8 @@ class TwoDevices:
         return STREAM[torch.device(device)]
 
     def device_of(self, t) -> torch.device:
-        return self.known.get(t.untyped_storage().data_ptr(), self.active)
+        ptr = t.untyped_storage().data_ptr()
+        return self.params.get(ptr) or self.known.get(ptr, self.active)
 
 
 def _spy(monkeypatch, name, log):
