@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for h in grid:
-            for readahead in (1, 2, 4, None):
+            # None: the bounded default (gpu_load.STAGED_LAYERS slots); the layer count: every layer ("all")
+            for readahead in (1, 2, 4, None, model.config.num_hidden_layers):
                 store = cachedattn.AttentionStore(host_bytes=(h * 4096 * 32 + (64 << 20)) if not dry else 32 << 20,
                                                   disk_dir=os.path.join(tmp, f"kv{h}-{readahead}"), hugepages="off")
                 cachedattn.patch(model, store, readahead=readahead)
@@ -79,9 +80,9 @@ def main(argv=None) -> int:
                     model(ids, logits_to_keep=1)
                 if not dry:
                     torch.cuda.synchronize()
-                row = dict(history=h, readahead="all" if readahead is None else readahead, reused=s.reused_tokens,
+                row = dict(history=h, readahead="default" if readahead is None else readahead, reused=s.reused_tokens,
                            turn_ms=round((time.perf_counter() - t) * 1e3, 2),
-                           staging_mb=round(sum(b.numel() for b in model._cachedattn.gpu.buffers) / 2**20, 2))
+                           staging_mb=round(model._cachedattn.gpu.staged_bytes() / 2**20, 2))
                 if not dry:
                     row["peak_over_start_mb"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
                 rows.append(row)

@@ -58,10 +58,13 @@ class AsyncSaver:
             f.exception()
 
 
-def copy_engine(state):
-    """The engine saves go through: the GPU loader's (transfer.gpu_load), else `state.save_engine`, else None."""
+def copy_engine(state, device=None):
+    """The engine saves from `device` (logical; default the model's first) go through: the GPU
+    loader's engine of that device (transfer.gpu_load), else `state.save_engine`, else None."""
     loader = getattr(state, "gpu", None)
-    engine = getattr(loader, "engine", None)
+    engine = None
+    if loader is not None:
+        engine = loader.engine if device is None else loader.engine_of(device)
     return engine if engine is not None else getattr(state, "save_engine", None)
 
 
@@ -84,23 +87,29 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
 
     Raises (with nothing left behind: blocks freed after their copies) when issuing fails;
     a failure in the background calls on_fail(exception)."""
-    st = session._state
-    engine = copy_engine(st)
+    st = session.patched
     num_layers = st.kv.spec.num_layers
     txn = st.store.begin_append(session.conv_id, conv_tokens[:m], start=start)
-    txn.settle_with(lambda: engine.wait_ticket(engine.record("d2h")))  # before abort frees the blocks
+    engines: dict = {}  # logical device -> its engine (a model split over devices saves on each)
+    # Before abort frees the blocks: every copy issued on every engine is done.
+    txn.settle_with(lambda: [e.wait_ticket(e.record("d2h")) for e in list(engines.values())])
     sources = []
     try:
         for layer in range(num_layers):
             k, v = cache.row_new_kv(layer, row, start - n, m - n)
             sources.append((_dense(k), _dense(v)))
-        if sources:
-            engine.wait_for_stream("d2h", streams.current(sources[0][0].device))
         for layer, (k, v) in enumerate(sources):
+            device = streams.device_of(k)
+            engine = engines.get(device)
+            if engine is None:
+                engine = engines[device] = copy_engine(st, device)
+                if engine is None:
+                    raise RuntimeError(f"no copy engine for {device} (layer {layer})")
+                _fence_compute(engine, device)
             # One strided copy per chunk and K/V (every head's rows), not one per head.
             for src, sp, dst, dp, width, height in fold(txn.copy_segments(layer, k, v)):
                 engine.copy_2d("d2h", src, sp, dst, dp, width, height)
-        ticket = engine.record("d2h")
+        tickets = [(e, e.record("d2h")) for e in engines.values()]
     except BaseException:
         txn.abort()  # after the copies already issued (settle_with)
         raise
@@ -109,7 +118,8 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
     def finish():
         try:
             try:
-                engine.wait_ticket(ticket)
+                for engine, ticket in tickets:
+                    engine.wait_ticket(ticket)
             finally:
                 sources.clear()  # the copies have read them (or the engine failed: nothing else will)
             for layer in range(num_layers):
@@ -124,6 +134,11 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
 
     session.last_save = done
     saver_of(st).submit(session.conv_id, finish)
+
+
+def _fence_compute(engine, device) -> None:
+    """The D2H stream waits for the compute that wrote the sources: the stream current now on their device."""
+    engine.wait_for_stream("d2h", streams.current(device))
 
 
 def _chain(src: Future, dst: Future) -> None:

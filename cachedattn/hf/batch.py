@@ -118,7 +118,7 @@ class BatchSession:
         if len(set(conv_ids)) != len(conv_ids):
             raise ValueError("a conversation appears twice in one batch: its rows would race for its stored KV")
         self.model = model
-        self._state = model._cachedattn
+        self.patched = model._cachedattn
         self.rows = [Session(model, c, readahead=readahead, save=save) for c in conv_ids]
         self.on_first_token = None  # called once the first forward's logits exist (the engine's read buffer)
 
@@ -150,31 +150,31 @@ class BatchSession:
     def _open_history(self, row: Session, ids: torch.Tensor, loader):
         """Row's stored history, opened (its conversation leased) but not read: (KVLoad or None,
         the read buffer's GpuLoad when it holds this row's history, else None)."""
-        if not row._weights_current or ids.numel() < 2:
+        if not row.weights_current or ids.numel() < 2:
             return None, None
         if loader is not None and loader.preloaded_conversation() == row.conv_id:
             g = loader.take_preloaded(row.conv_id, ids, ids.numel() - 1)  # the engine filled it for this job
             if g is not None:
                 return g.load, g
         try:
-            return row._load_prefix(ids, ids.numel() - 1), None
+            return row.open_history(ids, ids.numel() - 1), None
         except OSError as e:  # a failing store: this row computes its history
             self._row_failed(row, e)
             return None, None
 
     def _row_failed(self, row: Session, e: OSError) -> None:
-        self._state.store.count("recovered_turns")
+        self.patched.store.count("recovered_turns")
         log.warning("cachedattn: %r: %s; the row computes its whole history", row.conv_id, e)
 
     def _begin(self, ids: list[torch.Tensor]):
         """Opens every row's history before reading any: while the batch runs, every row's
         conversation is leased (in use), so reading or saving one row never evicts another
         row's chunks. Returns (loads, staged): the caller closes the loads after the saves."""
-        loader = GpuLoader.for_model(self._state, self.model)
+        loader = GpuLoader.for_model(self.patched, self.model)
         loads, staged = [], []
         try:
             for row, x in zip(self.rows, ids):
-                row._weights_current = self._state.kv.identity.check(self.model)
+                row.weights_current = self.patched.kv.identity.check(self.model)
                 row.tier_tokens = {"host": 0, "disk": 0}
                 load, g = self._open_history(row, x, loader)
                 loads.append(load)
@@ -189,7 +189,7 @@ class BatchSession:
         a chunk is bad: the row computes its history). With a copy engine the history goes from the
         pinned blocks through the engine straight into those columns (no pageable staging)."""
         n = load.n_tokens
-        sliding = self._state.kv.sliding
+        sliding = self.patched.kv.sliding
         try:
             if loader is not None and g is None:
                 g = loader.start(load, n, sliding, row.readahead)
@@ -219,7 +219,7 @@ class BatchSession:
         if H:
             dtype = next(self.model.parameters()).dtype
             ks, vs = [], []
-            for h, d in self._state.kv.spec.layers:
+            for h, d in self.patched.kv.spec.layers:
                 ks.append(torch.zeros(len(ids), h, H, d, dtype=dtype, device=device))
                 vs.append(torch.zeros(len(ids), h, H, d, dtype=dtype, device=device))
             for r, (row, load, g) in enumerate(zip(self.rows, loads, staged)):
@@ -239,7 +239,7 @@ class BatchSession:
         return input_ids, mask, cache, ns, ms, H, M
 
     def _check_context(self, ids, new_bound: int) -> None:
-        limit = self._state.options["max_context"]
+        limit = self.patched.options["max_context"]
         for cid, x in zip(self.conv_ids, ids):
             if limit is not None and x.numel() + new_bound > limit:
                 raise ValueError(
@@ -250,7 +250,7 @@ class BatchSession:
     def generate(self, ids_list, **kwargs):
         """One batched generate over the conversations' full ids; returns generate's
         output for the padded layout plus ``.rows``: each row's generated ids."""
-        _check_batchable(self._state, kwargs)
+        _check_batchable(self.patched, kwargs)
         ids = self._ids(ids_list)
         new_bound = int(kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens or 20)
         self._check_context(ids, new_bound)
@@ -265,7 +265,7 @@ class BatchSession:
             procs = LogitsProcessorList([first])
             kwargs = {**kwargs, "use_cache": True, "pad_token_id": pad}
             out = self.model.generate(
-                input_ids, attention_mask=mask, logits_processor=procs, **{self._state.kv.cache_kwarg: cache}, **kwargs
+                input_ids, attention_mask=mask, logits_processor=procs, **{self.patched.kv.cache_kwarg: cache}, **kwargs
             )
             seqs = getattr(out, "sequences", out)
             with_kv = cache.get_seq_length() - (H + M)  # generated tokens that went through the model
@@ -280,8 +280,8 @@ class BatchSession:
                 row.reused_tokens, row.computed_tokens, row.generated_tokens = n, m, g.numel()
                 row.ttft = (first.at or time.perf_counter()) - t0
                 row.turns += 1
-                row._hidden_from = None  # every real token was visible: the KV is what a later turn computes
-                if row.save and row._weights_current:
+                row.hidden_from = None  # every real token was visible: the KV is what a later turn computes
+                if row.save and row.weights_current:
                     kept = min(g.numel(), with_kv)
                     turn = torch.cat([x.to(g.device), g[:kept]])
                     cols = torch.arange(H + M - m, H + M + kept)
@@ -301,7 +301,7 @@ class BatchSession:
         The answers are left-padded after the prompts: [.. prompt | A - a holes | a answer],
         holes masked and positions from the mask, so each answer token sits at its true
         position and sees exactly its conversation's tokens before it."""
-        _check_batchable(self._state, {})
+        _check_batchable(self.patched, {})
         ids = self._ids(ids_list)
         answers = self._ids(answers)
         self._check_context([torch.cat([x, a]) for x, a in zip(ids, answers)], 0)
@@ -309,7 +309,7 @@ class BatchSession:
         device = next(self.model.parameters()).device
         pad = self.model.generation_config.pad_token_id
         pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
-        kw = self._state.kv.cache_kwarg
+        kw = self.patched.kv.cache_kwarg
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         loader, loads, staged = self._begin(ids)
         try:
@@ -325,7 +325,7 @@ class BatchSession:
             if self.on_first_token is not None:
                 self.on_first_token()
             lens = [a.numel() for a in answers]
-            if not any(row.save and row._weights_current for row in self.rows):
+            if not any(row.save and row.weights_current for row in self.rows):
                 lens = [0] * len(lens)  # nothing is stored: the answers' KV would be thrown away (as a session skips it)
             A = max(lens)
             a_ids = torch.full((len(ids), A), pad, dtype=torch.long, device=device)
@@ -345,8 +345,8 @@ class BatchSession:
                 row.reused_tokens, row.computed_tokens, row.generated_tokens = n, m, 0
                 row.ttft = ttft
                 row.turns += 1
-                row._hidden_from = None
-                if row.save and row._weights_current:
+                row.hidden_from = None
+                if row.save and row.weights_current:
                     cols = torch.cat([torch.arange(H + M - m, H + M), torch.arange(H + M + A - k, H + M + A)])
                     save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
         finally:

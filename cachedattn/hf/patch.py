@@ -40,10 +40,13 @@ def patch(
     Probes the model's KV layout (refusing models a per-token store cannot
     serve, with the reason) and how positions enter its keys, and attaches the
     store to it. ``readahead``: how many layers ahead of the one computing the
-    store reads (None: all). ``max_context`` (default: the model's
-    max_position_embeddings), ``truncate_ratio``, ``keep_first`` and
-    ``position_policy`` govern context-window overflow (see
-    cachedattn.hf.truncation); each can be overridden per session.
+    store reads (None: all from disk; on the GPU path the copy engine stages
+    transfer.gpu_load.STAGED_LAYERS layers at a time, ring-reused, so staging
+    memory stays bounded: pass the layer count to stage every layer at once).
+    ``max_context`` (default: the model's max_position_embeddings),
+    ``truncate_ratio``, ``keep_first`` and ``position_policy`` govern
+    context-window overflow (see cachedattn.hf.truncation); each can be
+    overridden per session.
     """
     state = getattr(model, "_cachedattn", None)
     if state is not None:

@@ -43,12 +43,12 @@ def warn_once(state, kind: str, msg: str, *args) -> None:
 
 def save_turn(session, cache, token_ids: torch.Tensor, n: int, start: int | None = None) -> None:
     """Stores the KV of tokens [start, n + provable) (start defaults to n), or nothing if the store refuses."""
-    st = session._state
+    st = session.patched
     start = n if start is None else start
     row, length = provable_row(cache.computed_tokens(), token_ids[n:].cpu())
     m = n + length
-    if session._hidden_from is not None:  # KV after a token the mask hid is not what a later turn computes
-        m = min(m, session._hidden_from)
+    if session.hidden_from is not None:  # KV after a token the mask hid is not what a later turn computes
+        m = min(m, session.hidden_from)
     if m <= start:
         return
     if copy_engine(st) is not None:  # the GPU path: copies on the engine's D2H stream, commit in the background
@@ -69,7 +69,7 @@ def save_turn(session, cache, token_ids: torch.Tensor, n: int, start: int | None
 
 def _skipped(session, e: Exception) -> None:
     """The answer is computed and right: losing its KV costs only a later recompute."""
-    st = session._state
+    st = session.patched
     st.store.count("skipped_saves")
     warn_once(
         st, f"save:{type(e).__name__}", "cachedattn: the KV of a turn of %r was not stored (%s: %s)",

@@ -6,7 +6,9 @@ stored prefix of it, computes only the rest, and stores the new KV (prompt and
 generated tokens) for the next turn. s.reused_tokens, s.computed_tokens,
 s.generated_tokens, s.tier_tokens and s.ttft describe the last turn.
 s.continue_turn(ids) feeds more tokens (a known answer, say) through the same
-turn's cache and stores their KV too.
+turn's cache and stores their KV too. What saving and batching read of a
+session is public: s.patched (the model's PatchState), s.hidden_from (the
+first token this turn's mask hides), s.weights_current and s.open_history().
 
 The cache never costs the caller a turn: a stored chunk found bad while the
 history is read reruns the turn from the store's cut (the history is consumed
@@ -75,7 +77,7 @@ class Session:
             raise ValueError(f"reserve must be an integer >= 0, got {reserve!r}")
         self.reserve = reserve  # tokens a plain forward leaves room for in the window (a continue_turn to come)
         self.layerwise = bool(layerwise)  # False: load all history before computing (a baseline)
-        self._state = state
+        self.patched = state
         unknown = set(overrides) - set(state.options)
         if unknown:
             raise TypeError(f"unknown session options {sorted(unknown)}; known: {sorted(state.options)}")
@@ -98,8 +100,8 @@ class Session:
         self._cache: StoreBackedCache | None = None  # the turn's cache while it runs
         self._emitted = False  # the turn's first forward finished: nothing may be redone any more
         self._prompt_len = 0  # tokens of the turn's input (after truncation)
-        self._weights_current = True  # this turn's weights are those the store's KV was computed with
-        self._hidden_from: int | None = None  # first token this turn's attention mask hides (see hf.masks)
+        self.weights_current = True  # this turn's weights are those the store's KV was computed with
+        self.hidden_from: int | None = None  # first token this turn's attention mask hides (see hf.masks)
 
     def __enter__(self) -> Session:
         if _current.get() is not None:
@@ -122,7 +124,7 @@ class Session:
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty")
         # Before any KV is read: KV of other weights is never served, and this turn's is not stored under theirs.
-        self._weights_current = self._state.kv.identity.check(self.model)
+        self.weights_current = self.patched.kv.identity.check(self.model)
         self._t0 = time.perf_counter()
         self.ttft = None
         self.dropped_tokens = 0
@@ -135,21 +137,21 @@ class Session:
         kwargs = kwargs or {}
         pad_eos = generate_pad_eos(self.model, kwargs) if generating else ()
         mask = None if self.dropped_tokens else kwargs.get("attention_mask")
-        self._hidden_from = first_hidden(input_ids, mask, *pad_eos)
+        self.hidden_from = first_hidden(input_ids, mask, *pad_eos)
         self.turns += 1
         self._prompt_len = input_ids.shape[1]
         return input_ids
 
-    def _load_prefix(self, ids: torch.Tensor, limit: int):
+    def open_history(self, ids: torch.Tensor, limit: int):
         """An open load of the longest stored prefix of ids (at most `limit` tokens), or None.
 
         Lookup and load are one step when the store offers it (load_prefix);
         otherwise a conversation cut, dropped or rewritten in between surfaces
         from load as a KeyError, ValueError or TypeError: look up once more,
         then treat it as a miss (the turn computes everything)."""
-        store = self._state.store
-        if self._state.saver is not None:  # this conversation's last turn may still be saving
-            self._state.saver.wait(self.conv_id)
+        store = self.patched.store
+        if self.patched.saver is not None:  # this conversation's last turn may still be saving
+            self.patched.saver.wait(self.conv_id)
         load_prefix = getattr(store, "load_prefix", None)
         load = None
         for _ in range(2):
@@ -170,21 +172,21 @@ class Session:
     def _open(self, input_ids: torch.Tensor, history: bool) -> tuple[StoreBackedCache, int]:
         # At least one token must go through the model to produce logits.
         limit = input_ids.shape[1] - 1
-        if self._hidden_from is not None:
-            limit = min(limit, self._hidden_from)
-        reuse = history and limit > 0 and self._weights_current
-        loader = GpuLoader.for_model(self._state, self.model)
+        if self.hidden_from is not None:
+            limit = min(limit, self.hidden_from)
+        reuse = history and limit > 0 and self.weights_current
+        loader = GpuLoader.for_model(self.patched, self.model)
         gpu = loader.take_preloaded(self.conv_id, input_ids, limit) if loader is not None and reuse else None
         if loader is not None and not reuse:
             loader.drop_preloaded()
-        load = gpu.load if gpu is not None else self._load_prefix(input_ids[0], limit) if reuse else None
+        load = gpu.load if gpu is not None else self.open_history(input_ids[0], limit) if reuse else None
         n = load.n_tokens if load is not None else 0
         try:
             if gpu is None and loader is not None and load is not None:
                 # layerwise=False (load, then compute): every layer staged at once, from the pinned blocks
-                readahead = self.readahead if self.layerwise else self._state.kv.spec.num_layers
-                gpu = loader.start(load, n, self._state.kv.sliding, readahead)
-            cache = StoreBackedCache(self.model.config, load, n, self._state.kv.sliding, self.layerwise, gpu)
+                readahead = self.readahead if self.layerwise else self.patched.kv.spec.num_layers
+                gpu = loader.start(load, n, self.patched.kv.sliding, readahead)
+            cache = StoreBackedCache(self.model.config, load, n, self.patched.kv.sliding, self.layerwise, gpu)
         except BaseException:
             if gpu is not None:
                 gpu.close()
@@ -217,7 +219,7 @@ class Session:
                 if self._emitted or attempt == 2:
                     raise  # not from the history (consumed in the first forward): nothing to redo
                 if attempt == 0:  # one event per turn, however many reruns it takes
-                    self._state.store.count("recovered_turns")
+                    self.patched.store.count("recovered_turns")
                     log.warning("cachedattn: %r: %s; the turn is computed again from there", self.conv_id, e)
             except BaseException:
                 self._close(cache)
@@ -232,7 +234,7 @@ class Session:
 
     def _finish(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> None:
         try:
-            if self.save and self._weights_current:
+            if self.save and self.weights_current:
                 save_turn(self, cache, token_ids, n)
         finally:
             self._close(cache)
@@ -293,7 +295,7 @@ class Session:
         def call(cache, n, attempt):
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids[..., n:]
-            kwargs[self._state.kv.cache_kwarg] = cache
+            kwargs[self.patched.kv.cache_kwarg] = cache
             cache.note_tokens(input_ids[:, n:])
             out = forward(input_ids=input_ids[:, n:], **kwargs)
             self._first_forward_done()
@@ -325,15 +327,15 @@ class Session:
                 f"continuing this turn to {total} tokens would exceed max_context={limit}; "
                 "open the session with reserve= the tokens to come, so the prompt is truncated to leave room"
             )
-        kwargs[self._state.kv.cache_kwarg] = cache
+        kwargs[self.patched.kv.cache_kwarg] = cache
         kwargs["use_cache"] = True
         out = self.model(input_ids=new_ids.to(ids.device), **kwargs)
         ids = torch.cat([ids, new_ids[0].to(ids.device)])
         self.generated_tokens += new_ids.shape[1]
         hidden = first_hidden(ids[None], kwargs.get("attention_mask"))
         if hidden is not None:
-            self._hidden_from = hidden if self._hidden_from is None else min(self._hidden_from, hidden)
-        if self.save and self._weights_current:
+            self.hidden_from = hidden if self.hidden_from is None else min(self.hidden_from, hidden)
+        if self.save and self.weights_current:
             save_turn(self, cache, ids, n, start=ids.shape[0] - new_ids.shape[1])
         self._last = (cache, ids, n)
         return out
@@ -352,7 +354,7 @@ class Session:
                 _set_rng_state(rng)
                 if kwargs.get("streamer") is not None:
                     kwargs["streamer"].rerun()
-            kwargs[self._state.kv.cache_kwarg] = cache
+            kwargs[self.patched.kv.cache_kwarg] = cache
             return generate(input_ids, **kwargs)
 
         out, cache, n = self._run(input_ids, call)

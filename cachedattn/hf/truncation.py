@@ -47,7 +47,7 @@ def plan_drop(length: int, extra: int, window: int, ratio: float, keep_first: in
 def truncate_turn(session, input_ids: torch.Tensor, extra: int) -> tuple[torch.Tensor, int, str]:
     """(kept ids, tokens dropped, what happened to the stored KV)."""
     o = session.options
-    st = session._state
+    st = session.patched
     window = o["max_context"]
     chunk = st.store.config.chunk_tokens
     if o["keep_first"] + extra >= window:
@@ -85,7 +85,7 @@ def truncate_turn(session, input_ids: torch.Tensor, extra: int) -> tuple[torch.T
 
 def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> None:
     """Replaces the stored conversation by the kept window's KV at its new positions."""
-    st = session._state
+    st = session.patched
     store, spec, k = st.store, st.kv.spec, session.options["keep_first"]
     engine, device = _gpu_engine(session)
     with store.load(session.conv_id, stored) as ld:
@@ -113,7 +113,7 @@ def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> 
 
 def _gpu_engine(session):
     """(native copy engine, its CUDA device) of a model served on a GPU, else (None, None)."""
-    loader = getattr(session._state, "gpu", None)
+    loader = getattr(session.patched, "gpu", None)
     device = getattr(loader, "device", None)
     if device is None or device.type != "cuda":
         return None, None

@@ -1,13 +1,15 @@
 """The GPU load path: a turn's stored history copied host -> GPU by the copy
 engine, layer by layer, `readahead` layers ahead of the layer computing.
 
-GpuLoader (one per patched model on a GPU) owns the copy engine and two
-staging buffers on the GPU: the running turn's and the read buffer (the next
-job's first layers, issued while the running job decodes). GpuLoad is one
-turn's use of one buffer, with its own epoch of layer events in the engine (a
-preload never invalidates the running turn's events). At its start it fences
-the buffer's previous readers and issues layers 0..R-1 from the pool's pinned
-blocks (one copy per chunk and layer, see segments); chunks still on disk are
+GpuLoader (one per patched model on a GPU) holds, per device the model's
+layers live on (a model split with device_map has several), a copy engine and
+two staging buffers (transfer.staging): the running turn's and the read buffer
+(the next job's first layers, issued while the running job decodes). GpuLoad
+is one turn's use of one buffer per device, with its own epoch of layer events
+in each engine (a preload never invalidates the running turn's events); each
+layer is loaded, fenced and waited for on its own device's engine and streams.
+At its start it fences each buffer's previous readers and issues layers
+0..R-1 from the pool's pinned blocks (one copy per chunk and layer, see segments); chunks still on disk are
 issued once their read finished and verified. layer(i), called from the
 cache's update, makes the stream computing now wait for layer i's copies (no
 host sync), copies K and V out of the slot on that stream into the cache's
@@ -19,13 +21,13 @@ only once nothing reads them, also when the forward raised half way.
 Every ordering call of the load path is one named call site here:
 - GpuLoad._fence_previous_readers: wait_for_stream("h2d", s), the buffer's
   handover (the last load's readers, on whatever streams they ran);
-- GpuLoad._fence_refill: wait_for_stream("h2d", stream), before layer i+R
-  overwrites the slot layer i was just read from;
+- GpuLoad._fence_refill: wait_for_stream("h2d", stream), before layer j
+  overwrites a slot, after the stream that last read that slot;
 - GpuLoad._compute_waits_for: stream_wait_layer("h2d", i, stream, epoch), the
   consumer's wait; it also orders a preloaded (taken over) load, whose layer
   events live in its own epoch, against the stream that finally consumes it;
-- GpuLoad._wait_copies: wait_layer("h2d", last, epoch), before the load's
-  host blocks are released.
+- GpuLoad._wait_copies: wait_layer("h2d", last, epoch) per device, before the
+  load's host blocks are released.
 
 Staging memory is bounded: each buffer holds `readahead` layer slots (default
 STAGED_LAYERS, ring-reused), grows with slack, and shrinks when a turn needs
@@ -35,20 +37,18 @@ far less than it holds; trim() frees idle buffers.
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 
 from cachedattn.transfer import streams
 from cachedattn.transfer.factory import engine_for
 from cachedattn.transfer.segments import place, plan_layer
+from cachedattn.transfer.staging import DeviceStaging
 
 log = logging.getLogger("cachedattn")
 
 #: Layer slots a staging buffer holds when the caller asks for no read-ahead depth.
 STAGED_LAYERS = 4
-_SLACK = 1.25  # growth headroom: a conversation growing turn by turn does not reallocate every turn
-_ALIGN = 64 << 10  # allocation granularity of a staging buffer
 
 
 def staged_layers(readahead: int | None, num_layers: int) -> int:
@@ -57,9 +57,21 @@ def staged_layers(readahead: int | None, num_layers: int) -> int:
     return max(1, min(r, num_layers))
 
 
+class _Part:
+    """A load's share of one device: its buffer there, its epoch in that device's engine, the layer
+    it issued last there and the streams that read its slots."""
+
+    def __init__(self, staging: DeviceStaging, nbytes: int):
+        self.staging, self.engine, self.nbytes = staging, staging.engine, nbytes
+        self.buffer: int | None = staging.acquire(nbytes)
+        self.epoch: int | None = None
+        self.last: int | None = None
+        self.readers: set[int] = set()
+
+
 class GpuLoad:
     def __init__(self, loader: GpuLoader, load, n_tokens: int, sliding, readahead: int | None):
-        self.loader, self.engine, self.load = loader, loader.engine, load
+        self.loader, self.load = loader, load
         self.geo = load.geo
         self.n = n_tokens
         L = self.geo.spec.num_layers
@@ -67,51 +79,62 @@ class GpuLoad:
         self.plans = [plan_layer(self.geo, i, n_tokens, sliding[i]) for i in range(L)]
         self.readahead = staged_layers(readahead, L)
         self._slot_bytes = max(p.nbytes for p in self.plans)
+        self._device = list(loader.layer_devices)  # layer -> logical device
         self._deferred: dict[int, list[int]] = {}  # layer -> chunk positions still waiting for the disk
         self._issued: set[int] = set()
-        self._last: int | None = None  # the layer issued last: its event follows every copy of this load
-        self._readers: set[int] = set()  # streams that read this load's slots
+        self._slot_reader: dict[tuple, int] = {}  # (device, slot) -> the stream that last read it
         self._closed = False
-        self.epoch = None
-        self._buffer = loader.acquire_buffer(self.readahead * self._slot_bytes)
+        self._parts: dict[torch.device, _Part] = {}
         load.before_release = self._wait_copies
         try:
-            self.epoch = self.engine.begin_epoch()
-            self._fence_previous_readers()
+            for dev in dict.fromkeys(self._device):
+                part = self._parts[dev] = _Part(loader.staging(dev), self.readahead * self._slot_bytes)
+                part.epoch = part.engine.begin_epoch()
+                self._fence_previous_readers(part)
             for i in range(self.readahead):
                 self._issue(i)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def engine(self):
+        """The copy engine of the model's first device (the one a single-device model has)."""
+        return self._parts[self._device[0]].engine
+
     # ---- ordering calls (one call site each; see the module doc) -------------------
 
-    def _fence_previous_readers(self) -> None:
-        for s in self.loader.readers(self._buffer):
-            self.engine.wait_for_stream("h2d", s)
+    def _fence_previous_readers(self, part: _Part) -> None:
+        for s in part.staging.readers(part.buffer):
+            part.engine.wait_for_stream("h2d", s)
 
-    def _fence_refill(self, stream: int) -> None:
-        self.engine.wait_for_stream("h2d", stream)
+    def _fence_refill(self, part: _Part, stream: int) -> None:
+        part.engine.wait_for_stream("h2d", stream)
 
-    def _compute_waits_for(self, i: int, stream: int) -> None:
-        self.engine.stream_wait_layer("h2d", i, stream, self.epoch)
+    def _compute_waits_for(self, part: _Part, i: int, stream: int) -> None:
+        part.engine.stream_wait_layer("h2d", i, stream, part.epoch)
 
     def _wait_copies(self) -> None:
-        if self._last is not None and self.epoch is not None:
-            self.engine.wait_layer("h2d", self._last, self.epoch)
+        for part in self._parts.values():
+            if part.last is not None and part.epoch is not None:
+                part.engine.wait_layer("h2d", part.last, part.epoch)
 
     # ---- issuing ----------------------------------------------------------------------
 
+    def _part(self, layer: int) -> _Part:
+        return self._parts[self._device[layer]]
+
     def _slot(self, layer: int) -> torch.Tensor:
+        part = self._part(layer)
         a = (layer % self.readahead) * self._slot_bytes
-        return self.loader.buffers[self._buffer][a : a + self._slot_bytes]
+        return part.staging.buffers[part.buffer][a : a + self._slot_bytes]
 
     def _issue_fn(self, layer: int):
-        plan, dst = self.plans[layer], self._slot(layer).data_ptr()
+        plan, dst, part = self.plans[layer], self._slot(layer).data_ptr(), self._part(layer)
 
         def issue(ptrs: dict[int, int]) -> None:
-            self.engine.copy_batch("h2d", plan.segments(ptrs, dst, positions=sorted(ptrs)), layer, self.epoch)
-            self._last = layer
+            part.engine.copy_batch("h2d", plan.segments(ptrs, dst, positions=sorted(ptrs)), layer, part.epoch)
+            part.last = layer
 
         return issue
 
@@ -120,6 +143,9 @@ class GpuLoad:
         plan = self.plans[layer]
         if not plan.chunks:
             return
+        reader = self._slot_reader.pop((self._device[layer], layer % self.readahead), None)
+        if reader is not None:  # the copy out of this slot's last layer is queued on `reader`
+            self._fence_refill(self._part(layer), reader)
         later = self.load.issue_layer(layer, list(plan.positions()), self._issue_fn(layer))
         if later:
             self._deferred[layer] = later
@@ -129,7 +155,8 @@ class GpuLoad:
         (e.g. the front of the cache layer's own tensors) or new tensors on `device`, by the stream
         current now on that device."""
         plan = self.plans[i]
-        device = k_out.device if k_out is not None else device if device is not None else self.loader.device
+        part = self._part(i)
+        device = k_out.device if k_out is not None else device if device is not None else part.staging.device
         stream = streams.current(streams.device_of(k_out) if k_out is not None else device)  # asked at each use
         if i not in self._issued:  # asked out of order (a model skipping a layer): its slot may be busy
             k, v = self.load.read_layer(i, start=plan.start, end=plan.end)
@@ -139,13 +166,12 @@ class GpuLoad:
         if i in self._deferred:
             self.load.issue_layer(i, self._deferred.pop(i), self._issue_fn(i), wait=True)
         if plan.chunks:
-            self._compute_waits_for(i, stream)
-            self._readers.add(stream)
+            self._compute_waits_for(part, i, stream)
+            part.readers.add(stream)
+            self._slot_reader[(self._device[i], i % self.readahead)] = stream
         k, v = place(plan, self._slot(i), self.geo, k_out, v_out)
         nxt = i + self.readahead
         if nxt < self._layers and nxt not in self._issued:
-            if self.plans[nxt].chunks:
-                self._fence_refill(stream)  # the copy out of slot i above is queued on `stream`
             self._issue(nxt)
         return k, v
 
@@ -159,7 +185,7 @@ class GpuLoad:
         self._wait_copies()
 
     def close(self) -> None:
-        """Waits for this load's copies, gives the staging buffer back, closes the store's load."""
+        """Waits for this load's copies, gives the staging buffers back, closes the store's load."""
         if self._closed:
             return
         self._closed = True
@@ -169,18 +195,16 @@ class GpuLoad:
             self.release_staging()  # a load already ended by the store: its staging slots may still be written
 
     def release_staging(self) -> None:
-        """Waits for this load's copies and gives its staging buffer back, leaving the store's load
+        """Waits for this load's copies and gives its staging buffers back, leaving the store's load
         open (a batch keeps every row's conversation in use until its rows are saved)."""
-        if self._buffer is None:
-            return
         try:
             self._wait_copies()
-            if self.epoch is not None:
-                self.engine.end_epoch(self.epoch)
         finally:
-            self._last = self.epoch = None
-            b, self._buffer = self._buffer, None
-            self.loader.release_buffer(b, self.readahead * self._slot_bytes, self._readers)
+            parts, self._parts = self._parts, {}
+            for part in parts.values():
+                if part.epoch is not None:
+                    part.engine.end_epoch(part.epoch)
+                part.staging.release(part.buffer, part.nbytes, part.readers)
 
 
 def _into(t: torch.Tensor, out, device) -> torch.Tensor:
@@ -190,79 +214,79 @@ def _into(t: torch.Tensor, out, device) -> torch.Tensor:
     return out
 
 
+def _layer_devices(model, num_layers: int) -> list[tuple[torch.device, torch.device]]:
+    """(logical, physical) device of each layer: that of the parameters of the module the layer's
+    attention is (HF attention modules carry ``layer_idx``); the model's first parameter's otherwise."""
+    first = next(model.parameters())
+    out = [(streams.device_of(first), first.device)] * num_layers
+    for module in model.modules():
+        i = getattr(module, "layer_idx", None)
+        if isinstance(i, int) and 0 <= i < num_layers:
+            p = next(module.parameters(recurse=True), None)
+            if p is not None:
+                out[i] = (streams.device_of(p), p.device)
+    return out
+
+
 class GpuLoader:
-    """One patched model's copy engine, staging buffers and read-buffer handoff."""
+    """One patched model's copy engines and staging (one per device its layers live on) and the
+    read-buffer handoff."""
 
-    BUFFERS = 2  # the running turn's and the read buffer
-
-    def __init__(self, engine, device: torch.device):
-        self.engine, self.device = engine, device
-        self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8, device=device)] * self.BUFFERS
-        self._readers: list[set[int]] = [set() for _ in range(self.BUFFERS)]
-        self._free = list(range(self.BUFFERS))
-        self._lock = threading.Lock()
+    def __init__(self, devices, engines: dict):
+        self.devices = list(devices)  # layer -> (logical, physical)
+        self.layer_devices = [d for d, _ in self.devices]
+        self._staging = {d: DeviceStaging(engines[d], p, d) for d, p in dict(self.devices).items()}
         self._ahead: tuple[str, torch.Tensor, GpuLoad] | None = None  # conv id, ids, preloaded turn
 
     @classmethod
     def for_model(cls, state, model) -> GpuLoader | None:
-        """The loader of a patched model's current device (None: the host path)."""
-        device = next(model.parameters()).device
+        """The loader of a patched model's current devices (None: the host path)."""
+        devices = _layer_devices(model, state.kv.spec.num_layers)
         cur = getattr(state, "gpu", None)
-        if cur is not None and cur.device == device:
+        if cur is not None and cur.devices == devices:
             return cur
-        if cur is not None:  # the model moved: the old device's read buffer holds a load (a lease) open
+        if cur is not None:  # the model moved: the old devices' read buffer holds a load (a lease) open
             cur.drop_preloaded()
             cur.trim()
-        engine = engine_for(device, state.kv.spec.num_layers, getattr(state.store, "gpu_pinned", None))
-        state.gpu = None if engine is None else cls(engine, device)
+        engines = {}
+        for logical, physical in dict(devices).items():
+            engine = engine_for(physical, state.kv.spec.num_layers, getattr(state.store, "gpu_pinned", None))
+            if engine is None:
+                state.gpu = None
+                return None
+            engines[logical] = engine
+        state.gpu = cls(devices, engines)
         return state.gpu
 
-    # ---- staging buffers ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The physical device of the model's first layer."""
+        return self.devices[0][1]
 
-    def acquire_buffer(self, nbytes: int) -> int:
-        with self._lock:
-            if not self._free:
-                raise RuntimeError("both GPU staging buffers are in use")
-            b = self._free.pop(0)
-        if self.buffers[b].numel() < nbytes:
-            # No copy writes the old buffer any more (its last load waited for its copies at close).
-            grown = -(-int(nbytes * _SLACK) // _ALIGN) * _ALIGN
-            self.buffers[b] = torch.empty(grown, dtype=torch.uint8, device=self.device)
-            # Fresh memory is ordered against its old users only on the allocating stream (the caching
-            # allocator reuses a block in that stream's order, its old kernels may still be queued): the
-            # engine's first copies into it must wait for that stream, as for a reader.
-            self._readers[b] = {streams.current(self.device)}
-        return b
+    @property
+    def engine(self):
+        """The copy engine of the model's first layer's device."""
+        return self._staging[self.layer_devices[0]].engine
 
-    def readers(self, b: int) -> set[int]:
-        """Streams that read buffer b since its last handover (a new load fences them first)."""
-        return set(self._readers[b])
+    @engine.setter
+    def engine(self, engine) -> None:  # a stand-in for the loads started from now on (the TTFT bench's probe)
+        self._staging[self.layer_devices[0]].engine = engine
 
-    def release_buffer(self, b: int, used: int = 0, readers=()) -> None:
-        if readers:
-            self._readers[b] = set(readers)
-        if self.buffers[b].numel() > 2 * max(used, _ALIGN):  # far more than this turn needed: give it back
-            self._drop(b)
-        with self._lock:
-            self._free.append(b)
+    def engine_of(self, device):
+        """The copy engine of a logical device the model's layers live on (None: not one of them)."""
+        staging = self._staging.get(device)
+        return None if staging is None else staging.engine
 
-    def _drop(self, b: int) -> None:
-        buf = self.buffers[b]
-        if buf.is_cuda:  # the caching allocator must not hand it out before the readers' kernels ran
-            for s in self._readers[b]:
-                buf.record_stream(torch.cuda.ExternalStream(s, device=buf.device))
-        self.buffers[b] = torch.empty(0, dtype=torch.uint8, device=self.device)
-        self._readers[b] = set()
+    def staging(self, device) -> DeviceStaging:
+        return self._staging[device]
 
     def trim(self) -> None:
         """Frees the staging buffers no load holds (the engine calls it when its queue is empty)."""
-        with self._lock:
-            free = list(self._free)
-        for b in free:
-            self._drop(b)
+        for staging in self._staging.values():
+            staging.trim()
 
     def staged_bytes(self) -> int:
-        return sum(b.numel() for b in self.buffers)
+        return sum(s.staged_bytes() for s in self._staging.values())
 
     def start(self, load, n_tokens: int, sliding, readahead) -> GpuLoad:
         return GpuLoad(self, load, n_tokens, sliding, readahead)
@@ -270,9 +294,9 @@ class GpuLoader:
     # ---- the read buffer ----------------------------------------------------------
 
     def preload(self, store, conv_id: str, ids: torch.Tensor, sliding, readahead) -> bool:
-        """Issues the next job's first layers into the free buffer; True if something was issued."""
+        """Issues the next job's first layers into the free buffers; True if something was issued."""
         self.drop_preloaded()
-        if not self._free or ids.shape[-1] < 2:
+        if not all(s.has_free() for s in self._staging.values()) or ids.shape[-1] < 2:
             return False
         ids = ids.reshape(-1).cpu()
         load = store.load_prefix(conv_id, ids, limit=ids.shape[0] - 1, readahead=readahead)

@@ -52,7 +52,9 @@ def test_note_tokens_keeps_the_steps_ids_without_a_host_copy(monkeypatch):
 
 def test_generate_with_a_sliding_model_still_saves_what_recompute_gives(tmp_path):
     model = tiny_model("mistral", sliding_window=12)
-    store = cachedattn.AttentionStore(host_bytes=16 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off")
+    store = cachedattn.AttentionStore(
+        host_bytes=16 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off"
+    )
     cachedattn.patch(model, store)
     ids = torch.randint(1, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -17,16 +17,7 @@ from ..hf.models import VOCAB, tiny_model
 hp = importlib.import_module("cachedattn.hf.patch")
 
 
-@pytest.fixture(autouse=True)
-def fake_engine(monkeypatch):
-    monkeypatch.setenv("CACHEDATTN_FAKE_COPY_ENGINE", "1")
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = cachedattn.AttentionStore(host_bytes=32 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off")
-    yield s
-    s.close()
+pytestmark = pytest.mark.usefixtures("fake_engine")
 
 
 @pytest.fixture

@@ -16,19 +16,10 @@ from cachedattn.transfer.fake_engine import FakeCopyEngine
 from ..hf.models import VOCAB, tiny_model
 
 hp = importlib.import_module("cachedattn.hf.patch")
-pytestmark = pytest.mark.no_race_detector  # installs its own stream provider (handles the race detector cannot know)
 
 
-@pytest.fixture(autouse=True)
-def fake_engine(monkeypatch):
-    monkeypatch.setenv("CACHEDATTN_FAKE_COPY_ENGINE", "1")
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = cachedattn.AttentionStore(host_bytes=32 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=16, hugepages="off")
-    yield s
-    s.close()
+# Installs its own stream provider (handles the race detector cannot know).
+pytestmark = [pytest.mark.usefixtures("fake_engine"), pytest.mark.no_race_detector]
 
 
 class Streams:
@@ -139,7 +130,8 @@ def test_a_preload_from_another_thread_mid_turn_leaves_the_turn_on_the_engine(st
         with cachedattn.session(model, "q") as s:  # and the preload is still good
             out = model(torch.cat([ids["q"], ids["q"][:, :2]], 1)).logits
         assert s.reused_tokens == 50
-        torch.testing.assert_close(out, model(torch.cat([ids["q"], ids["q"][:, :2]], 1)).logits[:, 50:], atol=1e-4, rtol=0)
+        ref = model(torch.cat([ids["q"], ids["q"][:, :2]], 1)).logits[:, 50:]
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_closing_a_turn_does_not_wait_for_the_next_jobs_preload(store):
@@ -160,7 +152,8 @@ def test_closing_a_turn_does_not_wait_for_the_next_jobs_preload(store):
         with cachedattn.session(model, "q") as s:
             out = model(torch.cat([ids["q"], ids["q"][:, :2]], 1)).logits
         assert s.reused_tokens == 50 and eng.pending("h2d") == 0
-        torch.testing.assert_close(out, model(torch.cat([ids["q"], ids["q"][:, :2]], 1)).logits[:, 50:], atol=1e-4, rtol=0)
+        ref = model(torch.cat([ids["q"], ids["q"][:, :2]], 1)).logits[:, 50:]
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_a_full_attention_history_is_copied_once_into_the_layers_own_tensor(store, monkeypatch):
@@ -199,7 +192,7 @@ def test_a_model_moved_to_another_device_drops_its_old_read_buffer(store):
         assert hp.preload(model, "q", torch.cat([ids, ids[:, :3]], 1))
         old = model._cachedattn.gpu
         held = old._ahead[2].load
-        old.device = torch.device("meta")  # as if the model had moved since the loader was made
+        old.devices = [(torch.device("meta"), torch.device("meta"))] * 3  # as if the model had moved since
         with cachedattn.session(model, "other"):
             model(ids[:, :5])
     assert model._cachedattn.gpu is not old

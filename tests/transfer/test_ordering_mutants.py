@@ -36,6 +36,7 @@ MODULES = [
     "cachedattn.transfer.gpu_load",
     "cachedattn.transfer.segments",
     "cachedattn.transfer.factory",
+    "cachedattn.transfer.staging",
     "cachedattn.hf.async_saving",
     "cachedattn.hf.saving",
     "cachedattn.hf.cache",
@@ -57,7 +58,7 @@ MUTANTS = {
     "transfer/gpu_load.py:GpuLoad.__init__:_wait_copies": ["raising", "turns"],
     # the save: D2H fence after compute, ticket before abort frees blocks, ticket before commit
     "hf/async_saving.py:save_async:wait_ticket": ["store_closed_mid_save"],
-    "hf/async_saving.py:save_async:wait_for_stream": ["turns"],
+    "hf/async_saving.py:_fence_compute:wait_for_stream": ["turns"],
     "hf/async_saving.py:save_async:wait_ticket#2": ["turns"],
 }
 
@@ -85,8 +86,14 @@ NOT_KILLED = {
 
 # Sites no production path calls: a mutant there cannot be killed (and need not be): listed so that a caller
 # appearing makes test_every_ordering_call_site_has_a_mutant ask for a mutant.
-UNREACHED = {
-    "transfer/gpu_load.py:GpuLoad.wait_all:_wait_copies": "GpuLoad.wait_all has no caller in cachedattn/ or bench/",
+UNREACHED: dict[str, str] = {}
+
+# Host waits that order nothing the path needs: removing them changes when the host blocks, not what is read.
+TIMING_ONLY = {
+    "transfer/gpu_load.py:GpuLoad.wait_all:_wait_copies": (
+        "layerwise=False (the load-then-compute baseline) waits for every layer before the forward; "
+        "each layer's read is still ordered by _compute_waits_for"
+    ),
 }
 
 
@@ -278,7 +285,7 @@ def run(scenario: str, tmp) -> str | None:
 
 def test_every_ordering_call_site_has_a_mutant():
     found = {s.name for s in mutants.find_sites(MODULES)}
-    listed = set(MUTANTS) | set(NOT_KILLED) | set(CUDA_ONLY) | set(UNREACHED)
+    listed = set(MUTANTS) | set(NOT_KILLED) | set(CUDA_ONLY) | set(UNREACHED) | set(TIMING_ONLY)
     assert found == listed, (
         f"new ordering sites without a mutant: {sorted(found - listed)}; mutants whose site is gone: {sorted(listed - found)}"
     )
@@ -313,7 +320,7 @@ def test_a_mutant_removes_exactly_its_call():
     with mutants.apply(site):
         assert async_saving.save_async is not real and saving.save_async is async_saving.save_async  # both bindings
         src = mutants.mutated_source(site)
-        assert src.count("wait_ticket") == 1 and "engine.wait_ticket(engine.record" in src  # the other one stays
+        assert src.count("wait_ticket") == 1 and "e.wait_ticket(e.record" in src  # the other one stays
     assert async_saving.save_async is real and saving.save_async is real
 
 

@@ -29,7 +29,8 @@ def test_fold_covers_exactly_the_triples(heads, tokens):
     # 2 rows past its [C, d] (it was a write past the allocation, a heap overflow)
     a, b = torch.zeros(heads + 1, 16, 3)[:heads], torch.zeros(heads + 1, 16, 3)[:heads]
     es = 4
-    segs = [(src[h, 10].data_ptr(), a[h, 2].data_ptr(), tokens * 3 * es) for h in range(heads)]
+    at = 16 - tokens  # where the chunk's slice starts (the slice ends at the chunk's end)
+    segs = [(src[h, 10].data_ptr(), a[h, at].data_ptr(), tokens * 3 * es) for h in range(heads)]
     segs += [(src[h, 20].data_ptr(), a[h, 0].data_ptr() + 0, 0) for h in range(heads)]  # empty: skipped
     _apply_triples(segs)
     copies = fold(segs)
