@@ -228,9 +228,9 @@ class KVLoad:
                 pass  # already reported by read_layer, or irrelevant: this load is ending either way
         for f in self._files:
             f.close()
-        if self.before_release is not None:
-            self.before_release()  # no block goes back under a GPU copy still reading it
         try:
+            if self.before_release is not None:
+                self.before_release()  # no block goes back under a GPU copy still reading it
             for b in self._blocks:  # a copy engine that can tell (the fake, in tests) checks it did not
                 guards.check_release(b.ptr, b.block.nbytes)
         finally:
