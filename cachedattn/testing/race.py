@@ -93,7 +93,7 @@ _ALLOCATE = {
 
 
 class RaceError(AssertionError):
-    pass
+    """The detector's reports, raised by Detector.check (an AssertionError, so pytest shows it as a failure)."""
 
 
 class Detector:
