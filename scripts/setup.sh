@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+WITH_VLLM=0
+for arg in "$@"; do
+  case "$arg" in
+    --vllm) WITH_VLLM=1 ;;  # also the vLLM environment for the KV connector (.venv-vllm: scripts/setup-vllm.sh)
+    *) echo "setup.sh: unknown option $arg (known: --vllm)" >&2; exit 2 ;;
+  esac
+done
+
 bash scripts/system-packages.sh
 
 PY="${PYTHON:-python3}"
@@ -25,3 +33,6 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -m cachedattn info
+if [ "$WITH_VLLM" = 1 ]; then
+  bash scripts/setup-vllm.sh
+fi

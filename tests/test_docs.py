@@ -57,7 +57,7 @@ def test_readme_first_screen_has_the_three_commands_the_support_matrix_and_links
     text = README.read_text()
     first = text[: text.index("\n## ", text.index("\n## ") + 1)]
     for cmd in ("bash scripts/setup.sh && python3 -m cachedattn replay",
-                "bash scripts/setup.sh && python3 -m pytest tests",
+                "bash scripts/setup.sh --vllm && python3 -m pytest tests",
                 "bash scripts/setup.sh && python3 -m cachedattn serve"):
         assert re.search(rf"^{re.escape(cmd)}$", first, re.M), cmd
     assert "| build | what you get | how |" in first

@@ -18,6 +18,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny",
                    help="a local model directory (never downloaded), or 'tiny': a small random-weight model with a "
                         "tokenizer trained here, built once into $CACHEDATTN_SERVE_CACHE (default tiny)")
+    p.add_argument("--engine", choices=("cachedattn", "vllm"), default="cachedattn",
+                   help="cachedattn: the embedded server (one machine, default); vllm: vLLM's OpenAI server with "
+                        "cachedattn's KV connector, for many concurrent conversations (needs setup.sh --vllm; docs/vllm.md)")
+    p.add_argument("--vllm-python", default=None, help="the vLLM environment's python (default .venv-vllm/bin/python)")
     p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: the directory's name)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file overriding the model's")
     p.add_argument("--host", default="127.0.0.1")
@@ -86,6 +90,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from cachedattn.server.app import create_app
 
+    if args.engine == "vllm":
+        from cachedattn.server import model as model_dir
+        from cachedattn.server import vllm_launch
+
+        try:
+            directory = model_dir.resolve(args.model)
+            name = args.served_model_name or (model_dir.TINY if args.model == model_dir.TINY else directory.name)
+            vllm_launch.run(args, directory, name, vars(p.parse_args([])))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
     try:
         server = build(args)
     except (OSError, ValueError) as e:  # the caller's own options: said in one line, not a traceback

@@ -1,0 +1,195 @@
+"""CachedAttnConnector: cachedattn's store under vLLM, as a V1 KV connector.
+
+Selected with vLLM's own flag::
+
+    --kv-transfer-config '{"kv_connector": "CachedAttnConnector",
+        "kv_connector_module_path": "cachedattn.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"host_bytes": "8G", "disk_dir": "/nvme/kv"}}'
+
+vLLM makes one connector per role: the scheduler side (plan.PrefixPlanner)
+finds a request's stored prefix block by block and plans loads and saves;
+the worker side (transfers.PagedTransfers) carries the plan out between the
+store and vLLM's paged KV. Both sides of a process share one store.
+
+Supported now (refused at start otherwise, naming why): one worker process
+(tensor and pipeline parallel size 1), one KV cache group of full attention,
+vLLM's CPU paged layout. Loads are asynchronous (the request waits in
+vLLM's queue while its blocks are read); saves happen when a request
+finishes, and vLLM keeps the blocks until the copy is done. A block that
+cannot be loaded is reported to vLLM, which recomputes it: the connector
+sets kv_load_failure_policy to "recompute" so that a request never fails
+because of the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from cachedattn.store import AttentionStore, KVSpec
+from cachedattn.vllm import identity
+from cachedattn.vllm.options import store_config
+from cachedattn.vllm.paged import PagedKV
+from cachedattn.vllm.plan import PrefixPlanner, StepPlan
+from cachedattn.vllm.prefix_keys import namespace
+from cachedattn.vllm.transfers import PagedTransfers
+
+log = logging.getLogger("cachedattn")
+
+
+class CachedAttnMetadata(KVConnectorMetadata):
+    def __init__(self, plan: StepPlan):
+        self.plan = plan
+
+
+class _Shared:
+    """This process's store and worker transfers, shared by its scheduler-side and worker-side connectors
+    (vLLM builds each role's connector separately, in its engine-core process when there is one worker).
+    The last role to shut down closes them, so saves the scheduler side planned after the worker's last
+    step still run at shutdown (their blocks are intact: the engine has stopped)."""
+
+    def __init__(self, store: AttentionStore):
+        self.store, self.refs, self.transfers = store, 0, None
+
+
+_shared: dict[tuple, _Shared] = {}
+_shared_lock = threading.Lock()
+
+
+def _acquire(config, spec) -> _Shared:
+    key = (repr(config), spec.fingerprint)
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            entry = _shared[key] = _Shared(AttentionStore.from_config(config, spec=spec))
+        entry.refs += 1
+        return entry
+
+
+def _release(entry: _Shared) -> None:
+    with _shared_lock:
+        entry.refs -= 1
+        if entry.refs > 0:
+            return
+        for key, e in list(_shared.items()):
+            if e is entry:
+                del _shared[key]
+    if entry.transfers is not None:
+        entry.transfers.close()
+    entry.store.close()
+
+
+class CachedAttnConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        parallel = vllm_config.parallel_config
+        if parallel.world_size > 1:
+            raise ValueError(
+                f"CachedAttnConnector: {parallel.world_size} workers (tensor/pipeline parallel); "
+                "the connector supports one worker process for now"
+            )
+        if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError("CachedAttnConnector: the model must have one KV cache group (full attention only)")
+        group = kv_cache_config.kv_cache_groups[0]
+        kspec = group.kv_cache_spec
+        if type(kspec).__name__ != "FullAttentionSpec" or getattr(kspec, "sliding_window", None):
+            raise ValueError(f"CachedAttnConnector: {type(kspec).__name__} layers are not supported (full attention only)")
+        if getattr(kspec, "head_size_v", kspec.head_size) != kspec.head_size:
+            raise ValueError("CachedAttnConnector: K and V head sizes differ; not supported")
+        self.block_tokens = kspec.block_size
+        self.layer_names = list(group.layer_names)
+        model = vllm_config.model_config
+        digest = identity.weights_digest(identity.model_dir(model.model, getattr(model, "revision", None)))
+        spec = KVSpec.uniform(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, model_digest=digest)
+        self.shared = _acquire(store_config(self._kv_transfer_config.kv_connector_extra_config, self.block_tokens), spec)
+        self.store = self.shared.store
+        layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"
+        ns = namespace(digest, str(kspec.dtype), layout, self.block_tokens)
+        self.planner = self.transfers = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.planner = PrefixPlanner(self.store, ns, self.block_tokens)
+            # Read by vLLM's scheduler after it builds this connector: a block we cannot load is
+            # recomputed, never a failed request.
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                log.info("cachedattn: kv_load_failure_policy set to 'recompute' (a request never fails because of the cache)")
+                self._kv_transfer_config.kv_load_failure_policy = "recompute"
+
+    # ---- worker side -------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        missing = [n for n in self.layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"CachedAttnConnector: no paged KV registered for layers {missing}")
+        spec = self.store.spec
+        h, d = spec.layers[0]
+        paged = PagedKV([kv_caches[n] for n in self.layer_names], self.block_tokens, h, d)
+        self.transfers = self.shared.transfers = PagedTransfers(self.store, paged)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self.transfers is not None and isinstance(meta, CachedAttnMetadata):
+            self.transfers.submit(meta.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete before vLLM schedules their request
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return  # saves happen when a request finishes, from the blocks vLLM keeps for them
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.transfers is None:
+            return None, None
+        sent, received = self.transfers.finished()
+        if sent or received:
+            log.debug("cachedattn: saved %s, loaded %s", sorted(sent), sorted(received))
+        return (sent or None), (received or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.transfers.failed_blocks() if self.transfers is not None else set()
+
+    def shutdown(self) -> None:
+        if self.shared is None:
+            return
+        if self.planner is not None:  # saves planned after the worker's last step (requests finished last)
+            plan, transfers = self.planner.take_step(), self.shared.transfers
+            if plan.saves and transfers is not None:
+                transfers.submit(StepPlan(saves=plan.saves))
+                if not transfers.wait_idle(60):
+                    log.warning("cachedattn: saves still running after 60 s at shutdown; they are abandoned")
+        _release(self.shared)
+        self.shared = self.store = self.transfers = None
+
+    # ---- scheduler side ----------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        tokens = list(request.all_token_ids)[: request.num_tokens]
+        n = self.planner.matched(request.request_id, tokens, num_computed_tokens)
+        log.debug("cachedattn: request %s: %s of %d tokens stored beyond vLLM's %d", request.request_id, n, len(tokens), num_computed_tokens)
+        return n, bool(n)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if num_external_tokens > 0:
+            self.planner.allocated(request.request_id, list(blocks.get_block_ids()[0]), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return CachedAttnMetadata(self.planner.take_step())
+
+    def update_connector_output(self, connector_output) -> None:
+        self.planner.reported(connector_output.finished_sending or (), connector_output.finished_recving or ())
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        if block_ids and isinstance(block_ids[0], (list, tuple)):
+            block_ids = block_ids[0]
+        hold = self.planner.finished(request.request_id, list(request.all_token_ids), request.num_computed_tokens, list(block_ids))
+        log.debug("cachedattn: request %s finished with %d computed tokens; saving: %s", request.request_id, request.num_computed_tokens, hold)
+        return hold, None

@@ -1,0 +1,132 @@
+"""The connector's worker side, without vLLM: carries out a step's plan
+between the store and vLLM's paged KV, in the background.
+
+A load fills the paged blocks of a request that waits in vLLM's queue
+(WAITING_FOR_REMOTE_KVS) while the running batch goes on; a save copies the
+blocks of a finished request into the store while vLLM holds them for us.
+Either reports the request when it is done, and vLLM then schedules it or
+frees its blocks. A load that cannot read a block (evicted since the
+lookup, damaged, a failing disk or Redis) reports that block and every later
+one of the request as failed: vLLM recomputes them, so the request never
+fails because of the cache. A save that the store refuses stores nothing and
+frees the blocks all the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from cachedattn.vllm.paged import PagedKV
+from cachedattn.vllm.plan import BlockMove, StepPlan
+
+log = logging.getLogger("cachedattn")
+
+
+class PagedTransfers:
+    def __init__(self, store, paged: PagedKV, threads: int = 2):
+        self.store, self.paged = store, paged
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cachedattn-vllm")
+        self._lock = threading.Lock()
+        self._sent: set[str] = set()
+        self._received: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._warned: set[str] = set()
+        self.stats = {"blocks_loaded": 0, "blocks_saved": 0, "load_failures": 0, "save_failures": 0}
+        self.tier_tokens = {"host": 0, "disk": 0, "remote": 0}
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+
+    def submit(self, plan: StepPlan) -> None:
+        for move in plan.loads:
+            self._start(self._load, move, "_received")
+        for move in plan.saves:
+            self._start(self._save, move, "_sent")
+
+    def _start(self, fn, move: BlockMove, done: str) -> None:
+        with self._lock:
+            self._pending += 1
+
+        def run():
+            try:
+                fn(move)
+            finally:
+                with self._lock:  # the set by name: finished() swaps in a new one while this runs
+                    getattr(self, done).add(move.req_id)
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+        self._pool.submit(run)
+
+    def _warn_once(self, kind: str, msg: str, *args) -> None:
+        with self._lock:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        (log.warning if first else log.debug)(msg, *args)
+
+    def _load(self, move: BlockMove) -> None:
+        for i, (key, toks, block) in enumerate(zip(move.keys, move.tokens, move.block_ids)):
+            try:
+                ok = self._load_block(key, toks, block)
+            except Exception as e:  # noqa: BLE001 - a failing tier makes the load shorter, never the request fail
+                self._warn_once("load", "cachedattn: a block of request %s could not be loaded (%s: %s); vLLM recomputes it", move.req_id, type(e).__name__, e)
+                ok = False
+            if not ok:
+                with self._lock:
+                    self._failed_blocks.update(move.block_ids[i:])
+                    self.stats["load_failures"] += 1
+                return
+
+    def _load_block(self, key: str, toks, block: int) -> bool:
+        n = len(toks)
+        load = self.store.load_prefix(key, toks)
+        if load is None:
+            return False
+        try:
+            if load.n_tokens < n:
+                return False
+            for layer in range(self.paged.num_layers):
+                k, v = self.paged.block(layer, block)
+                load.read_layer(layer, k_out=k, v_out=v)
+            tiers = load.tier_tokens()
+        finally:
+            load.close()
+        with self._lock:
+            self.stats["blocks_loaded"] += 1
+            for tier, t in tiers.items():
+                self.tier_tokens[tier] = self.tier_tokens.get(tier, 0) + t
+        return True
+
+    def _save(self, move: BlockMove) -> None:
+        for key, toks, block in zip(move.keys, move.tokens, move.block_ids):
+            try:
+                kv = [self.paged.block(layer, block) for layer in range(self.paged.num_layers)]
+                self.store.append(key, toks, kv, start=0)  # copies into host blocks now; on disk later
+            except Exception as e:  # noqa: BLE001 - a refused save stores nothing; the answer is already out
+                self._warn_once("save", "cachedattn: a block of request %s was not stored (%s: %s)", move.req_id, type(e).__name__, e)
+                with self._lock:
+                    self.stats["save_failures"] += 1
+                return
+            with self._lock:
+                self.stats["blocks_saved"] += 1
+
+    def finished(self) -> tuple[set[str], set[str]]:
+        """(requests whose save finished, requests whose load finished) since the last call."""
+        with self._lock:
+            sent, self._sent = self._sent, set()
+            received, self._received = self._received, set()
+        return sent, received
+
+    def failed_blocks(self) -> set[int]:
+        """Paged blocks that loads since the last call could not fill (vLLM recomputes them)."""
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,131 @@
+"""Scenarios of a real vLLM engine with and without CachedAttnConnector, run
+in the vLLM environment (.venv-vllm) by test_vllm_engine.py; prints one JSON
+object: each scenario's greedy tokens with and without the connector and the
+store's counters.
+
+    .venv-vllm/bin/python tests/vllm/engine_scenarios.py MODEL_DIR WORK_DIR [REDIS_URL]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its store can be inspected
+
+
+def make_llm(model, extra=None):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kw = dict(model=model, enforce_eager=True, dtype="float32", max_model_len=1024, enable_prefix_caching=False,
+              gpu_memory_utilization=0.5, seed=0)
+    if extra is not None:
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="CachedAttnConnector", kv_connector_module_path="cachedattn.vllm", kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    return LLM(**kw)
+
+
+def shut(llm):
+    from cachedattn.vllm import connector
+
+    llm.llm_engine.engine_core.shutdown()  # both connectors shut down: saves planned last run, the store closes
+    del llm
+    gc.collect()
+    if connector._shared:
+        raise AssertionError(f"the connector left {len(connector._shared)} store(s) open after vLLM shut down")
+
+
+def store_stats():
+    from cachedattn.vllm import connector
+
+    (shared,) = connector._shared.values()
+    shared.transfers.wait_idle(60)
+    s = shared.store.stats()
+    return {"host_hits": s["host"]["hits"], "disk_hits": s["disk"]["hits"], "remote_hits": s["remote"]["hits"],
+            "corrupt": s["corrupt_chunks"] + s["remote"]["corrupt"], "conversations": s["conversations"]}
+
+
+def gen(llm, prompts, n=12):
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=n, temperature=0), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def conversation(llm, first, follow_ups):
+    """Turns of one conversation: each prompt is the history, the answer and the next message."""
+    prompt, answers = list(first), []
+    for msg in [None, *follow_ups]:
+        if msg is not None:
+            prompt = prompt + answers[-1] + list(msg)
+        answers.append(gen(llm, [prompt])[0])
+    return answers
+
+
+def main():
+    model, work = sys.argv[1], sys.argv[2]
+    redis_url = sys.argv[3] if len(sys.argv) > 3 else None
+    rnd = random.Random(0)
+    toks = lambda n: [rnd.randrange(5, 1000) for _ in range(n)]  # noqa: E731
+    conv = (toks(300), [toks(40), toks(60)])
+    system = toks(260)
+    shared = [system + toks(30), system + toks(50), system + toks(20)]
+    late = (toks(280), [toks(50)])
+    out = {}
+
+    ref = make_llm(model)
+    out["ref"] = {"conv": conversation(ref, *conv), "shared": gen(ref, shared), "late": conversation(ref, *late)}
+    shut(ref)
+
+    disk = os.path.join(work, "kv")
+    llm = make_llm(model, {"host_bytes": "64M", "disk_dir": disk})
+    out["host"] = {"conv": conversation(llm, *conv), "shared": [gen(llm, [p])[0] for p in shared]}
+    out["host_late_first"] = gen(llm, [late[0]])  # stored now, reused after the restart
+    out["host_stats"] = store_stats()
+    shut(llm)
+
+    llm = make_llm(model, {"host_bytes": "64M", "disk_dir": disk})  # a restart: only the disk remembers
+    out["restart"] = {"conv": conversation(llm, *conv)}
+    out["restart_stats"] = store_stats()
+    shut(llm)
+
+    # A damaged byte in every stored chunk file: the load fails its checksum, vLLM recomputes.
+    n = 0
+    for root, _, files in os.walk(disk):
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.getsize(p) > 8192:
+                with open(p, "r+b") as fh:
+                    fh.seek(os.path.getsize(p) // 2)
+                    b = fh.read(1)
+                    fh.seek(-1, 1)
+                    fh.write(bytes([b[0] ^ 0xFF]))
+                n += 1
+    out["damaged_files"] = n
+    llm = make_llm(model, {"host_bytes": "64M", "disk_dir": disk})
+    out["damaged"] = {"late": conversation(llm, *late)}
+    out["damaged_stats"] = store_stats()
+    shut(llm)
+
+    if redis_url:
+        a = make_llm(model, {"host_bytes": "64M", "disk_dir": os.path.join(work, "a"), "remote": redis_url})
+        out["remote_a"] = {"conv": conversation(a, *conv)}
+        a_stats = store_stats()
+        shut(a)
+        b = make_llm(model, {"host_bytes": "64M", "disk_dir": os.path.join(work, "b"), "remote": redis_url})
+        out["remote_b"] = {"conv": conversation(b, *conv)}
+        out["remote_stats"] = {"a": a_stats, "b": store_stats()}
+        shut(b)
+    print("SCENARIOS " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The vLLM connector's core without vLLM: content keys, the scheduler-side
+plan and the worker-side transfers against a real store and a paged KV
+tensor in vLLM's CPU layout. (tests/vllm/test_vllm_engine.py runs a real
+vLLM engine with the connector when the vLLM environment exists.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cachedattn
+from cachedattn.store import KVSpec
+from cachedattn.vllm.paged import PagedKV
+from cachedattn.vllm.plan import PrefixPlanner
+from cachedattn.vllm.prefix_keys import block_keys, namespace
+from cachedattn.vllm.transfers import PagedTransfers
+
+B, H, D, L, NB = 16, 2, 8, 3, 32
+
+
+def _paged(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(NB, H, B, 2 * D, generator=g) for _ in range(L)]
+
+
+@pytest.fixture
+def rig(tmp_path):
+    spec = KVSpec.uniform(L, H, D, torch.float32, model_digest="w1")
+    store = cachedattn.AttentionStore(host_bytes=8 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=B, hugepages="off", spec=spec)
+    caches = _paged()
+    paged = PagedKV(caches, B, H, D)
+    ns = namespace("w1", "float32", "paged-test", B)
+    planner, transfers = PrefixPlanner(store, ns, B), PagedTransfers(store, paged)
+    yield store, caches, paged, planner, transfers
+    transfers.close()
+    store.close()
+
+
+def _step(planner, transfers):
+    plan = planner.take_step()
+    transfers.submit(plan)
+    assert transfers.wait_idle(30)
+    sent, received = transfers.finished()
+    planner.reported(sent, received)
+    return plan, sent, received
+
+
+def test_keys_name_the_whole_prefix_and_the_namespace():
+    ns = namespace("w", "float32", "x", 4)
+    a = block_keys(ns, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert len(a) == 2 and a == block_keys(ns, [1, 2, 3, 4, 5, 6, 7, 8], 4)
+    b = block_keys(ns, [9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert a[0] != b[0] and a[1] != b[1]  # block 2 has the same tokens but another prefix
+    assert block_keys(namespace("w2", "float32", "x", 4), [1, 2, 3, 4], 4)[0] != a[0]  # other weights
+    assert block_keys(namespace("w", "bfloat16", "x", 4), [1, 2, 3, 4], 4)[0] != a[0]
+    with pytest.raises(ValueError, match="model digest"):
+        namespace("", "float32", "x", 4)
+
+
+def test_keys_are_identical_across_processes():
+    import subprocess, sys
+
+    code = "from cachedattn.vllm.prefix_keys import *; print(block_keys(namespace('w','f','l',2),[5,6,7,8],2))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert outs == {repr(block_keys(namespace("w", "f", "l", 2), [5, 6, 7, 8], 2)) + "\n"}
+
+
+def test_paged_layout_is_refused_by_shape():
+    with pytest.raises(ValueError, match="not a layout the connector supports"):
+        PagedKV([torch.zeros(4, H, B, D)], B, H, D)
+
+
+def test_saved_blocks_load_back_into_other_paged_blocks(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(100, 100 + 3 * B + 5)
+    first = [caches[l][[3, 4, 5]].clone() for l in range(L)]
+    assert planner.finished("r1", toks, len(toks) - 1, [3, 4, 5, 6]) is True
+    plan, sent, _ = _step(planner, transfers)
+    assert sent == {"r1"} and len(plan.saves[0].keys) == 3
+    assert planner.finished("r1b", toks, len(toks) - 1, [3, 4, 5, 6]) is False  # all stored: nothing to hold
+
+    n = planner.matched("r2", toks, 0)
+    assert n == 3 * B
+    planner.allocated("r2", [10, 11, 12, 13], n)
+    _, _, received = _step(planner, transfers)
+    assert received == {"r2"} and transfers.failed_blocks() == set()
+    for l in range(L):
+        assert torch.equal(caches[l][[10, 11, 12]], first[l])
+
+
+def test_matched_leaves_the_last_token_and_skips_what_vllm_holds(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(7, 7 + 2 * B)
+    planner.finished("r1", toks, 2 * B, [0, 1])
+    _step(planner, transfers)
+    assert planner.matched("a", toks, 0) == B  # 2B tokens: the last must be computed, so one block
+    assert planner.matched("b", np.arange(7, 7 + 2 * B + 1), B) == B  # vLLM holds block 0 itself
+    assert planner.matched("c", np.arange(8, 8 + 2 * B + 1), 0) == 0
+
+
+def test_a_shared_prefix_is_stored_once(rig):
+    store, caches, paged, planner, transfers = rig
+    system = np.arange(500, 500 + B)
+    a = np.concatenate([system, np.arange(1, B + 1)])
+    b = np.concatenate([system, np.arange(900, 900 + B)])
+    planner.finished("a", a, len(a), [0, 1])
+    _step(planner, transfers)
+    planner.finished("b", b, len(b), [2, 3])
+    plan, _, _ = _step(planner, transfers)
+    assert len(plan.saves[0].keys) == 1  # only b's own block
+    assert len(store.conversations()) == 3
+
+
+def test_a_damaged_block_is_reported_and_later_ones_too(rig, tmp_path):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(40, 40 + 3 * B + 1)
+    planner.finished("r1", toks, 3 * B, [0, 1, 2])
+    _step(planner, transfers)
+    store.flush()
+    keys = block_keys(planner.ns, toks, B, 3)
+    n = planner.matched("r2", toks, 0)
+    planner.allocated("r2", [20, 21, 22], n)
+    store.drop(keys[1])  # gone between the lookup and the load
+    _step(planner, transfers)
+    assert transfers.failed_blocks() == {21, 22}
+    assert transfers.stats["load_failures"] == 1
+
+
+def test_an_aborted_load_holds_no_save(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(3, 3 + 2 * B + 1)
+    planner.finished("r1", toks, 2 * B, [0, 1])
+    _step(planner, transfers)
+    planner.allocated("r2", [5, 6], planner.matched("r2", toks, 0))
+    assert planner.finished("r2", toks, B, [5, 6]) is False  # its blocks are being filled: vLLM waits for the load
+
+
+def test_a_turn_waits_for_the_save_of_its_previous_turn(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(60, 60 + 2 * B + 3)
+    planner.finished("t1", toks, 2 * B, [0, 1])
+    assert planner.matched("t2", toks, 0) is None  # its blocks are being saved: ask again later
+    _step(planner, transfers)
+    assert planner.matched("t2", toks, 0) == 2 * B
+
+
+def test_a_transfer_that_ends_after_a_report_is_reported_next_time(rig):
+    """vLLM asks for finished transfers every step, also while one still runs."""
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(80, 80 + 2 * B + 1)
+    planner.finished("s1", toks, 2 * B, [0, 1])
+    gate = __import__("threading").Event()
+    real = transfers._save
+    transfers._save = lambda move: (gate.wait(10), real(move))
+    transfers.submit(planner.take_step())
+    assert transfers.finished() == (set(), set())  # still running
+    gate.set()
+    assert transfers.wait_idle(30)
+    assert transfers.finished() == ({"s1"}, set())
