@@ -6,10 +6,12 @@ Selected with vLLM's own flag::
         "kv_connector_module_path": "cachedattn.vllm", "kv_role": "kv_both",
         "kv_connector_extra_config": {"host_bytes": "8G", "disk_dir": "/nvme/kv"}}'
 
-vLLM makes one connector per role: the scheduler side (plan.PrefixPlanner)
-finds a request's stored prefix block by block and plans loads and saves;
-the worker side (transfers.PagedTransfers) carries the plan out between the
-store and vLLM's paged KV. Both sides of a process share one store.
+vLLM makes one connector per role, in different processes on the CPU build:
+the scheduler side (plan.PrefixPlanner) keys a request's blocks and plans
+lookups, loads and saves; the worker side owns the store and carries the
+plan out (transfers.PagedTransfers) between the store and vLLM's paged KV.
+The plan goes down in vLLM's per-step connector metadata; lookup answers
+come back in its per-step worker metadata.
 
 Supported now (refused at start otherwise, naming why): one worker process
 (tensor and pipeline parallel size 1), one KV cache group of full attention,
@@ -24,13 +26,14 @@ because of the cache.
 from __future__ import annotations
 
 import logging
-import threading
+import weakref
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from cachedattn.store import AttentionStore, KVSpec
@@ -49,41 +52,18 @@ class CachedAttnMetadata(KVConnectorMetadata):
         self.plan = plan
 
 
-class _Shared:
-    """This process's store and worker transfers, shared by its scheduler-side and worker-side connectors
-    (vLLM builds each role's connector separately, in its engine-core process when there is one worker).
-    The last role to shut down closes them, so saves the scheduler side planned after the worker's last
-    step still run at shutdown (their blocks are intact: the engine has stopped)."""
+class CachedAttnWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, each step: the answers to the lookups the scheduler side asked for."""
 
-    def __init__(self, store: AttentionStore):
-        self.store, self.refs, self.transfers = store, 0, None
+    def __init__(self, answers: dict[str, int]):
+        self.answers = answers
 
-
-_shared: dict[tuple, _Shared] = {}
-_shared_lock = threading.Lock()
+    def aggregate(self, other: "CachedAttnWorkerMetadata") -> "CachedAttnWorkerMetadata":
+        return CachedAttnWorkerMetadata({**self.answers, **other.answers})
 
 
-def _acquire(config, spec) -> _Shared:
-    key = (repr(config), spec.fingerprint)
-    with _shared_lock:
-        entry = _shared.get(key)
-        if entry is None:
-            entry = _shared[key] = _Shared(AttentionStore.from_config(config, spec=spec))
-        entry.refs += 1
-        return entry
-
-
-def _release(entry: _Shared) -> None:
-    with _shared_lock:
-        entry.refs -= 1
-        if entry.refs > 0:
-            return
-        for key, e in list(_shared.items()):
-            if e is entry:
-                del _shared[key]
-    if entry.transfers is not None:
-        entry.transfers.close()
-    entry.store.close()
+# Worker-side connectors whose store is open (the tests check that vLLM's shutdown closes them).
+open_workers: "weakref.WeakSet[CachedAttnConnector]" = weakref.WeakSet()
 
 
 class CachedAttnConnector(KVConnectorBase_V1):
@@ -108,13 +88,16 @@ class CachedAttnConnector(KVConnectorBase_V1):
         model = vllm_config.model_config
         digest = identity.weights_digest(identity.model_dir(model.model, getattr(model, "revision", None)))
         spec = KVSpec.uniform(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, model_digest=digest)
-        self.shared = _acquire(store_config(self._kv_transfer_config.kv_connector_extra_config, self.block_tokens), spec)
-        self.store = self.shared.store
+        config = store_config(self._kv_transfer_config.kv_connector_extra_config, self.block_tokens)  # refused early
         layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"
         ns = namespace(digest, str(kspec.dtype), layout, self.block_tokens)
-        self.planner = self.transfers = None
-        if role == KVConnectorRole.SCHEDULER:
-            self.planner = PrefixPlanner(self.store, ns, self.block_tokens)
+        self.planner = self.transfers = self.store = None
+        if role == KVConnectorRole.WORKER:
+            # The store lives with the worker, beside the paged KV it fills; the scheduler side asks it.
+            self.store = AttentionStore.from_config(config, spec=spec)
+            open_workers.add(self)
+        else:
+            self.planner = PrefixPlanner(ns, self.block_tokens)
             # Read by vLLM's scheduler after it builds this connector: a block we cannot load is
             # recomputed, never a failed request.
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
@@ -130,7 +113,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
         spec = self.store.spec
         h, d = spec.layers[0]
         paged = PagedKV([kv_caches[n] for n in self.layer_names], self.block_tokens, h, d)
-        self.transfers = self.shared.transfers = PagedTransfers(self.store, paged)
+        self.transfers = PagedTransfers(self.store, paged)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -157,17 +140,21 @@ class CachedAttnConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.transfers.failed_blocks() if self.transfers is not None else set()
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        answers = self.transfers.answers() if self.transfers is not None else {}
+        return CachedAttnWorkerMetadata(answers) if answers else None
+
     def shutdown(self) -> None:
-        if self.shared is None:
-            return
-        if self.planner is not None:  # saves planned after the worker's last step (requests finished last)
-            plan, transfers = self.planner.take_step(), self.shared.transfers
-            if plan.saves and transfers is not None:
-                transfers.submit(StepPlan(saves=plan.saves))
-                if not transfers.wait_idle(60):
-                    log.warning("cachedattn: saves still running after 60 s at shutdown; they are abandoned")
-        _release(self.shared)
-        self.shared = self.store = self.transfers = None
+        if self.transfers is not None:
+            self.transfers.close()  # waits for the transfers in flight
+            self.transfers = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+            open_workers.discard(self)
+        if self.planner is not None and self.planner.saves_in_flight:
+            log.warning("cachedattn: vLLM shut down with %d requests' saves unfinished; their blocks are not stored",
+                        self.planner.saves_in_flight)
 
     # ---- scheduler side ----------------------------------------------------------
 
@@ -186,6 +173,9 @@ class CachedAttnConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output) -> None:
         self.planner.reported(connector_output.finished_sending or (), connector_output.finished_recving or ())
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, CachedAttnWorkerMetadata):
+            self.planner.answered(meta.answers)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         if block_ids and isinstance(block_ids[0], (list, tuple)):

@@ -1,17 +1,21 @@
-"""The connector's scheduler side, without vLLM: which of a request's blocks
-the store holds, what the worker must load into which paged blocks, and what
-it must save from them before vLLM frees them.
+"""The connector's scheduler side, without vLLM and without the store: which
+of a request's blocks the store holds, what the worker must load into which
+paged blocks, and what it must save from them before vLLM frees them.
 
-One request's life: `matched` (vLLM asks how many prompt tokens the store
-can give beyond its own prefix cache) → `allocated` (vLLM gave the request
-paged blocks: a load of the matched blocks is planned into them) →
-`take_step` (the step's plan goes to the worker; the request waits in vLLM's
-queue until the worker reports the load finished) → `finished` (the request
-is done: the blocks of its computed tokens that the store lacks are saved,
-and vLLM keeps the blocks until the worker reports the save finished).
+vLLM runs its scheduler and its worker in different processes (on the CPU
+build always; on GPUs with several workers too), and the store lives with
+the worker, beside the paged KV it fills. So the scheduler side asks: the
+first time vLLM asks how much of a request is stored, the planner puts a
+*lookup* of the request's block keys in the next step's plan and answers
+"not yet" (None: vLLM asks again at a later step); the worker answers in its
+step output (`answered`), and the next ask gets the count.
 
-State changes under one lock (vLLM calls the scheduler side from its engine
-loop, the stats from other threads); the store is asked outside it.
+One request's life: `matched` → `allocated` (vLLM gave it paged blocks: a
+load of the stored blocks into them is planned; the request waits in vLLM's
+queue until the worker reports the load finished) → `finished` (the whole
+blocks of its computed tokens that the store lacks are saved, and vLLM keeps
+the blocks until the worker reports the save finished). State changes under
+one lock.
 """
 
 from __future__ import annotations
@@ -26,96 +30,108 @@ from cachedattn.vllm.prefix_keys import block_keys
 
 @dataclass
 class BlockMove:
-    """One request's transfer: block i of `keys` (tokens `tokens[i]`) to or from paged block `block_ids[i]`."""
+    """One request's transfer or lookup: block i of `keys` (tokens `tokens[i]`), to or from paged block
+    `block_ids[i]` (a lookup has no blocks)."""
 
     req_id: str
     keys: list[str]
     tokens: list[np.ndarray]
-    block_ids: list[int]
+    block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
 class StepPlan:
+    lookups: list[BlockMove] = field(default_factory=list)
     loads: list[BlockMove] = field(default_factory=list)
     saves: list[BlockMove] = field(default_factory=list)
 
 
 class PrefixPlanner:
-    def __init__(self, store, ns: bytes, block_tokens: int):
-        self.store, self.ns, self.block_tokens = store, ns, block_tokens
+    def __init__(self, ns: bytes, block_tokens: int):
+        self.ns, self.block_tokens = ns, block_tokens
         self._lock = threading.Lock()
-        self._matched: dict[str, tuple[list[str], np.ndarray, int, int]] = {}  # req -> keys, tokens, first, n
         self._plan = StepPlan()
-        self._saving: set[str] = set()
+        self._asked: dict[str, list[str]] = {}  # req -> the keys a lookup was planned for
+        self._answers: dict[str, int] = {}  # req -> leading blocks of those keys the store holds
+        self._matched: dict[str, tuple[list[str], np.ndarray, int, int]] = {}  # req -> keys, tokens, first, n
         self._loading: set[str] = set()  # loads planned and not reported finished: their blocks are being filled
+        self._saving: set[str] = set()
         self._keys_saving: dict[str, str] = {}  # block key -> the request whose save will store it
+        self._loaded: dict[str, int] = {}  # req -> leading blocks it loaded from the store (not saved again)
 
-    def _stored_blocks(self, keys: list[str], toks: np.ndarray) -> int:
-        """How many leading blocks of `keys` the store holds whole (host, disk or the remote tier)."""
+    def _split(self, toks: np.ndarray, n: int) -> list[np.ndarray]:
         B = self.block_tokens
-        for i, key in enumerate(keys):
-            if self.store.lookup(key, toks[i * B : (i + 1) * B]) < B:
-                return i
-        return len(keys)
+        return [toks[i * B : (i + 1) * B] for i in range(n)]
 
     def matched(self, req_id: str, token_ids, num_computed: int) -> int | None:
         """Tokens the store can load beyond the `num_computed` vLLM holds (block-aligned; the last prompt
-        token is always left to compute, since its logits are needed). None while the next block is
-        being saved by a request that just finished (the conversation's previous turn): vLLM asks again
-        at a later step, and the turn then reuses what that save stores."""
+        token is always left to compute, since its logits are needed), or None: not known yet (a lookup is
+        planned), or a block of the prefix is being saved by a request that just finished (the
+        conversation's previous turn), whose save this turn then reuses."""
         toks = np.asarray(token_ids, dtype=np.int64)
         B = self.block_tokens
-        usable = max(len(toks) - 1, 0) // B
-        keys = block_keys(self.ns, toks, B, usable)
-        n = self._stored_blocks(keys, toks)
-        with self._lock:
-            if n < len(keys) and keys[n] in self._keys_saving:
-                return None
+        keys = block_keys(self.ns, toks, B, max(len(toks) - 1, 0) // B)
         first = -(-num_computed // B)  # vLLM's own cache ends on a block boundary; be safe if it did not
+        if len(keys) <= first:
+            return 0
         with self._lock:
+            if any(k in self._keys_saving for k in keys):
+                return None
+            if self._asked.get(req_id) != keys:  # first ask, or the request's tokens changed (a resumed request)
+                self._asked[req_id] = keys
+                self._answers.pop(req_id, None)
+                self._plan.lookups.append(BlockMove(req_id, keys, self._split(toks, len(keys))))
+                return None
+            n = self._answers.get(req_id)
+            if n is None:
+                return None  # the worker has not answered yet
             if n <= first:
                 self._matched.pop(req_id, None)
                 return 0
             self._matched[req_id] = (keys, toks, first, n)
         return n * B - num_computed
 
+    def answered(self, answers: dict[str, int]) -> None:
+        """The worker's answers to lookups: request -> leading blocks stored."""
+        with self._lock:
+            for req_id, n in answers.items():
+                if req_id in self._asked:
+                    self._answers[req_id] = n
+
     def allocated(self, req_id: str, block_ids: list[int], num_external: int) -> None:
         """vLLM allocated the request's paged blocks (all of them, in token order)."""
         with self._lock:
             m = self._matched.pop(req_id, None)
+            self._asked.pop(req_id, None)
+            self._answers.pop(req_id, None)
             if m is None or num_external <= 0:
                 return
             keys, toks, first, n = m
-            B = self.block_tokens
             if len(block_ids) < n:
                 raise ValueError(f"request {req_id}: {len(block_ids)} paged blocks for {n} matched blocks")
             self._loading.add(req_id)
-            self._plan.loads.append(
-                BlockMove(
-                    req_id,
-                    keys[first:n],
-                    [toks[i * B : (i + 1) * B] for i in range(first, n)],
-                    list(block_ids[first:n]),
-                )
-            )
+            self._loaded[req_id] = n
+            self._plan.loads.append(BlockMove(req_id, keys[first:n], self._split(toks, n)[first:], list(block_ids[first:n])))
 
     def finished(self, req_id: str, token_ids, num_computed: int, block_ids: list[int]) -> bool:
-        """The request is done: plans a save of the whole blocks of its computed tokens that the store
-        lacks. True: vLLM must keep the blocks until the worker reports the save finished."""
+        """The request is done: plans a save of the whole blocks of its computed tokens beyond those it
+        loaded from the store. True: vLLM must keep the blocks until the worker reports the save finished.
+        (The worker skips blocks the store holds already, e.g. a system prompt another request stored.)"""
         with self._lock:
             self._matched.pop(req_id, None)
+            self._asked.pop(req_id, None)
+            self._answers.pop(req_id, None)
+            stored_blocks = self._loaded.pop(req_id, 0)
             if req_id in self._loading:  # aborted while its load runs: vLLM frees its blocks after the load
                 return False
         B = self.block_tokens
         toks = np.asarray(token_ids, dtype=np.int64)[:num_computed]
         n = min(len(toks) // B, len(block_ids))
-        if n == 0:
+        if n <= stored_blocks:
             return False
         keys = block_keys(self.ns, toks, B, n)
-        have = self._stored_blocks(keys, toks)
-        if have >= n:
-            return False
-        move = BlockMove(req_id, keys[have:n], [toks[i * B : (i + 1) * B] for i in range(have, n)], list(block_ids[have:n]))
+        s = stored_blocks
+        move = BlockMove(req_id, keys[s:n], self._split(toks, n)[s:], list(block_ids[s:n]))
         with self._lock:
             self._plan.saves.append(move)
             self._saving.add(req_id)

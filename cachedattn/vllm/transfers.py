@@ -1,7 +1,8 @@
 """The connector's worker side, without vLLM: carries out a step's plan
 between the store and vLLM's paged KV, in the background.
 
-A load fills the paged blocks of a request that waits in vLLM's queue
+A lookup counts the leading blocks of a request's keys that the store holds
+(host, disk, or fetched from the remote tier), for the scheduler side. A load fills the paged blocks of a request that waits in vLLM's queue
 (WAITING_FOR_REMOTE_KVS) while the running batch goes on; a save copies the
 blocks of a finished request into the store while vLLM holds them for us.
 Either reports the request when it is done, and vLLM then schedules it or
@@ -32,19 +33,22 @@ class PagedTransfers:
         self._sent: set[str] = set()
         self._received: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._answers: dict[str, int] = {}
         self._warned: set[str] = set()
-        self.stats = {"blocks_loaded": 0, "blocks_saved": 0, "load_failures": 0, "save_failures": 0}
+        self.stats = {"lookups": 0, "blocks_loaded": 0, "blocks_saved": 0, "load_failures": 0, "save_failures": 0}
         self.tier_tokens = {"host": 0, "disk": 0, "remote": 0}
         self._pending = 0
         self._idle = threading.Condition(self._lock)
 
     def submit(self, plan: StepPlan) -> None:
+        for move in plan.lookups:
+            self._start(self._lookup, move, None)
         for move in plan.loads:
             self._start(self._load, move, "_received")
         for move in plan.saves:
             self._start(self._save, move, "_sent")
 
-    def _start(self, fn, move: BlockMove, done: str) -> None:
+    def _start(self, fn, move: BlockMove, done: str | None) -> None:
         with self._lock:
             self._pending += 1
 
@@ -53,7 +57,8 @@ class PagedTransfers:
                 fn(move)
             finally:
                 with self._lock:  # the set by name: finished() swaps in a new one while this runs
-                    getattr(self, done).add(move.req_id)
+                    if done is not None:
+                        getattr(self, done).add(move.req_id)
                     self._pending -= 1
                     self._idle.notify_all()
 
@@ -64,6 +69,26 @@ class PagedTransfers:
             first = kind not in self._warned
             self._warned.add(kind)
         (log.warning if first else log.debug)(msg, *args)
+
+    def _stored(self, key: str, toks) -> bool:
+        return self.store.lookup(key, toks) >= len(toks)
+
+    def _lookup(self, move: BlockMove) -> None:
+        n = 0
+        try:
+            while n < len(move.keys) and self._stored(move.keys[n], move.tokens[n]):
+                n += 1
+        except Exception as e:  # noqa: BLE001 - a failing tier makes the match shorter
+            self._warn_once("lookup", "cachedattn: a lookup of request %s stopped (%s: %s)", move.req_id, type(e).__name__, e)
+        with self._lock:
+            self._answers[move.req_id] = n
+            self.stats["lookups"] += 1
+
+    def answers(self) -> dict[str, int]:
+        """Lookups answered since the last call: request -> leading blocks the store holds."""
+        with self._lock:
+            answers, self._answers = self._answers, {}
+        return answers
 
     def _load(self, move: BlockMove) -> None:
         for i, (key, toks, block) in enumerate(zip(move.keys, move.tokens, move.block_ids)):
@@ -101,6 +126,8 @@ class PagedTransfers:
     def _save(self, move: BlockMove) -> None:
         for key, toks, block in zip(move.keys, move.tokens, move.block_ids):
             try:
+                if self._stored(key, toks):  # e.g. a shared system prompt another request stored
+                    continue
                 kv = [self.paged.block(layer, block) for layer in range(self.paged.num_layers)]
                 self.store.append(key, toks, kv, start=0)  # copies into host blocks now; on disk later
             except Exception as e:  # noqa: BLE001 - a refused save stores nothing; the answer is already out

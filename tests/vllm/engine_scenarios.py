@@ -36,19 +36,19 @@ def make_llm(model, extra=None):
 def shut(llm):
     from cachedattn.vllm import connector
 
-    llm.llm_engine.engine_core.shutdown()  # both connectors shut down: saves planned last run, the store closes
+    llm.llm_engine.engine_core.shutdown()  # the worker-side connector shuts down and closes its store
     del llm
     gc.collect()
-    if connector._shared:
-        raise AssertionError(f"the connector left {len(connector._shared)} store(s) open after vLLM shut down")
+    if len(connector.open_workers):
+        raise AssertionError(f"the connector left {len(connector.open_workers)} store(s) open after vLLM shut down")
 
 
 def store_stats():
     from cachedattn.vllm import connector
 
-    (shared,) = connector._shared.values()
-    shared.transfers.wait_idle(60)
-    s = shared.store.stats()
+    (worker,) = list(connector.open_workers)
+    worker.transfers.wait_idle(60)
+    s = worker.store.stats()
     return {"host_hits": s["host"]["hits"], "disk_hits": s["disk"]["hits"], "remote_hits": s["remote"]["hits"],
             "corrupt": s["corrupt_chunks"] + s["remote"]["corrupt"], "conversations": s["conversations"]}
 
@@ -89,6 +89,7 @@ def main():
     llm = make_llm(model, {"host_bytes": "64M", "disk_dir": disk})
     out["host"] = {"conv": conversation(llm, *conv), "shared": [gen(llm, [p])[0] for p in shared]}
     out["host_late_first"] = gen(llm, [late[0]])  # stored now, reused after the restart
+    gen(llm, [toks(5)], 1)  # a step more: in-process, a finished request's save runs at the next step
     out["host_stats"] = store_stats()
     shut(llm)
 

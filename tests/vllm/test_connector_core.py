@@ -31,19 +31,28 @@ def rig(tmp_path):
     caches = _paged()
     paged = PagedKV(caches, B, H, D)
     ns = namespace("w1", "float32", "paged-test", B)
-    planner, transfers = PrefixPlanner(store, ns, B), PagedTransfers(store, paged)
+    planner, transfers = PrefixPlanner(ns, B), PagedTransfers(store, paged)
     yield store, caches, paged, planner, transfers
     transfers.close()
     store.close()
 
 
 def _step(planner, transfers):
+    """One vLLM step: the plan goes to the worker, its reports and lookup answers come back."""
     plan = planner.take_step()
     transfers.submit(plan)
     assert transfers.wait_idle(30)
     sent, received = transfers.finished()
     planner.reported(sent, received)
+    planner.answered(transfers.answers())
     return plan, sent, received
+
+
+def _matched(planner, transfers, req, toks, computed):
+    """vLLM asks; the first answer is "not yet" (a lookup goes to the worker), the next one counts."""
+    assert planner.matched(req, toks, computed) is None
+    _step(planner, transfers)
+    return planner.matched(req, toks, computed)
 
 
 def test_keys_name_the_whole_prefix_and_the_namespace():
@@ -78,9 +87,7 @@ def test_saved_blocks_load_back_into_other_paged_blocks(rig):
     assert planner.finished("r1", toks, len(toks) - 1, [3, 4, 5, 6]) is True
     plan, sent, _ = _step(planner, transfers)
     assert sent == {"r1"} and len(plan.saves[0].keys) == 3
-    assert planner.finished("r1b", toks, len(toks) - 1, [3, 4, 5, 6]) is False  # all stored: nothing to hold
-
-    n = planner.matched("r2", toks, 0)
+    n = _matched(planner, transfers, "r2", toks, 0)
     assert n == 3 * B
     planner.allocated("r2", [10, 11, 12, 13], n)
     _, _, received = _step(planner, transfers)
@@ -94,9 +101,10 @@ def test_matched_leaves_the_last_token_and_skips_what_vllm_holds(rig):
     toks = np.arange(7, 7 + 2 * B)
     planner.finished("r1", toks, 2 * B, [0, 1])
     _step(planner, transfers)
-    assert planner.matched("a", toks, 0) == B  # 2B tokens: the last must be computed, so one block
-    assert planner.matched("b", np.arange(7, 7 + 2 * B + 1), B) == B  # vLLM holds block 0 itself
-    assert planner.matched("c", np.arange(8, 8 + 2 * B + 1), 0) == 0
+    assert _matched(planner, transfers, "a", toks, 0) == B  # 2B tokens: the last must be computed, so one block
+    assert _matched(planner, transfers, "b", np.arange(7, 7 + 2 * B + 1), B) == B  # vLLM holds block 0 itself
+    assert _matched(planner, transfers, "c", np.arange(8, 8 + 2 * B + 1), 0) == 0
+    assert planner.matched("d", toks[:B], 0) == 0  # no whole block before the last token: nothing to ask
 
 
 def test_a_shared_prefix_is_stored_once(rig):
@@ -107,8 +115,8 @@ def test_a_shared_prefix_is_stored_once(rig):
     planner.finished("a", a, len(a), [0, 1])
     _step(planner, transfers)
     planner.finished("b", b, len(b), [2, 3])
-    plan, _, _ = _step(planner, transfers)
-    assert len(plan.saves[0].keys) == 1  # only b's own block
+    _step(planner, transfers)
+    assert transfers.stats["blocks_saved"] == 3  # the system prompt's block once, then a's and b's own
     assert len(store.conversations()) == 3
 
 
@@ -119,7 +127,7 @@ def test_a_damaged_block_is_reported_and_later_ones_too(rig, tmp_path):
     _step(planner, transfers)
     store.flush()
     keys = block_keys(planner.ns, toks, B, 3)
-    n = planner.matched("r2", toks, 0)
+    n = _matched(planner, transfers, "r2", toks, 0)
     planner.allocated("r2", [20, 21, 22], n)
     store.drop(keys[1])  # gone between the lookup and the load
     _step(planner, transfers)
@@ -132,7 +140,7 @@ def test_an_aborted_load_holds_no_save(rig):
     toks = np.arange(3, 3 + 2 * B + 1)
     planner.finished("r1", toks, 2 * B, [0, 1])
     _step(planner, transfers)
-    planner.allocated("r2", [5, 6], planner.matched("r2", toks, 0))
+    planner.allocated("r2", [5, 6], _matched(planner, transfers, "r2", toks, 0))
     assert planner.finished("r2", toks, B, [5, 6]) is False  # its blocks are being filled: vLLM waits for the load
 
 
@@ -142,7 +150,32 @@ def test_a_turn_waits_for_the_save_of_its_previous_turn(rig):
     planner.finished("t1", toks, 2 * B, [0, 1])
     assert planner.matched("t2", toks, 0) is None  # its blocks are being saved: ask again later
     _step(planner, transfers)
-    assert planner.matched("t2", toks, 0) == 2 * B
+    assert not planner.take_step().lookups  # no lookup was asked while the save ran
+    assert _matched(planner, transfers, "t2", toks, 0) == 2 * B
+
+
+def test_a_request_that_loaded_its_prefix_saves_only_what_follows(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(200, 200 + 3 * B + 1)
+    planner.finished("r1", toks, 2 * B, [0, 1])
+    _step(planner, transfers)
+    planner.allocated("r2", [4, 5, 6], _matched(planner, transfers, "r2", toks, 0))
+    _step(planner, transfers)
+    assert planner.finished("r2", toks, 3 * B, [4, 5, 6]) is True
+    assert len(planner.take_step().saves[0].keys) == 1
+
+
+def test_a_failing_lookup_is_a_shorter_match(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(300, 300 + 2 * B + 1)
+    planner.finished("r1", toks, 2 * B, [0, 1])
+    _step(planner, transfers)
+    real = store.lookup
+    store.lookup = lambda key, t: (_ for _ in ()).throw(OSError(5, "EIO"))
+    try:
+        assert _matched(planner, transfers, "r2", toks, 0) == 0
+    finally:
+        store.lookup = real
 
 
 def test_a_transfer_that_ends_after_a_report_is_reported_next_time(rig):

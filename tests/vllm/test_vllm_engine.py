@@ -43,7 +43,7 @@ def scenarios(tmp_path_factory):
     try:
         args = [str(VENV_PY), str(ROOT / "tests" / "vllm" / "engine_scenarios.py"), str(model), str(work)]
         if redis is not None:
-            args.append(redis.url())
+            args.append(redis.url)
         p = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT)
     finally:
         if redis is not None:
