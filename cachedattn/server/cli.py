@@ -22,6 +22,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cachedattn: the embedded server (one machine, default); vllm: vLLM's OpenAI server with "
                         "cachedattn's KV connector, for many concurrent conversations (needs setup.sh --vllm; docs/vllm.md)")
     p.add_argument("--vllm-python", default=None, help="the vLLM environment's python (default .venv-vllm/bin/python)")
+    p.add_argument("--vllm-args", default="", help="more arguments for vLLM's server, one string "
+                                                    "with = (e.g. --vllm-args=\"--no-enable-prefix-caching\")")
     p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: the directory's name)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file overriding the model's")
     p.add_argument("--host", default="127.0.0.1")

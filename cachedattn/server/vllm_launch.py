@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def command(args, directory: Path, name: str, defaults: dict) -> tuple[list[str]
         argv += ["--dtype", args.dtype]
     if args.device == "cpu":
         argv += ["--enforce-eager"]  # no graph capture on the CPU build
+    argv += shlex.split(getattr(args, "vllm_args", "") or "")
     env = dict(os.environ)
     if args.device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of paged KV on the CPU build

@@ -37,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from cachedattn.store import AttentionStore, KVSpec
-from cachedattn.vllm import identity
+from cachedattn.vllm import identity, metrics
 from cachedattn.vllm.options import store_config
 from cachedattn.vllm.paged import PagedKV
 from cachedattn.vllm.plan import PrefixPlanner, StepPlan
@@ -92,6 +92,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
         layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"
         ns = namespace(digest, str(kspec.dtype), layout, self.block_tokens)
         self.planner = self.transfers = self.store = None
+        self._reported: dict[str, int] = {}  # the counts the last stats report covered
         if role == KVConnectorRole.WORKER:
             # The store lives with the worker, beside the paged KV it fills; the scheduler side asks it.
             self.store = AttentionStore.from_config(config, spec=spec)
@@ -139,6 +140,22 @@ class CachedAttnConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.transfers.failed_blocks() if self.transfers is not None else set()
+
+    def get_kv_connector_stats(self):
+        if self.transfers is None:
+            return None
+        now = metrics.counts(self.transfers, self.store)
+        d = metrics.delta(now, self._reported)
+        self._reported = now
+        return metrics.CachedAttnStats(data=d) if d else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return metrics.CachedAttnStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return metrics.CachedAttnPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         answers = self.transfers.answers() if self.transfers is not None else {}

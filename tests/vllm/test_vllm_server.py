@@ -30,7 +30,9 @@ def vllm_server(tmp_path):
     env = dict(os.environ, CACHEDATTN_VLLM_PYTHON=str(VENV_PY), VLLM_CPU_OMP_THREADS_BIND="0")
     p = subprocess.Popen([sys.executable, "-m", "cachedattn", "serve", "--engine", "vllm", "--port", str(port),
                           "--disk-dir", str(tmp_path / "kv"), "--host-bytes", "64M", "--dtype", "float32",
-                          "--max-model-len", "1024"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                          "--max-model-len", "1024",
+                          # vLLM's own prefix cache off: the second turn's history then comes from cachedattn's store
+                          "--vllm-args=--no-enable-prefix-caching"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     import httpx
 
     deadline = time.monotonic() + 300
@@ -68,5 +70,17 @@ def test_serve_engine_vllm_answers_a_two_turn_chat_and_stores_its_kv(vllm_server
     assert first.choices[0].message.content and second.choices[0].message.content
     files = [f for _, _, fs in os.walk(tmp / "kv") for f in fs]
     assert len(files) > 2, files  # the connector stored the conversation's blocks on disk
-    log = (tmp / "server.log").read_text()
-    assert "cachedattn" in log
+    # vLLM's /metrics carries the connector's counters: the second turn found the first turn's blocks.
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while True:  # vLLM records stats on its logging interval
+        text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=5).text
+        hits = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("cachedattn:chunk_hits_total{") and 'tier="host"' in line)
+        if hits > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert hits > 0, [line for line in text.splitlines() if line.startswith("cachedattn")]
+    assert any(line.startswith("cachedattn:blocks_saved_total{") and float(line.split()[-1]) > 0
+               for line in text.splitlines())
