@@ -70,6 +70,54 @@ def conversation(llm, first, follow_ups):
     return answers
 
 
+def churn(llm, toks, rnd):
+    """200 requests through the engine's own loop, a shared prefix on half of them, some aborted mid-stream
+    (also while their load runs); then steps until nothing is held. Returns what must be back to zero."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    params = SamplingParams(max_tokens=8, temperature=0)
+    shared = toks(140)
+    aborted = 0
+    for i in range(200):
+        prompt = shared + toks(rnd.randrange(1, 200)) if i % 2 else toks(rnd.randrange(100, 400))
+        eng.add_request(f"c{i}", {"prompt_token_ids": prompt}, params)
+        if i % 10 == 9:
+            for _ in range(2):
+                eng.step()
+            eng.abort_request([f"c{i}", f"c{i - 3}"])
+            aborted += 2
+    while eng.has_unfinished_requests():
+        eng.step()
+    core = eng.engine_core.engine_core
+    sched = core.scheduler
+    for _ in range(200):  # saves of the last requests and their block frees take a few more steps
+        if not sched.has_requests():
+            break
+        core.step()
+    from cachedattn.vllm import connector
+
+    (worker,) = list(connector.open_workers)
+    worker.transfers.wait_idle(60)
+    pool = sched.kv_cache_manager.block_pool
+    store = worker.store
+    stored = store.conversations()
+    stats = store.stats()
+    for conv in stored:
+        store.drop(conv)
+    return {
+        "aborted": aborted,
+        "vllm_free_blocks": pool.get_num_free_blocks(),
+        "vllm_blocks": pool.num_gpu_blocks - 1,  # the null block is never free
+        "requests_left": len(sched.requests),
+        "saves_in_flight": sched.connector.planner.saves_in_flight,
+        "stored": len(stored),
+        "host_used_after_drop": store.stats()["host"]["used_bytes"],
+        "host_hits": stats["host"]["hits"],
+        "transfers": dict(worker.transfers.stats),
+    }
+
+
 def main():
     model, work = sys.argv[1], sys.argv[2]
     redis_url = sys.argv[3] if len(sys.argv) > 3 else None
@@ -114,6 +162,10 @@ def main():
     llm = make_llm(model, {"host_bytes": "64M", "disk_dir": disk})
     out["damaged"] = {"late": conversation(llm, *late)}
     out["damaged_stats"] = store_stats()
+    shut(llm)
+
+    llm = make_llm(model, {"host_bytes": "64M", "disk_dir": os.path.join(work, "churn")})
+    out["churn"] = churn(llm, toks, rnd)
     shut(llm)
 
     if redis_url:

@@ -84,3 +84,12 @@ def test_a_second_vllm_instance_is_served_from_redis(scenarios):
     assert scenarios["remote_a"]["conv"] == scenarios["ref"]["conv"]
     assert scenarios["remote_b"]["conv"] == scenarios["ref"]["conv"]
     assert scenarios["remote_stats"]["b"]["remote_hits"] > 0
+
+
+def test_no_block_leaks_after_200_requests_with_aborts_mid_stream(scenarios):
+    c = scenarios["churn"]
+    assert c["aborted"] == 40
+    assert c["requests_left"] == 0 and c["saves_in_flight"] == 0
+    assert c["vllm_free_blocks"] == c["vllm_blocks"]  # every paged block the connector held came back
+    assert c["stored"] > 0 and c["host_hits"] > 0  # the shared prefix was found
+    assert c["host_used_after_drop"] == 0  # no host block of the store is held by a load or an append
