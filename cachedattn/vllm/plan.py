@@ -44,6 +44,7 @@ class StepPlan:
     lookups: list[BlockMove] = field(default_factory=list)
     loads: list[BlockMove] = field(default_factory=list)
     saves: list[BlockMove] = field(default_factory=list)
+    queued: tuple[str, ...] | None = None  # block keys of the requests waiting in vLLM's queue, when it changed
 
 
 class PrefixPlanner:
@@ -58,6 +59,7 @@ class PrefixPlanner:
         self._saving: set[str] = set()
         self._keys_saving: dict[str, str] = {}  # block key -> the request whose save will store it
         self._loaded: dict[str, int] = {}  # req -> leading blocks it loaded from the store (not saved again)
+        self._queued_sent: tuple[str, ...] = ()
 
     def _split(self, toks: np.ndarray, n: int) -> list[np.ndarray]:
         B = self.block_tokens
@@ -152,7 +154,12 @@ class PrefixPlanner:
             return len(self._saving)
 
     def take_step(self) -> StepPlan:
-        """The plan for this step's worker; the planner starts a new one."""
+        """The plan for this step's worker; the planner starts a new one. It carries vLLM's queue as
+        the store's eviction policy sees conversations: the block keys of the waiting requests (those
+        that asked and have no blocks yet), first asked first, whenever that changed."""
         with self._lock:
             plan, self._plan = self._plan, StepPlan()
+            queued = tuple(k for keys in self._asked.values() for k in keys)
+            if queued != self._queued_sent:
+                plan.queued = self._queued_sent = queued
         return plan

@@ -15,9 +15,13 @@ frees the blocks all the same.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+from cachedattn.store import QueueView
 
 from cachedattn.vllm.paged import PagedKV
 from cachedattn.vllm.plan import BlockMove, StepPlan
@@ -38,9 +42,12 @@ class PagedTransfers:
         self.stats = {"lookups": 0, "blocks_loaded": 0, "blocks_saved": 0, "load_failures": 0, "save_failures": 0}
         self.tier_tokens = {"host": 0, "disk": 0, "remote": 0}
         self._pending = 0
+        self._views = itertools.count(1)
         self._idle = threading.Condition(self._lock)
 
     def submit(self, plan: StepPlan) -> None:
+        if plan.queued is not None:
+            self._push_queue(plan.queued)
         for move in plan.lookups:
             self._start(self._lookup, move, None)
         for move in plan.loads:
@@ -69,6 +76,21 @@ class PagedTransfers:
             first = kind not in self._warned
             self._warned.add(kind)
         (log.warning if first else log.debug)(msg, *args)
+
+    def _push_queue(self, queued: tuple[str, ...]) -> None:
+        """The paper's scheduler-aware eviction and fetching, with vLLM's queue: the store's policy sees
+        the waiting requests' blocks (a queue-aware policy keeps them, the first (C_mem + C_disk) / S of
+        them never leave disk), and the blocks that fit in host memory are brought in from disk ahead of
+        their requests' loads."""
+        chunk = max(self.store.mean_conversation_bytes(), 1.0)
+        cfg = self.store.config
+        window = int((cfg.host_bytes + (cfg.disk_bytes if cfg.disk_dir else 0)) // chunk)
+        self.store.policy.on_queue(QueueView(queued, window, time.monotonic, next(self._views)))
+        for key in list(dict.fromkeys(queued))[: int(cfg.host_bytes // chunk) // 2]:
+            try:
+                self.store.prefetch(key)  # never waits for host memory; a miss is a no-op
+            except Exception as e:  # noqa: BLE001 - prefetching is best effort
+                self._warn_once("prefetch", "cachedattn: prefetch of a queued block failed (%s: %s)", type(e).__name__, e)
 
     def _stored(self, key: str, toks) -> bool:
         return self.store.lookup(key, toks) >= len(toks)

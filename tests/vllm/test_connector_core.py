@@ -191,3 +191,35 @@ def test_a_transfer_that_ends_after_a_report_is_reported_next_time(rig):
     gate.set()
     assert transfers.wait_idle(30)
     assert transfers.finished() == ({"s1"}, set())
+
+
+def test_vllms_queue_reaches_the_eviction_policy_and_prefetches_from_disk(tmp_path):
+    spec = KVSpec.uniform(L, H, D, torch.float32, model_digest="w1")
+    store = cachedattn.AttentionStore(host_bytes=8 << 20, disk_dir=str(tmp_path / "kv"), chunk_tokens=B, hugepages="off",
+                                      spec=spec, eviction="queue")
+    planner, transfers = PrefixPlanner(namespace("w1", "float32", "t", B), B), PagedTransfers(store, PagedKV(_paged(), B, H, D))
+    try:
+        toks = np.arange(1, 1 + 2 * B + 1)
+        planner.finished("r1", toks, 2 * B, [0, 1])
+        _step(planner, transfers)
+        store.flush()
+        keys = block_keys(planner.ns, toks, B, 2)
+        for k in keys:
+            store.demote(k)
+        assert all(store.residency(k)["host_bytes"] == 0 for k in keys)
+        assert planner.matched("r2", toks, 0) is None  # asks: r2 now waits in vLLM's queue
+        plan = planner.take_step()
+        assert plan.queued == tuple(keys)
+        transfers.submit(plan)
+        assert transfers.wait_idle(30)
+        assert store.policy._view.queued == tuple(keys)
+        deadline = __import__("time").monotonic() + 10
+        while any(store.residency(k)["host_bytes"] == 0 for k in keys) and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.05)
+        assert all(store.residency(k)["host_bytes"] > 0 for k in keys)  # brought in ahead of the load
+        planner.answered(transfers.answers())
+        planner.allocated("r2", [3, 4], planner.matched("r2", toks, 0))
+        assert planner.take_step().queued == ()  # r2 left the queue
+    finally:
+        transfers.close()
+        store.close()
