@@ -48,8 +48,10 @@ class Server:
     def __init__(self, model: Path, work: Path, name: str, kv: dict | None, blocks: int | None):
         self.port, self.name = free_port(), name
         argv = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+                "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
                 "--port", str(self.port)]
+        # A small pool (b) must still hold one whole request: vLLM refuses a context longer than its pool.
+        argv += ["--max-model-len", str(min(2048, blocks * 128) if blocks else 2048)]
         if blocks:
             argv += ["--num-gpu-blocks-override", str(blocks)]
         if kv is not None:
@@ -110,7 +112,9 @@ def aiperf(urls: list[str], model: Path, out: Path, args) -> dict:
            "--streaming", "--conversation-num", str(args.conversations), "--conversation-turn-mean", str(args.turns),
            "--conversation-turn-stddev", "0", "--synthetic-input-tokens-mean", "100", "--output-tokens-mean",
            str(args.output_tokens), "--shared-system-prompt-length", "100", "--concurrency", str(args.concurrency),
-           "--random-seed", "42", "--output-artifact-dir", str(out), "--ui", "none"]
+           "--random-seed", "42", "--output-artifact-dir", str(out), "--ui", "none",
+           # greedy answers: a replayed conversation (c) is the same conversation, as a returning user's is
+           "--extra-inputs", "temperature:0"]
     for u in urls:
         cmd += ["--url", u]
     if len(urls) > 1:
@@ -178,9 +182,11 @@ def main() -> None:
                                 epilog="example:\n  python3 bench/vllm_connector.py --conversations 8")
     p.add_argument("--conversations", type=int, default=12)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--output-tokens", type=int, default=32)
-    p.add_argument("--small-blocks", type=int, default=24, help="vLLM's KV pool in (b): 24 blocks of 128 tokens")
+    p.add_argument("--small-blocks", type=int, default=8,
+                   help="vLLM's KV pool in (b), in 128-token blocks (default 8: 1,024 tokens, about a quarter of what "
+                        "--concurrency conversations of --turns turns hold at once)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_connector.md"))
     p.add_argument("--only", default="abcd", help="which configurations (letters)")
     args = p.parse_args()
