@@ -51,7 +51,7 @@ class Server:
                 "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
                 "--port", str(self.port)]
         # A small pool (b) must still hold one whole request: vLLM refuses a context longer than its pool.
-        argv += ["--max-model-len", str(min(2048, blocks * 128) if blocks else 2048)]
+        argv += ["--max-model-len", str(min(2048, (blocks - 1) * 128) if blocks else 2048)]  # one block is vLLM's null block
         if blocks:
             argv += ["--num-gpu-blocks-override", str(blocks)]
         if kv is not None:
