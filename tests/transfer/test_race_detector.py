@@ -309,6 +309,22 @@ def test_ops_mixing_two_simulated_devices_raise(det):
     det.check()
 
 
+def test_token_ids_carry_no_simulated_device(det):
+    """Integer tensors are host bookkeeping: one at an address a device-1 tensor had (a placement left
+    behind) mixes with device 0's floats, as position ids do in a rotary embedding (it raised mid-generate
+    in a batch over split layers), and a tensor made from Python data takes no placement from its address."""
+    x = torch.ones(4)
+    det.sim.place(x, 0)
+    ids = torch.arange(4)
+    det.sim.place(ids, 1)
+    assert torch.equal(x * ids.float(), torch.arange(4.0))
+    made = torch.ones(2)
+    det.sim.place(made, 1)  # as if a freed device-1 tensor had had this address
+    torch.ops.aten.lift_fresh.default(made)  # what torch.tensor(data) dispatches for its new tensor
+    assert det.sim.placed(made) is None
+    det.check()
+
+
 def test_check_raises_with_both_stacks(det, eng):
     _fill_and_read(eng, wait=False)
     with pytest.raises(RaceError) as e:
