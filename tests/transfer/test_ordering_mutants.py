@@ -59,7 +59,8 @@ MUTANTS = {
     "transfer/gpu_load.py:GpuLoad.__init__:_wait_copies": ["raising", "turns"],
     # the save: D2H fence after compute, ticket before abort frees blocks, ticket before commit
     "hf/async_saving.py:save_async:wait_ticket": ["store_closed_mid_save"],
-    "hf/async_saving.py:_fence_compute:wait_for_stream": ["turns"],
+    # (a forward-only turn's save is also ordered by its TTFT wait; generate's decode steps come after that wait)
+    "hf/async_saving.py:_fence_compute:wait_for_stream": ["generate", "turns"],
     "hf/async_saving.py:save_async:wait_ticket#2": ["turns"],
     # a batch row's staging handed back while its load stays open: its copies before the buffer's free
     "transfer/gpu_load.py:GpuLoad.release_staging:_wait_copies": ["batch_row_fails"],
@@ -134,6 +135,31 @@ def _turns(tmp, arch="llama", readahead=1, lengths=(40, 70, 90)):
 
 def scenario_turns(tmp):
     _turns(tmp)
+
+
+def scenario_generate(tmp):
+    """Turns made by generate(): the KV its decode steps write (after the first token's TTFT wait, so only
+    the save's D2H fence orders the copy of it) is saved, and the next turn reuses it, equal to recompute."""
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=1)
+    seq = _ids(30, 8)
+    try:
+        for turn in range(2):
+            with cachedattn.session(model, "g") as s:
+                out = model.generate(seq, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True, pad_token_id=0)
+            model._cachedattn.saver.wait("g")
+            ref = model.generate(seq, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True, pad_token_id=0)
+            for a, b in zip(out.logits, ref.logits):
+                _same(a, b)
+            if turn and not 30 < s.reused_tokens < prev:  # some generated tokens' KV too (not the last one's)
+                raise AssertionError(f"reused {s.reused_tokens} of {prev}")
+            prev = out.sequences.shape[1]
+            seq = torch.cat([out.sequences, _ids(5, 9)], 1)
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
 
 
 def scenario_sliding(tmp):
