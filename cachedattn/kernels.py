@@ -2,7 +2,9 @@
 
 Tensors are turned into raw pointers and sizes here; the native code never
 sees torch. CPU tensors go to the CPU references, CUDA destinations to the
-copy engine's kernels (on its host-to-device stream).
+copy engine's kernels (on its host-to-device stream); so do a simulated
+device's tensors (streams.is_async) when an engine is given, so that the
+race detector sees those kernels ordered as on a GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ def dtype_code(dtype: torch.dtype) -> int:
 def _check_contiguous(name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def _on_device(t: torch.Tensor, engine) -> bool:
+    """True when `t` is device memory the engine's kernels work on: a CUDA tensor, or with an engine
+    given, a tensor of a simulated device (streams.is_async)."""
+    return t.is_cuda or (engine is not None and streams.is_async(streams.device_of(t)))
 
 
 def _after_compute(engine, direction: str, device: torch.device) -> None:
@@ -71,10 +79,10 @@ def rope_rotate(
     head_dim = keys.shape[-1]
     rows = keys.numel() // head_dim if head_dim else 0
     args = (keys.data_ptr(), out.data_ptr(), rows, head_dim, rotary_dim, bool(interleaved), dtype_code(keys.dtype))
-    if out.is_cuda:
+    if _on_device(out, engine):
         if engine is None:
             raise ValueError("a CUDA destination needs a CopyEngine (engine=...)")
-        _after_compute(engine, "h2d", out.device)
+        _after_compute(engine, "h2d", streams.device_of(out))
         engine.rope_copy(*args, float(delta), inv.tolist(), layer)
     elif keys.is_cuda:
         raise ValueError("keys on the GPU with a CPU destination: copy them first")
@@ -101,9 +109,9 @@ def segment_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], engine=None, di
             raise ValueError(f"segment sizes differ: {n} vs {dst.numel() * dst.element_size()} bytes")
         segments.append((src.data_ptr(), dst.data_ptr(), n))
     if engine is not None:
-        cuda = [t for pair in pairs for t in pair if t.is_cuda]
-        if cuda:
-            _after_compute(engine, direction, cuda[0].device)
+        on_device = [t for pair in pairs for t in pair if _on_device(t, engine)]
+        if on_device:
+            _after_compute(engine, direction, streams.device_of(on_device[0]))
         engine.segment_copy(direction, segments, layer)
     else:
         if any(s.is_cuda or d.is_cuda for s, d in pairs):

@@ -45,7 +45,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from cachedattn.hf.saving import save_turn
 from cachedattn.hf.session import Session
-from cachedattn.transfer.gpu_load import GpuLoader
+from cachedattn.transfer import guards, streams
+from cachedattn.transfer.gpu_load import GpuLoader, layer_parameters
 
 log = logging.getLogger("cachedattn")
 
@@ -66,8 +67,9 @@ class _FirstToken(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         if self.at is None:
-            if scores.is_cuda:  # the batch's own stream, not other jobs' copies on the device
-                torch.cuda.current_stream(scores.device).synchronize()
+            if streams.is_async(streams.device_of(scores)):  # the batch's own stream, not other jobs' copies
+                streams.synchronize(streams.device_of(scores))
+            guards.host_reads("the host takes the time of the first token", scores)
             self.at = time.perf_counter()
             if self._then is not None:
                 self._then()
@@ -219,9 +221,11 @@ class BatchSession:
         if H:
             dtype = next(self.model.parameters()).dtype
             ks, vs = [], []
-            for h, d in self.patched.kv.spec.layers:
-                ks.append(torch.zeros(len(ids), h, H, d, dtype=dtype, device=device))
-                vs.append(torch.zeros(len(ids), h, H, d, dtype=dtype, device=device))
+            # Each layer's cache beside that layer's parameters (a model split over devices), as a session's.
+            where = layer_parameters(self.model, len(self.patched.kv.spec.layers))
+            for (h, d), p in zip(self.patched.kv.spec.layers, where):
+                ks.append(p.new_zeros((len(ids), h, H, d), dtype=dtype))
+                vs.append(p.new_zeros((len(ids), h, H, d), dtype=dtype))
             for r, (row, load, g) in enumerate(zip(self.rows, loads, staged)):
                 if load is not None:
                     ns[r] = self._read_row(r, row, load, g, loader, ks, vs, H)
@@ -319,8 +323,9 @@ class BatchSession:
             out = self.model(input_ids[:, H:], attention_mask=mask, position_ids=pos[:, H:], use_cache=True,
                              **{kw: cache}, **keep)
             logits = out.logits[:, -1].float()
-            if logits.is_cuda:
-                torch.cuda.current_stream(logits.device).synchronize()
+            if streams.is_async(streams.device_of(logits)):
+                streams.synchronize(streams.device_of(logits))
+            guards.host_reads("the host takes the time of the first token", logits)
             ttft = time.perf_counter() - t0
             if self.on_first_token is not None:
                 self.on_first_token()

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from cachedattn import kernels
+from cachedattn.transfer import streams
 
 ROTATE, UNCHANGED, RECOMPUTE = "rotate", "unchanged", "recompute"
 _INEXACT_ROPE = {"dynamic", "longrope"}
@@ -74,7 +75,7 @@ class PositionScheme:
         lp = self.layers[layer]
         if delta == 0 or lp.kind != ROTATE:
             return keys
-        if keys.is_cuda:
+        if keys.is_cuda or (engine is not None and streams.is_async(streams.device_of(keys))):
             if engine is None or not keys.is_contiguous():
                 raise ValueError("keys on the GPU are rotated in place: they must be contiguous, with engine=")
             return kernels.rope_rotate(keys, delta, lp.inv_freq, interleaved=lp.interleaved, out=keys, engine=engine)

@@ -32,6 +32,7 @@ from cachedattn.hf.modes import check_generate
 from cachedattn.hf.saving import save_turn
 from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.store import keys
+from cachedattn.transfer import guards, streams
 from cachedattn.transfer.gpu_load import GpuLoader
 
 log = logging.getLogger("cachedattn")
@@ -92,7 +93,7 @@ class Session:
         self.ttft: float | None = None
         self.turns = 0
         self._last: tuple[StoreBackedCache, torch.Tensor, int] | None = None  # cache, kept ids, history
-        self._cuda = next(model.parameters()).is_cuda
+        self._cuda = streams.is_async(next(model.parameters()).device)  # a GPU (or a simulated one)
         self.on_first_token = None  # called once per turn when its first token exists (the engine's read buffer)
         self.last_save = None  # Future: the last turn's KV is on disk
         self._t0 = None
@@ -368,10 +369,11 @@ class Session:
 def first_token_ready(cache) -> None:
     """Waits for the turn's own streams (those current on the devices its cache lives on), not the
     whole device: other jobs' saves and preloads queued on the copy engine are not this turn's."""
-    devices = {layer.keys.device for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None}
-    for device in devices or {torch.device("cuda", torch.cuda.current_device())}:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
+    kv = [layer.keys for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None]
+    for device in {streams.device_of(k) for k in kv} or {torch.device("cuda", torch.cuda.current_device())}:
+        if streams.is_async(device):
+            streams.synchronize(device)
+    guards.host_reads("the host takes the time of the first token", *kv)  # its KV's compute must be done
 
 
 def _skip_history(kwargs: dict, n: int, prompt_len: int) -> dict:

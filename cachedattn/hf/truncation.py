@@ -29,6 +29,7 @@ import math
 import torch
 
 from cachedattn.hf.positions import RECOMPUTE, ROTATE, UNCHANGED
+from cachedattn.transfer import streams
 
 log = logging.getLogger("cachedattn")
 POLICIES = ("reapply", "recompute", "keep")
@@ -112,10 +113,10 @@ def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> 
 
 
 def _gpu_engine(session):
-    """(native copy engine, its CUDA device) of a model served on a GPU, else (None, None)."""
+    """(copy engine, its device) of a model served on a GPU (or a simulated one), else (None, None)."""
     loader = getattr(session.patched, "gpu", None)
     device = getattr(loader, "device", None)
-    if device is None or device.type != "cuda":
+    if device is None or not streams.is_async(device):
         return None, None
     return loader.engine, device
 
@@ -127,7 +128,7 @@ def _rotate_on_gpu(positions, kept_keys: list[torch.Tensor], delta: int, engine,
     in a good fraction of a second; the kernel does it in well under a
     millisecond per layer, so the cost is the copies: all layers up, rotated on
     the engine's stream after the upload, one host wait, all layers back."""
-    on_gpu = [keys.to(device, non_blocking=False).contiguous() for keys in kept_keys]
+    on_gpu = [torch.empty(keys.shape, dtype=keys.dtype, device=device).copy_(keys) for keys in kept_keys]
     for layer, g in enumerate(on_gpu):
         positions.rotate_(g, layer, delta, engine=engine)
     engine.synchronize("h2d")  # the kernels ran on the engine's stream: done before the copies back

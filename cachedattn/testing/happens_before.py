@@ -84,7 +84,7 @@ class Access:
 
 @dataclass
 class Report:
-    kind: str  # "race", "release", "stale-wait", "reuse", "stream"
+    kind: str  # "race", "release", "free", "stale-wait", "reuse", "stream"
     message: str
     stacks: list = field(default_factory=list)  # (title, stack) pairs
 
@@ -180,6 +180,25 @@ class HappensBefore:
                     keep.append(old)
                 keep.append(a)
                 self._buckets[b] = keep
+
+    def free(self, t, host, lo: int, hi: int, recorded, what: str, stack: tuple) -> None:
+        """[lo, hi) goes back to a caching allocator on thread t (the stream that allocated it): t's later
+        work may reuse it at once, and the allocator waits for the threads in `recorded` (record_stream).
+        Every other thread's access to it must happen before the free (before the host's point, which
+        issues it, or t's), else it is reported (``free``). The range's history is then dropped."""
+        if hi <= lo:
+            return
+        with self._lock:
+            excused = set(recorded) | {t}
+            for b in range(lo >> _BUCKET, ((hi - 1) >> _BUCKET) + 1):
+                for old in self._buckets.get(b, ()):
+                    if old.hi <= lo or hi <= old.lo or old.thread in excused:
+                        continue
+                    if not (self.ordered(old, host) or self.ordered(old, t)):
+                        self._report("free", f"memory freed ({what}) on {self._names(t)} while "
+                                     f"{old.describe(self._names)} is not ordered before the free (wait for it, or "
+                                     "record_stream its stream)", ("the free", stack), ("the access", old.stack))
+            self.forget(lo, hi)
 
     def forget(self, lo: int, hi: int) -> None:
         """Drops the history of [lo, hi) (memory that left the detector's view)."""

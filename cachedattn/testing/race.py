@@ -14,20 +14,27 @@ D2H streams, each host thread. Edges:
 - ``wait_for_stream(direction, s)``: the engine stream waits for compute stream s;
 - an op returning a Python scalar (``.item()``, ``torch.equal``): the host waits
   for the op's stream, as the copy to the host does on a GPU;
-- ``sim.wait_stream(a, b)``: ``a.wait_stream(b)``.
+- ``sim.wait_stream(a, b)``: ``a.wait_stream(b)``;
+- ``streams.synchronize(device)``: the host waits for that device's current stream.
 
 Accesses: every aten op (a TorchDispatchMode) reads the byte ranges of its tensor
 inputs and writes its outputs and mutated arguments, on the current stream of
 its inputs' simulated device; a new output storage is an allocation (earlier
 compute accesses to that memory are dropped: the caching allocator orders reuse
-on a stream; an engine copy still unordered with it is reported); every fake
-engine copy reads and writes its byte ranges on its engine stream when issued;
+on a stream; an engine copy still unordered with it is reported); the host reads
+what ``guards.host_reads`` names (the logits whose time is a turn's TTFT);
+every fake engine copy reads and writes its byte ranges on its engine stream when issued;
 every host block release (guards.check_release) is a host write, after which
-the block's history is dropped (the pool's lock orders its next owner).
+the block's history is dropped (the pool's lock orders its next owner); every
+device free (guards.device_free: a staging buffer back to the caching
+allocator) is an event of the stream that allocated it, which every access of
+another stream not recorded for it must happen before.
 
 Reports (``Detector.reports``), each with the stacks of both sides:
 ``race`` (two conflicting accesses, no happens-before), ``release`` (a host
 block released while a copy using it is unordered with the release),
+``free`` (device memory freed while another stream's access, neither recorded
+nor ordered before the free, may still touch it),
 ``reuse`` (an allocation over memory a copy may still use), ``stale-wait``
 (a wait on a layer event another epoch replaced), ``stream`` (an engine told
 to wait for a stream handle that is no simulated stream).
@@ -288,6 +295,28 @@ class Detector:
         if s is not None:
             self.hb.edge(s, self._engine(engine, direction))
 
+    # ---- the host waiting for, or reading what, compute made (streams.synchronize, guards.host_reads) ----------
+
+    def on_stream_synchronize(self, stream: int) -> None:
+        s = self._compute(stream, "streams.synchronize")
+        if s is not None:
+            self.hb.edge(s, self.host())
+
+    def on_host_read(self, tensors, what: str) -> None:
+        stack = capture_stack()
+        for t in tensors:
+            self.hb.access(self.host(), *storage_range(t), False, what, stack)
+
+    # ---- device memory back to the caching allocator (cachedattn.transfer.guards.device_free) ------------
+
+    def on_device_free(self, ptr: int, nbytes: int, stream: int, recorded) -> None:
+        s = self._compute(stream, "a device free")
+        if s is None:
+            self.hb.forget(ptr, ptr + nbytes)
+            return
+        rec = {r for r in (self.sim.stream_of(h) for h in recorded) if r is not None}
+        self.hb.free(s, self.host(), ptr, ptr + nbytes, rec, "a staging buffer", capture_stack())
+
     # ---- host releases (cachedattn.transfer.guards.check_release) ---------------------------------
 
     def on_release(self, ptr: int, nbytes: int) -> None:
@@ -306,6 +335,8 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.is_view or func in _NO_ACCESS:
             out = func(*args, **kwargs)
+            if func is torch.ops.aten.lift_fresh.default:  # a tensor made from Python data, on no device yet:
+                self.sim.assign(out, None)  # its address may be a freed one's, whose placement must not stay
             return out
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         dev = self.sim.op_device(ins)

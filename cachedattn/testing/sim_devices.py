@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cachedattn.transfer import guards
+
 _HANDLE_BASE = 0x5100  # handles the GPU path passes to the engine; never 0 (the real provider's CPU answer)
 
 
@@ -91,6 +93,15 @@ class SimulatedDevices:
     def device_of(self, t: torch.Tensor) -> torch.device:
         d = self.placed(t)
         return torch.device("cpu", self.current_device() if d is None else d)
+
+    def is_async(self, device) -> bool:
+        return True  # a simulated device is a GPU: the host waits for it explicitly
+
+    def synchronize(self, device) -> None:
+        """``torch.cuda.current_stream(device).synchronize()``: told to the race detector (an edge to the host)."""
+        obs = guards.observer()
+        if obs is not None:
+            obs.on_stream_synchronize(self.current(device))
 
     # ---- streams and devices ---------------------------------------------------------------
 
@@ -174,9 +185,13 @@ class SimulatedDevices:
     def op_device(self, tensors) -> int | None:
         """The device an op on `tensors` runs on (None: none assigned); raises for two devices.
 
-        A 0-dim tensor goes with any device (as a CPU scalar does on CUDA); it decides only when it is alone."""
+        A 0-dim tensor goes with any device (as a CPU scalar does on CUDA); it decides only when it is alone.
+        Integer and bool tensors (token ids, positions, masks: host-side bookkeeping in the GPU path, see the
+        race detector) go with any device too."""
         found = scalar = None
         for t in tensors:
+            if not (t.is_floating_point() or t.is_complex()):
+                continue
             d = self._placed.get(storage_of(t)[0])
             if d is None:
                 continue

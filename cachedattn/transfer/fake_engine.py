@@ -312,8 +312,8 @@ class FakeCopyEngine:
                 for _, op in self._queue[d]:
                     if any(_overlaps(ptr, nbytes, a, n) for a, n in op.reads + op.writes):
                         raise RuntimeError(
-                            f"host memory 0x{ptr:x} (+{nbytes}) released under a pending {d} copy: "
-                            "wait for its ticket first"
+                            f"memory 0x{ptr:x} (+{nbytes}) released under a pending {d} copy: "
+                            "wait for its ticket or layer first"
                         )
 
     def close(self) -> None:

@@ -214,18 +214,22 @@ def _into(t: torch.Tensor, out, device) -> torch.Tensor:
     return out
 
 
-def _layer_devices(model, num_layers: int) -> list[tuple[torch.device, torch.device]]:
-    """(logical, physical) device of each layer: that of the parameters of the module the layer's
-    attention is (HF attention modules carry ``layer_idx``); the model's first parameter's otherwise."""
-    first = next(model.parameters())
-    out = [(streams.device_of(first), first.device)] * num_layers
+def layer_parameters(model, num_layers: int) -> list[torch.Tensor]:
+    """A parameter of each layer, which says where the layer lives (a model split with device_map): one of
+    the module the layer's attention is (HF attention modules carry ``layer_idx``), else the model's first."""
+    out = [next(model.parameters())] * num_layers
     for module in model.modules():
         i = getattr(module, "layer_idx", None)
         if isinstance(i, int) and 0 <= i < num_layers:
             p = next(module.parameters(recurse=True), None)
             if p is not None:
-                out[i] = (streams.device_of(p), p.device)
+                out[i] = p
     return out
+
+
+def _layer_devices(model, num_layers: int) -> list[tuple[torch.device, torch.device]]:
+    """(logical, physical) device of each layer (see layer_parameters)."""
+    return [(streams.device_of(p), p.device) for p in layer_parameters(model, num_layers)]
 
 
 class GpuLoader:

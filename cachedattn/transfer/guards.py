@@ -7,8 +7,11 @@ of them. With none registered (production) a release costs one empty loop.
 
 A race detector (cachedattn.testing.race, tests only) installs itself with
 ``observing``; the fake engine then reports each copy, event, wait and fence
-to it, and every release here reaches it as a host write. With none installed
-(production) ``observer()`` is None and nothing else happens.
+to it, and every release here reaches it as a host write. Device memory going
+back to torch's caching allocator (a staging buffer dropped, shrunk or regrown)
+reaches it through ``device_free``: a stream event on the allocating stream, not a
+host one. With none installed (production) ``observer()`` is None and nothing
+else happens.
 """
 
 from __future__ import annotations
@@ -52,3 +55,20 @@ def check_release(ptr: int, nbytes: int) -> None:
         _observer.on_release(ptr, nbytes)
     for engine in list(_engines):
         engine.check_released(ptr, nbytes)
+
+
+def device_free(ptr: int, nbytes: int, stream: int, recorded=()) -> None:
+    """Device memory [ptr, ptr + nbytes) goes back to the caching allocator, freed on `stream` (the one
+    that allocated it: its later work may reuse it at once); `recorded`: the streams record_stream told
+    the allocator to wait for. Raises RuntimeError when a registered engine still has a copy touching it."""
+    if _observer is not None:
+        _observer.on_device_free(ptr, nbytes, stream, tuple(recorded))
+    for engine in list(_engines):
+        engine.check_released(ptr, nbytes)
+
+
+def host_reads(what: str, *tensors) -> None:
+    """The host depends on the content of `tensors` now (e.g. it takes the time of the first token their
+    compute produced): a race detector checks that the compute writing them happened before."""
+    if _observer is not None:
+        _observer.on_host_read(tensors, what)

@@ -4,7 +4,10 @@ Two buffers per device: the running turn's and the read buffer. A buffer is
 bounded by its load (readahead slots of the largest layer's history), grows
 with slack, shrinks when a load needs far less than it holds, and trim()
 frees the buffers no load holds. Each buffer remembers which compute streams
-read it in its last use: the next load fences them before refilling it.
+read it in its last use: the next load fences them before refilling it, and
+a buffer dropped goes back to the caching allocator on the stream that
+allocated it, with those readers recorded (guards.device_free tells a race
+detector; the engine's copies into it must have been waited for by the host).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import threading
 
 import torch
 
-from cachedattn.transfer import streams
+from cachedattn.transfer import guards, streams
 
 _SLACK = 1.25  # growth headroom: a conversation growing turn by turn does not reallocate every turn
 ALIGN = 4 << 10  # allocation granularity of a staging buffer (a page)
@@ -27,6 +30,7 @@ class DeviceStaging:
         self.logical = device if logical is None else logical  # whose streams order it (streams.device_of)
         self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8, device=device)] * self.BUFFERS
         self._readers: list[set[int]] = [set() for _ in range(self.BUFFERS)]
+        self._allocated_on: list[int | None] = [None] * self.BUFFERS  # the stream each buffer was allocated on
         self._free = list(range(self.BUFFERS))
         self._lock = threading.Lock()
 
@@ -47,7 +51,8 @@ class DeviceStaging:
             # Fresh memory is ordered against its old users only on the allocating stream (the caching
             # allocator reuses a block in that stream's order, its old kernels may still be queued): the
             # engine's first copies into it must wait for that stream, as for a reader.
-            self._readers[b] = {streams.current(streams.device_of(self.buffers[b]))}
+            self._allocated_on[b] = streams.current(streams.device_of(self.buffers[b]))
+            self._readers[b] = {self._allocated_on[b]}
         return b
 
     def readers(self, b: int) -> set[int]:
@@ -64,6 +69,8 @@ class DeviceStaging:
 
     def _drop(self, b: int) -> None:
         buf = self.buffers[b]
+        if buf.numel() and self._allocated_on[b] is not None:
+            guards.device_free(buf.data_ptr(), buf.numel(), self._allocated_on[b], self._readers[b])
         if buf.is_cuda and buf.numel():  # the caching allocator must not hand it out before the readers ran
             try:
                 for s in self._readers[b]:
@@ -72,6 +79,7 @@ class DeviceStaging:
                 torch.cuda.synchronize(buf.device)
         self.buffers[b] = torch.empty(0, dtype=torch.uint8, device=self.device)
         self._readers[b] = set()  # fresh memory: the allocator orders it against its old users
+        self._allocated_on[b] = None
 
     def trim(self) -> None:
         """Frees the buffers no load holds."""

@@ -14,6 +14,13 @@ for a tensor asks ``device_of(t)`` (not ``t.device``), so a test can put the
 layers of a CPU model on several simulated devices. Memory is still
 allocated on ``t.device`` (the physical one); ``device_of`` is the logical
 device that ordering and engines are per.
+
+Whether work on a device runs asynchronously to the host (so that the host
+must wait before it reads a result, e.g. the time of a turn's first token, and
+the copy engine's kernels must be ordered after compute) is asked here too
+(``is_async``), and such a wait goes through ``synchronize``: a simulated device
+answers True and tells the race detector about the wait, so those paths run on
+the CPU under the detector.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ class CudaStreams:
     def device_of(self, t: torch.Tensor) -> torch.device:
         return t.device
 
+    def is_async(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.current_stream(device).synchronize()
+
 
 _provider = CudaStreams()
 
@@ -45,6 +58,16 @@ def current(device) -> int:
 def device_of(t: torch.Tensor) -> torch.device:
     """The (logical) device whose engine and streams work on `t` goes through."""
     return _provider.device_of(t)
+
+
+def is_async(device) -> bool:
+    """True when work on `device` runs asynchronously to the host (a GPU, or a simulated one)."""
+    return _provider.is_async(torch.device(device))
+
+
+def synchronize(device) -> None:
+    """The host waits for the stream current on `device` (not the whole device: other jobs' work is not ours)."""
+    _provider.synchronize(torch.device(device))
 
 
 def provider():

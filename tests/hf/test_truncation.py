@@ -205,9 +205,13 @@ def _check_every_layer_after_overflow(model, store, keep_first, nope_layers=()):
     layers = model._cachedattn.kv.spec.num_layers
     with torch.no_grad(), cachedattn.session(model, "w") as s:
         model(ids[:, :stored], position_ids=(torch.arange(stored) + drop)[None])
+        if model._cachedattn.saver is not None:  # the GPU path saves asynchronously (tests/transfer runs this too)
+            model._cachedattn.saver.wait("w")
         old = _read_all_layers(store, "w", stored, layers)
         model(ids)
         assert s.dropped_tokens == drop and "re-rotated" in s.position_note, s.position_note
+    if model._cachedattn.saver is not None:
+        model._cachedattn.saver.wait("w")
     kept = stored - drop
     new = _read_all_layers(store, "w", kept, layers)
     shifted = _keys_at_positions(model, ids[:, :stored], torch.arange(stored))

@@ -22,7 +22,7 @@ hp = importlib.import_module("cachedattn.hf.patch")
 pytestmark = [pytest.mark.usefixtures("fake_engine"), pytest.mark.no_race_detector]
 
 
-class Streams:
+class Streams(streams.CudaStreams):  # is_async, synchronize: a CPU device is synchronous here
     """Simulated compute streams: `now` is the stream current on every device."""
 
     def __init__(self, now: int = 0):

@@ -11,6 +11,7 @@ if needed, a scenario that exercises the new site.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
@@ -58,32 +59,30 @@ MUTANTS = {
     "transfer/gpu_load.py:GpuLoad.__init__:_wait_copies": ["raising", "turns"],
     # the save: D2H fence after compute, ticket before abort frees blocks, ticket before commit
     "hf/async_saving.py:save_async:wait_ticket": ["store_closed_mid_save"],
-    "hf/async_saving.py:_fence_compute:wait_for_stream": ["turns"],
+    # (a forward-only turn's save is also ordered by its TTFT wait; generate's decode steps come after that wait)
+    "hf/async_saving.py:_fence_compute:wait_for_stream": ["generate", "turns"],
     "hf/async_saving.py:save_async:wait_ticket#2": ["turns"],
+    # a batch row's staging handed back while its load stays open: its copies before the buffer's free
+    "transfer/gpu_load.py:GpuLoad.release_staging:_wait_copies": ["batch_row_fails"],
+    # overflow re-rotation on the engine: its kernels after the compute that wrote the keys, the host after them
+    "hf/truncation.py:_rotate_on_gpu:synchronize": ["overflow"],
+    "kernels.py:_after_compute:wait_for_stream": ["overflow"],
+    # TTFT (defect 7): the host waits for the turn's own streams before it takes the time of the first token
+    # (the host reads the first token's KV / logits: guards.host_reads)
+    "hf/session.py:first_token_ready:synchronize": ["turns"],
+    "hf/batch.py:_FirstToken.__call__:synchronize": ["batch"],
+    "hf/batch.py:BatchSession.forward_turns:synchronize": ["answer_jobs"],
 }
 
-# Sites that only CUDA tensors reach (`is_cuda` / `device.type == "cuda"` gates): no CPU scenario runs them;
-# bench/gpu_suite.sh runs their tests on a card.
-CUDA_ONLY = {
-    "hf/truncation.py:_rotate_on_gpu:synchronize": "overflow re-rotation on the GPU (loader.device.type == 'cuda')",
-    "kernels.py:_after_compute:wait_for_stream": "rope_rotate / segment_copy with CUDA tensors only",
-    # TTFT measurement points (defect 7): the host waits for the turn's own stream to time the first token
-    "hf/session.py:first_token_ready:synchronize": "times the first token on a CUDA device",
-    "hf/batch.py:_FirstToken.__call__:synchronize": "times a batch's first token on a CUDA device",
-    "hf/batch.py:BatchSession.forward_turns:synchronize": "times a batch's first token on a CUDA device",
-}
+# Sites that only CUDA tensors would reach: none. Their gates ask the provider (streams.is_async: True for a
+# simulated device) and their waits go through it (streams.synchronize: an edge to the host), so the scenarios
+# below run them on the CPU. A new site gated on `is_cuda` goes here only with the reason no CPU scenario can
+# observe it (also in docs/gpu-ordering.md).
+CUDA_ONLY: dict[str, str] = {}
 
 # Mutants no scenario kills yet, and why (each one is work left; test_not_killed_yet_really_survives keeps this
 # list honest: a scenario that starts killing one fails it, and the mutant moves to MUTANTS).
-NOT_KILLED = {
-    "transfer/gpu_load.py:GpuLoad.release_staging:_wait_copies": (
-        ["batch", "store_closed_mid_turn", "raising"],
-        "a batch row that read every layer was ordered by its stream waits, and close() already waited "
-        "(before_release); this wait matters only for a row whose read stops early (an OSError mid-row) with "
-        "copies still pending into its staging, which the next load then regrows and frees: the detector does not "
-        "see a staging buffer's memory going back to torch's allocator, so no scenario can kill it yet",
-    ),
-}
+NOT_KILLED: dict[str, tuple[list[str], str]] = {}
 
 # Sites no production path calls: a mutant there cannot be killed (and need not be): listed so that a caller
 # appearing makes test_every_ordering_call_site_has_a_mutant ask for a mutant.
@@ -138,6 +137,31 @@ def scenario_turns(tmp):
     _turns(tmp)
 
 
+def scenario_generate(tmp):
+    """Turns made by generate(): the KV its decode steps write (after the first token's TTFT wait, so only
+    the save's D2H fence orders the copy of it) is saved, and the next turn reuses it, equal to recompute."""
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=1)
+    seq = _ids(30, 8)
+    try:
+        for turn in range(2):
+            with cachedattn.session(model, "g") as s:
+                out = model.generate(seq, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True, pad_token_id=0)
+            model._cachedattn.saver.wait("g")
+            ref = model.generate(seq, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True, pad_token_id=0)
+            for a, b in zip(out.logits, ref.logits):
+                _same(a, b)
+            if turn and not 30 < s.reused_tokens < prev:  # some generated tokens' KV too (not the last one's)
+                raise AssertionError(f"reused {s.reused_tokens} of {prev}")
+            prev = out.sequences.shape[1]
+            seq = torch.cat([out.sequences, _ids(5, 9)], 1)
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
 def scenario_sliding(tmp):
     _turns(tmp, "gemma2", readahead=2)
 
@@ -162,12 +186,11 @@ def scenario_handover(tmp):
         store.close()
 
 
-def scenario_batch(tmp):
-    """Rows of one batch read their histories through the engine (read-ahead 1), then generate: each row's
-    staging goes back to the pool before the batch's loads close, so only its own wait orders that hand-back."""
+def _batch(tmp, hist: dict, readahead, reused: list, during=contextlib.nullcontext):
+    """Each conversation's history stored by a session, then one batched generate over all of them (inside
+    `during()`): the rows reuse `reused` tokens and their logits equal recompute."""
     model, store = tiny_model("llama"), _store(tmp)
-    cachedattn.patch(model, store, readahead=1)
-    hist = {"a": 37, "b": 16, "c": 70}
+    cachedattn.patch(model, store, readahead=readahead)
     full = {}
     try:
         with torch.no_grad():
@@ -177,16 +200,111 @@ def scenario_batch(tmp):
                     model(ids[:, :n])
                 model._cachedattn.saver.wait(c)
                 full[c] = ids[0]
-            bs = cachedattn.batch_session(model, list(full))
-            out = bs.generate([full[c] for c in full], max_new_tokens=2, do_sample=False,
-                              return_dict_in_generate=True, output_logits=True, pad_token_id=0)
-            if [row.reused_tokens for row in bs.rows] != list(hist.values()):
-                raise AssertionError(f"rows reused {[row.reused_tokens for row in bs.rows]}")
+            with during():
+                bs = cachedattn.batch_session(model, list(full))
+                out = bs.generate([full[c] for c in full], max_new_tokens=2, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+            if [row.reused_tokens for row in bs.rows] != reused:
+                raise AssertionError(f"rows reused {[row.reused_tokens for row in bs.rows]}, not {reused}")
             for r, c in enumerate(full):
                 ref = model.generate(full[c][None], max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
                                      output_logits=True, pad_token_id=0)
                 _same(out.logits[0][r], ref.logits[0][0])
     finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
+def scenario_batch(tmp):
+    """Rows of one batch read their histories through the engine (read-ahead 1), then generate: each row's
+    staging goes back to the pool before the batch's loads close, so only its own wait orders that hand-back."""
+    _batch(tmp, {"a": 37, "b": 16, "c": 70}, 1, [37, 16, 70])
+
+
+def scenario_batch_row_fails(tmp):
+    """A batch whose last row's read stops at layer 1 (an OSError: the row computes its history) with
+    layers 1 and 2 still being copied into its staging (read-ahead 2, never waited for by compute). That
+    row got the buffer the first row grew for a longer history, far more than it needs: handing it back
+    frees it to the caching allocator at once. Only its release_staging wait orders those copies first."""
+    from cachedattn.transfer.gpu_load import GpuLoad
+
+    hist = {"c": 100, "b": 20, "a": 40}  # c grows buffer 0, b takes buffer 1, a gets buffer 0 back
+    real, failed = GpuLoad.layer, []
+
+    def layer(self, i, *a, **k):
+        if i == 1 and self.n == hist["a"] and not failed:
+            failed.append(self)
+            raise OSError("injected: chunk unreadable mid-row")
+        return real(self, i, *a, **k)
+
+    @contextlib.contextmanager
+    def failing_row():
+        GpuLoad.layer = layer
+        try:
+            yield
+        finally:
+            GpuLoad.layer = real
+        if not failed:
+            raise AssertionError("no row's read failed")
+
+    _batch(tmp, hist, 2, [hist["c"], hist["b"], 0], failing_row)
+
+
+def scenario_answer_jobs(tmp):
+    """A batch of answer jobs (teacher forcing, BatchSession.forward_turns) over stored histories: each row's
+    last-prompt logits equal recompute, and a second job reuses what the first stored."""
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=1)
+    prompts = {"a": _ids(30, 30)[0], "b": _ids(45, 31)[0]}
+    answers = {"a": _ids(6, 32)[0], "b": _ids(3, 33)[0]}
+    try:
+        for job in range(2):
+            ids = [torch.cat([prompts[c], _ids(5, 34 + job)[0]]) if job else prompts[c] for c in prompts]
+            bs = cachedattn.batch_session(model, list(prompts))
+            logits, seqs = bs.forward_turns(ids, [answers[c] for c in prompts])
+            for c in prompts:
+                model._cachedattn.saver.wait(c)
+            for r, x in enumerate(ids):
+                _same(logits[r], model(x[None]).logits[0, -1])
+            if job and [row.reused_tokens for row in bs.rows] != [len(prompts[c]) for c in prompts]:
+                raise AssertionError(f"rows reused {[row.reused_tokens for row in bs.rows]}")
+            prompts = {c: s for c, s in zip(prompts, seqs)}
+    finally:
+        model._cachedattn.saver.drain()
+        store.close()
+
+
+def scenario_overflow(tmp):
+    """A context overflow on a simulated device: the kept keys are re-rotated by the engine's kernel after
+    the compute that copied them there, and copied back after the host waited for the engine. The stored
+    window's layer-0 keys equal those computed from scratch, and the next turn equals recompute."""
+    from transformers import DynamicCache
+
+    from cachedattn import kernels
+
+    model, store = tiny_model("llama"), _store(tmp)
+    cachedattn.patch(model, store, readahead=1, max_context=96)
+    ids = _ids(130, 40)
+    # A mutant lets the keys on the device go while the engine may still rotate them: on a GPU the allocator
+    # would hand that memory on; here the deferred copy would write freed memory and crash the process. They
+    # stay alive until the scenario ends (the detector's report is what kills the mutant).
+    kept_alive, real = [], kernels.rope_rotate
+    kernels.rope_rotate = lambda keys, *a, **k: (kept_alive.append(k.get("out")), real(keys, *a, **k))[1]
+    try:
+        with cachedattn.session(model, "c") as s:
+            for n in (40, 80, 120):
+                model(ids[:, :n])
+                model._cachedattn.saver.wait("c")
+            if s.dropped_tokens != 48 or "re-rotated" not in s.position_note:
+                raise AssertionError(f"dropped {s.dropped_tokens}: {s.position_note}")
+        kept = torch.cat([ids[:, :0], ids[:, 48:120]], 1)
+        with store.load("c", kept.shape[1]) as ld:
+            got, _ = ld.read_layer(0)
+        ref = DynamicCache(config=model.config)
+        model(kept, use_cache=True, **{model._cachedattn.kv.cache_kwarg: ref})
+        _same(got.float(), ref.layers[0].keys[0])
+    finally:
+        kernels.rope_rotate = real
         model._cachedattn.saver.drain()
         store.close()
 

@@ -181,6 +181,49 @@ def test_a_release_after_the_ticket_wait_is_ordered(det, eng):
     det.check()
 
 
+# ---- device memory freed (a staging buffer back to the caching allocator) while a copy may use it -----------
+
+
+def _free_staging(det, eng, host_wait: bool, record_reader: bool):
+    """A staging slot allocated on stream 0, filled by the engine, read on stream 1, then freed on stream 0
+    (what DeviceStaging._drop reports): what the free must come after."""
+    alloc, reader = det.sim.stream(0, 0), det.sim.stream(0, 1)
+    slot = torch.empty(16)
+    eng.wait_for_stream("h2d", alloc.handle)
+    eng.copy_batch("h2d", [seg(host_src(), slot)], layer=0)
+    with det.sim.stream_ctx(reader):
+        eng.stream_wait_layer("h2d", 0, reader.handle)  # the fake performs the copy here: nothing is pending
+        slot * 2
+    if host_wait:
+        eng.wait_layer("h2d", 0)
+    guards.device_free(slot.data_ptr(), nbytes(slot), alloc.handle, [reader.handle] if record_reader else [])
+
+
+def test_a_device_free_not_ordered_after_the_copy_into_the_buffer_is_reported(det, eng):
+    _free_staging(det, eng, host_wait=False, record_reader=True)  # the fake engine sees nothing pending
+    assert kinds(det) == ["free"]
+    assert "h2d copy destination" in det.reports[0].message and "compute stream 0" in det.reports[0].message
+
+
+def test_a_device_free_with_a_reader_stream_not_recorded_is_reported(det, eng):
+    _free_staging(det, eng, host_wait=True, record_reader=False)
+    assert kinds(det) == ["free"] and "compute stream 1" in det.reports[0].message
+
+
+def test_a_device_free_after_the_host_waited_for_the_copy_with_its_readers_recorded_is_ordered(det, eng):
+    _free_staging(det, eng, host_wait=True, record_reader=True)
+    det.check()
+
+
+def test_a_device_free_under_a_pending_copy_raises_in_the_fake_engine(det, eng):
+    slot = torch.empty(16)
+    eng.wait_for_stream("h2d", compute())
+    eng.copy_batch("h2d", [seg(host_src(), slot)], layer=0)
+    with pytest.raises(RuntimeError, match="released under a pending h2d copy"):
+        guards.device_free(slot.data_ptr(), nbytes(slot), compute())
+    assert kinds(det) == ["free"]
+
+
 # ---- a wait on an event of another epoch (another load) -------------------------------------------------
 
 
@@ -263,6 +306,22 @@ def test_ops_mixing_two_simulated_devices_raise(det):
         c = b * 2  # runs on device 1's current stream; its output is on device 1
     assert det.sim.device_of(c) == torch.device("cpu", 1) and streams.device_of(c) == torch.device("cpu", 1)
     assert streams.current(torch.device("cpu", 1)) == det.sim.stream(1, 0).handle
+    det.check()
+
+
+def test_token_ids_carry_no_simulated_device(det):
+    """Integer tensors are host bookkeeping: one at an address a device-1 tensor had (a placement left
+    behind) mixes with device 0's floats, as position ids do in a rotary embedding (it raised mid-generate
+    in a batch over split layers), and a tensor made from Python data takes no placement from its address."""
+    x = torch.ones(4)
+    det.sim.place(x, 0)
+    ids = torch.arange(4)
+    det.sim.place(ids, 1)
+    assert torch.equal(x * ids.float(), torch.arange(4.0))
+    made = torch.ones(2)
+    det.sim.place(made, 1)  # as if a freed device-1 tensor had had this address
+    torch.ops.aten.lift_fresh.default(made)  # what torch.tensor(data) dispatches for its new tensor
+    assert det.sim.placed(made) is None
     det.check()
 
 

@@ -19,7 +19,7 @@ STREAM = {A: 10, B: 20}
 SPLIT = 2  # layers 0, 1 on A; 2, 3 on B
 
 
-class TwoDevices:
+class TwoDevices(streams.CudaStreams):  # is_async, synchronize: a CPU device is synchronous here
     """device_of: a layer's parameters and the KV its forward makes are on that layer's device
     (the tensors a layer's forward allocates are told apart by the layer running now)."""
 
