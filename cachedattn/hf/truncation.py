@@ -113,11 +113,7 @@ def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> 
 
 def _gpu_engine(session):
     """(native copy engine, its CUDA device) of a model served on a GPU, else (None, None)."""
-    loader = getattr(session.patched, "gpu", None)
-    device = getattr(loader, "device", None)
-    if device is None or device.type != "cuda":
-        return None, None
-    return loader.engine, device
+    return session.path.cuda_engine()
 
 
 def _rotate_on_gpu(positions, kept_keys: list[torch.Tensor], delta: int, engine, device) -> None:
