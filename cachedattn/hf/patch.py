@@ -4,6 +4,7 @@ forward and generate through sessions, leaving it untouched outside them."""
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -28,18 +29,20 @@ class PatchState:
     options: dict
     path: TransferPath  # chosen at patch (hf.paths); again only when the model's layers moved to other devices
     warned: set[str] = field(default_factory=set)  # kinds of trouble already warned about (once per model)
+    _choosing: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def transfer(self, model) -> TransferPath:
         """The path a turn of `model` takes now: the one chosen at patch, unless the model's layers
         have moved to other devices since; then the old path is closed (its read buffer's lease
         dropped, its saves finished, its idle staging freed) and one is chosen for the new devices."""
-        if self.path.devices != layer_devices(model, self.kv.spec.num_layers):
-            old, self.path = self.path, None
-            try:
-                old.close()
-            finally:
-                self.path = choose_path(model, self.store, self.kv, self.warned)
-        return self.path
+        devices = layer_devices(model, self.kv.spec.num_layers)
+        with self._choosing:  # one thread closes the old path and chooses the new one
+            if self.path.devices != devices:
+                try:
+                    self.path.close()
+                finally:  # (choosing failed: the closed path stays, and the next turn chooses again)
+                    self.path = choose_path(model, self.store, self.kv, self.warned)
+            return self.path
 
     @property
     def gpu(self) -> GpuLoader | None:

@@ -259,14 +259,12 @@ def scenario_store_closed_mid_turn(tmp):
 
 
 def scenario_store_closed_mid_save(tmp):
-    from cachedattn.hf.async_saving import saver_of
-
     model, store = tiny_model("llama"), _store(tmp)
     cachedattn.patch(model, store)
     hold = threading.Event()
     with cachedattn.session(model, "x"):
         model(_ids(2, 6))  # the model's loader and saver exist from here on
-    saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: the next save stays queued
+    model._cachedattn.saver.submit("other", hold.wait)  # the worker is busy: the next save stays queued
     try:
         with cachedattn.session(model, "w"):
             model(_ids(60, 6))
