@@ -66,7 +66,6 @@ def open_prefix(store, conv_id: str, ids, limit: int, readahead: int | None):
 class HostPath:
     """History from the store's host blocks, saves through the store's append on the turn's thread."""
 
-    kind = "host"
     loader = None  # no copy engine
     saver = None  # saves finish on the turn's thread
 
@@ -75,7 +74,8 @@ class HostPath:
         self.devices = list(devices)  # (logical, physical) per layer, as chosen (see PatchState.transfer)
 
     def load_history(self, conv_id: str, ids, limit: int, readahead: int | None, take_preload: str = "any"):
-        """The longest stored prefix of ids (1-D) within `limit` tokens, opened, or None."""
+        """The longest stored prefix of ids (1-D) within `limit` tokens, opened, or None
+        (`take_preload`: as EnginePath's; this path has no read buffer)."""
         if limit <= 0:
             return None
         load = open_prefix(self.store, conv_id, ids, limit, readahead)
@@ -117,7 +117,6 @@ class HostPath:
 class EnginePath:
     """History staged by the copy engines, saves copied on their D2H streams and committed in the background."""
 
-    kind = "engine"
 
     def __init__(self, store, kv, warned: set, loader: GpuLoader):
         self.store, self.kv, self.warned = store, kv, warned
