@@ -15,8 +15,7 @@ Systems, side by side on the same model in one run:
 - ideal: the history's DynamicCache kept on the GPU, N tokens computed;
 - host: cachedattn with the copy engine switched off, so the history goes
   through the host path (``load.read_layer`` then ``.to(device)``, per layer).
-  How: ``cachedattn.transfer.gpu_load.engine_for`` (the name GpuLoader.for_model
-  calls) returns None and the model's loader is set aside for the turn
+  How: the model's transfer path is a hf.paths.HostPath for the turn
   (see ``host_path``), exactly what a store without a page-locked pool gets;
 - engine-default: the copy engine with the bounded default staging
   (``readahead=None``: gpu_load.STAGED_LAYERS layer slots, ring-reused);
@@ -61,10 +60,10 @@ import pytest
 import torch
 
 import cachedattn
+from cachedattn.hf.paths import HostPath
 from cachedattn.transfer.factory import FAKE_ENV
 
 hp = importlib.import_module("cachedattn.hf.patch")  # `cachedattn.hf.patch` as an attribute is the function
-gl = importlib.import_module("cachedattn.transfer.gpu_load")
 
 DRY_ENV = "CACHEDATTN_TTFT_DRY"
 ROUNDS, WARMUP = 3, 1
@@ -149,14 +148,12 @@ def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
 def host_path(model):
     """The copy engine switched off for the turns inside: the host path, as with an unpinned pool."""
     state = model._cachedattn
-    saved, real = state.gpu, gl.engine_for
-    state.gpu = None
-    gl.engine_for = lambda *a, **k: None
+    saved = state.path
+    state.path = HostPath(state.store, state.kv, state.warned, saved.devices)
     try:
         yield
     finally:
-        gl.engine_for = real
-        state.gpu = saved
+        state.path = saved
 
 
 class StallProbe:

@@ -58,22 +58,6 @@ class AsyncSaver:
             f.exception()
 
 
-def copy_engine(state, device=None):
-    """The engine saves from `device` (logical; default the model's first) go through: the GPU
-    loader's engine of that device (transfer.gpu_load), else `state.save_engine`, else None."""
-    loader = getattr(state, "gpu", None)
-    engine = None
-    if loader is not None:
-        engine = loader.engine if device is None else loader.engine_of(device)
-    return engine if engine is not None else getattr(state, "save_engine", None)
-
-
-def saver_of(state) -> AsyncSaver:
-    if state.saver is None:
-        state.saver = AsyncSaver()
-    return state.saver
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """Each head's rows contiguous (a cache row's slice is; a strided side buffer may not be)."""
     t = t.detach()
@@ -82,27 +66,29 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, start: int, m: int, on_fail) -> None:
-    """Issues the D2H copies of tokens [start, m) of `row` and returns; the rest runs on the saver.
+def save_async(turn, row: int, start: int, m: int, store, loader, saver: AsyncSaver, on_fail) -> Future:
+    """Issues the D2H copies of tokens [start, m) of `row` of the turn's cache and returns the
+    future of its commit (done when the KV is on disk); the rest runs on `saver`.
 
-    Raises (with nothing left behind: blocks freed after their copies) when issuing fails;
-    a failure in the background calls on_fail(exception)."""
-    st = session.patched
-    num_layers = st.kv.spec.num_layers
-    txn = st.store.begin_append(session.conv_id, conv_tokens[:m], start=start)
+    `loader` (transfer.gpu_load.GpuLoader) gives each layer's device and that device's copy engine. Raises (with nothing
+    left behind: blocks freed after their copies) when issuing fails; a failure in the
+    background calls on_fail(exception)."""
+    num_layers = len(loader.layer_devices)
+    n = turn.reused
+    txn = store.begin_append(turn.conv_id, turn.ids[:m], start=start)
     engines: dict = {}  # logical device -> its engine (a model split over devices saves on each)
     # Before abort frees the blocks: every copy issued on every engine is done.
     txn.settle_with(lambda: [e.wait_ticket(e.record("d2h")) for e in list(engines.values())])
     sources = []
     try:
         for layer in range(num_layers):
-            k, v = cache.row_new_kv(layer, row, start - n, m - n)
+            k, v = turn.cache.row_new_kv(layer, row, start - n, m - n)
             sources.append((_dense(k), _dense(v)))
         for layer, (k, v) in enumerate(sources):
             device = streams.device_of(k)
             engine = engines.get(device)
             if engine is None:
-                engine = engines[device] = copy_engine(st, device)
+                engine = engines[device] = loader.engine_of(device)
                 if engine is None:
                     raise RuntimeError(f"no copy engine for {device} (layer {layer})")
                 _fence_compute(engine, device)
@@ -132,8 +118,8 @@ def save_async(session, cache, conv_tokens: torch.Tensor, row: int, n: int, star
             return
         on_disk.add_done_callback(lambda f: _chain(f, done))
 
-    session.last_save = done
-    saver_of(st).submit(session.conv_id, finish)
+    saver.submit(turn.conv_id, finish)
+    return done
 
 
 def _fence_compute(engine, device) -> None:

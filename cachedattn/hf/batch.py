@@ -43,10 +43,10 @@ import time
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from cachedattn.hf.saving import save_turn
 from cachedattn.hf.session import Session
+from cachedattn.hf.turn import Turn
 from cachedattn.transfer import guards, streams
-from cachedattn.transfer.gpu_load import GpuLoader, layer_parameters
+from cachedattn.transfer.gpu_load import layer_parameters
 
 log = logging.getLogger("cachedattn")
 
@@ -77,7 +77,7 @@ class _FirstToken(LogitsProcessor):
 
 
 class _RowKV:
-    """One row's new KV as save_turn reads it (row 0, tokens of the turn after its history):
+    """One row's new KV as a save reads a Turn's cache (row 0, tokens of the turn after its history):
     `cols` are the cache columns of those tokens, in order (holes between them skipped)."""
 
     def __init__(self, cache: DynamicCache, row: int, cols: torch.Tensor, tokens: torch.Tensor):
@@ -149,20 +149,16 @@ class BatchSession:
             out.append(ids)
         return out
 
-    def _open_history(self, row: Session, ids: torch.Tensor, loader):
-        """Row's stored history, opened (its conversation leased) but not read: (KVLoad or None,
-        the read buffer's GpuLoad when it holds this row's history, else None)."""
+    def _open_history(self, path, row: Session, ids: torch.Tensor):
+        """Row's stored history (hf.turn.History: its conversation leased, nothing read yet), or None.
+        The read buffer serves it when the engine filled it for this row's conversation."""
         if not row.weights_current or ids.numel() < 2:
-            return None, None
-        if loader is not None and loader.preloaded_conversation() == row.conv_id:
-            g = loader.take_preloaded(row.conv_id, ids, ids.numel() - 1)  # the engine filled it for this job
-            if g is not None:
-                return g.load, g
+            return None
         try:
-            return row.open_history(ids, ids.numel() - 1), None
+            return path.load_history(row.conv_id, ids, ids.numel() - 1, row.readahead, take_preload="own")
         except OSError as e:  # a failing store: this row computes its history
             self._row_failed(row, e)
-            return None, None
+            return None
 
     def _row_failed(self, row: Session, e: OSError) -> None:
         self.patched.store.count("recovered_turns")
@@ -171,40 +167,34 @@ class BatchSession:
     def _begin(self, ids: list[torch.Tensor]):
         """Opens every row's history before reading any: while the batch runs, every row's
         conversation is leased (in use), so reading or saving one row never evicts another
-        row's chunks. Returns (loads, staged): the caller closes the loads after the saves."""
-        loader = GpuLoader.for_model(self.patched, self.model)
-        loads, staged = [], []
+        row's chunks. Returns (the model's transfer path, each row's History or None): the
+        caller closes the histories after the saves."""
+        path = self.patched.transfer(self.model)
+        histories = []
         try:
             for row, x in zip(self.rows, ids):
                 row.weights_current = self.patched.kv.identity.check(self.model)
                 row.tier_tokens = {"host": 0, "disk": 0}
-                load, g = self._open_history(row, x, loader)
-                loads.append(load)
-                staged.append(g)
+                row.path = path
+                histories.append(self._open_history(path, row, x))
         except BaseException:
-            _close_all(loads, staged)
+            _close_all(histories)
             raise
-        return loader, loads, staged
+        return path, histories
 
-    def _read_row(self, r: int, row: Session, load, g, loader, ks, vs, H: int) -> int:
+    def _read_row(self, r: int, row: Session, history, ks, vs, H: int) -> int:
         """Row r's history into columns [H - n, H) of every layer's cache tensors; returns n (0 when
-        a chunk is bad: the row computes its history). With a copy engine the history goes from the
-        pinned blocks through the engine straight into those columns (no pageable staging)."""
-        n = load.n_tokens
-        sliding = self.patched.kv.sliding
+        a chunk is bad: the row computes its history). On the copy-engine path the history goes from
+        the pinned blocks through the engine straight into those columns (no pageable staging)."""
+        n = history.n_tokens
         try:
-            if loader is not None and g is None:
-                g = loader.start(load, n, sliding, row.readahead)
+            history.stage(row.readahead)
             try:
                 for i, (k, v) in enumerate(zip(ks, vs)):
-                    if g is not None:
-                        g.layer(i, k[r, :, H - n :], v[r, :, H - n :])
-                    else:
-                        load.read_layer(i, k[r, :, H - n :], v[r, :, H - n :])
+                    history.read_layer_into(i, k[r, :, H - n :], v[r, :, H - n :])
             finally:
-                if g is not None:
-                    g.release_staging()  # the load itself stays open until the rows are saved
-            row.tier_tokens = load.tier_tokens()
+                history.release_staging()  # the load itself stays open until the rows are saved
+            row.tier_tokens = history.tier_tokens()
             return n
         except OSError as e:  # a bad chunk or a failing store: this row computes its history
             self._row_failed(row, e)
@@ -213,9 +203,9 @@ class BatchSession:
                 v[r].zero_()
             return 0
 
-    def _layout(self, ids, loader, loads, staged, pad: int, device):
+    def _layout(self, ids, histories, pad: int, device):
         """Left-padded ids, mask and the history-filled cache of the layout in the module docstring."""
-        ns = [load.n_tokens if load is not None else 0 for load in loads]
+        ns = [h.n_tokens if h is not None else 0 for h in histories]
         H = max(ns)
         cache = DynamicCache(config=self.model.config)
         if H:
@@ -226,9 +216,9 @@ class BatchSession:
             for (h, d), p in zip(self.patched.kv.spec.layers, where):
                 ks.append(p.new_zeros((len(ids), h, H, d), dtype=dtype))
                 vs.append(p.new_zeros((len(ids), h, H, d), dtype=dtype))
-            for r, (row, load, g) in enumerate(zip(self.rows, loads, staged)):
-                if load is not None:
-                    ns[r] = self._read_row(r, row, load, g, loader, ks, vs, H)
+            for r, (row, history) in enumerate(zip(self.rows, histories)):
+                if history is not None:
+                    ns[r] = self._read_row(r, row, history, ks, vs, H)
             for layer, (k, v) in enumerate(zip(ks, vs)):
                 cache.update(k, v, layer)
         ms = [x.numel() - n for x, n in zip(ids, ns)]
@@ -262,9 +252,9 @@ class BatchSession:
         device = next(self.model.parameters()).device
         pad = kwargs.get("pad_token_id", self.model.generation_config.pad_token_id)
         pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
-        loader, loads, staged = self._begin(ids)
+        path, histories = self._begin(ids)
         try:
-            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, loader, loads, staged, pad, device)
+            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, histories, pad, device)
             first = _FirstToken(self.on_first_token)
             procs = LogitsProcessorList([first])
             kwargs = {**kwargs, "use_cache": True, "pad_token_id": pad}
@@ -289,9 +279,10 @@ class BatchSession:
                     kept = min(g.numel(), with_kv)
                     turn = torch.cat([x.to(g.device), g[:kept]])
                     cols = torch.arange(H + M - m, H + M + kept)
-                    save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
+                    kv = _RowKV(cache, r, cols, turn[n:].cpu())
+                    row.store_turn(path, Turn(row.conv_id, turn, n, kv, history=histories[r]))
         finally:
-            _close_all(loads, staged)  # the rows' conversations are in use until every row is saved
+            _close_all(histories)  # the rows' conversations are in use until every row is saved
         if hasattr(out, "sequences"):
             out.rows = gens
         return out if hasattr(out, "sequences") else gens
@@ -315,9 +306,9 @@ class BatchSession:
         pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
         kw = self.patched.kv.cache_kwarg
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-        loader, loads, staged = self._begin(ids)
+        path, histories = self._begin(ids)
         try:
-            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, loader, loads, staged, pad, device)
+            input_ids, mask, cache, ns, ms, H, M = self._layout(ids, histories, pad, device)
             # Positions from the mask, as generate derives them: a hole repeats its neighbour's (it is masked).
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids[:, H:], attention_mask=mask, position_ids=pos[:, H:], use_cache=True,
@@ -353,19 +344,17 @@ class BatchSession:
                 row.hidden_from = None
                 if row.save and row.weights_current:
                     cols = torch.cat([torch.arange(H + M - m, H + M), torch.arange(H + M + A - k, H + M + A)])
-                    save_turn(row, _RowKV(cache, r, cols, turn[n:].cpu()), turn, n)
+                    kv = _RowKV(cache, r, cols, turn[n:].cpu())
+                    row.store_turn(path, Turn(row.conv_id, turn, n, kv, history=histories[r]))
         finally:
-            _close_all(loads, staged)
+            _close_all(histories)
         return logits, seqs
 
 
-def _close_all(loads, staged=()) -> None:
-    for g in staged:
-        if g is not None:
-            g.release_staging()
-    for load in loads:
-        if load is not None:
-            load.close()
+def _close_all(histories) -> None:
+    for h in histories:
+        if h is not None:
+            h.close()
 
 
 def batch_session(model, conv_ids, save: bool = True, readahead: int | None = None) -> BatchSession:

@@ -152,6 +152,18 @@ class StoreBackedCache(DynamicCache):
         """True when every layer's stored history has been installed (read and checked)."""
         return not self._pending
 
+    @property
+    def history_tokens(self) -> int:
+        """Tokens of stored history this cache starts with (restored, not computed)."""
+        return self._n
+
+    @_disable
+    def check_unread_history(self) -> None:
+        """Reads (and so verifies) the history of layers no forward asked for yet: a bad chunk
+        surfaces now, while the turn can still be redone (before anything is sampled)."""
+        if self._pending and self._load is not None:
+            self._load.read_all()
+
     # ---- what transformers does to the rows, applied to the saved side too ----
 
     @_disable

@@ -4,26 +4,55 @@ forward and generate through sessions, leaving it untouched outside them."""
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from cachedattn.hf.async_saving import AsyncSaver
+from cachedattn.hf.paths import TransferPath, choose_path
 from cachedattn.hf.positions import PositionScheme, probe_positions
 from cachedattn.hf.probe import ModelKV, probe
 from cachedattn.hf.session import Session, current_session, validate_options
+from cachedattn.store import AttentionStore, keys
+from cachedattn.transfer.gpu_load import GpuLoader, layer_devices
 
 
 @dataclass
 class PatchState:
-    store: object
+    """What patch() binds to a model: its store, KV layout, position scheme, options and transfer path."""
+
+    store: AttentionStore
     kv: ModelKV
     positions: PositionScheme
     readahead: int | None
     options: dict
-    warned: set = field(default_factory=set)  # kinds of trouble already warned about (once per model)
-    gpu: object = None  # transfer.gpu_load.GpuLoader of the model's device, made at its first turn
-    saver: object = None  # hf.async_saving.AsyncSaver: saves in flight through the copy engine
-    save_engine: object = None  # a copy engine for saves when the model has no GPU loader (tests: the fake)
+    path: TransferPath  # chosen at patch (hf.paths); again only when the model's layers moved to other devices
+    warned: set[str] = field(default_factory=set)  # kinds of trouble already warned about (once per model)
+    _choosing: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def transfer(self, model) -> TransferPath:
+        """The path a turn of `model` takes now: the one chosen at patch, unless the model's layers
+        have moved to other devices since; then the old path is closed (its read buffer's lease
+        dropped, its saves finished, its idle staging freed) and one is chosen for the new devices."""
+        devices = layer_devices(model, self.kv.spec.num_layers)
+        with self._choosing:  # one thread closes the old path and chooses the new one
+            if self.path.devices != devices:
+                try:
+                    self.path.close()
+                finally:  # (choosing failed: the closed path stays, and the next turn chooses again)
+                    self.path = choose_path(model, self.store, self.kv, self.warned)
+            return self.path
+
+    @property
+    def gpu(self) -> GpuLoader | None:
+        """The copy-engine path's loader (None on the host path)."""
+        return self.path.loader
+
+    @property
+    def saver(self) -> AsyncSaver | None:
+        """The copy-engine path's background saves (None on the host path: saves finish in the turn)."""
+        return self.path.saver
 
 
 def patch(
@@ -66,7 +95,9 @@ def patch(
     kv = probe(model)
     positions = probe_positions(model, kv.cache_kwarg, kv.spec.num_layers)
     store.attach(kv.spec)
-    model._cachedattn = PatchState(store, kv, positions, readahead, options)
+    warned: set[str] = set()
+    path = choose_path(model, store, kv, warned)
+    model._cachedattn = PatchState(store, kv, positions, readahead, options, path, warned)
     forward, generate = model.forward, model.generate
 
     @functools.wraps(forward)
@@ -114,10 +145,9 @@ def unpatch(model):
     state = getattr(model, "_cachedattn", None)
     if state is None:
         return model
-    if state.gpu is not None:
-        state.gpu.drop_preloaded()  # a read buffer filled for this model's next turn holds a load open
-    if state.saver is not None:  # saves in flight finish before the model lets go of its store
-        state.saver.drain()
+    # A read buffer filled for this model's next turn holds a load open; saves in flight finish
+    # before the model lets go of its store.
+    state.path.close()
     del model.forward
     del model.generate
     del model._cachedattn
@@ -155,13 +185,5 @@ def preload(model, conv_id: str, input_ids) -> bool:
     state = getattr(model, "_cachedattn", None)
     if state is None:
         raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
-    from cachedattn.store import keys
-    from cachedattn.transfer.gpu_load import GpuLoader
-
-    loader = GpuLoader.for_model(state, model)
-    if loader is None:
-        return False
     conv_id = keys.validate_conversation_id(conv_id)
-    if state.saver is not None:  # its last turn may still be saving: preload what that turn commits
-        state.saver.wait(conv_id)
-    return loader.preload(state.store, conv_id, input_ids, state.kv.sliding, state.readahead)
+    return state.transfer(model).preload(conv_id, input_ids, state.readahead)

@@ -1,14 +1,16 @@
 """After a turn: which of the cache's rows holds the KV of the returned tokens,
-and storing it best effort (a save that fails never costs the caller the answer).
+which tokens of it may be stored, and storing them through the store's append
+on the turn's thread (the host path; the copy-engine path issues the same
+range through hf.async_saving). A save that fails never costs the caller the
+answer: it is counted and warned about once.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 import torch
-
-from cachedattn.hf.async_saving import copy_engine, save_async
 
 log = logging.getLogger("cachedattn")
 
@@ -32,46 +34,41 @@ def provable_row(computed: torch.Tensor | None, wanted: torch.Tensor) -> tuple[i
     return row, int(lengths[row])
 
 
-def warn_once(state, kind: str, msg: str, *args) -> None:
-    """Logs a warning the first time `kind` happens for this patched model, later ones at debug level."""
-    if kind in state.warned:
+def saved_range(turn, start: int | None = None) -> tuple[int, int, int] | None:
+    """(row, start, end): the cache row and the tokens [start, end) of turn.ids to store, or None
+    when there is nothing to store. `start` defaults to the end of the reused history."""
+    n = turn.reused
+    start = n if start is None else start
+    row, length = provable_row(turn.cache.computed_tokens(), turn.ids[n:].cpu())
+    m = n + length
+    if turn.hidden_from is not None:  # KV after a token the mask hid is not what a later turn computes
+        m = min(m, turn.hidden_from)
+    return None if m <= start else (row, start, m)
+
+
+def save_on_host(store, num_layers: int, turn, row: int, start: int, m: int) -> Future:
+    """Stores tokens [start, m) of `row` through one append; returns its commit (done once on disk)."""
+    n = turn.reused
+    with store.begin_append(turn.conv_id, turn.ids[:m], start=start) as txn:
+        for layer in range(num_layers):
+            k, v = turn.cache.row_new_kv(layer, row, start - n, m - n)
+            txn.put_layer(layer, k.detach(), v.detach())
+        return txn.commit()
+
+
+def warn_once(warned: set, kind: str, msg: str, *args) -> None:
+    """Logs a warning the first time `kind` happens (per patched model: `warned` is its set), later ones at debug level."""
+    if kind in warned:
         log.debug(msg, *args)
     else:
-        state.warned.add(kind)
+        warned.add(kind)
         log.warning(msg + " (warned once per model; later ones are logged at debug level)", *args)
 
 
-def save_turn(session, cache, token_ids: torch.Tensor, n: int, start: int | None = None) -> None:
-    """Stores the KV of tokens [start, n + provable) (start defaults to n), or nothing if the store refuses."""
-    st = session.patched
-    start = n if start is None else start
-    row, length = provable_row(cache.computed_tokens(), token_ids[n:].cpu())
-    m = n + length
-    if session.hidden_from is not None:  # KV after a token the mask hid is not what a later turn computes
-        m = min(m, session.hidden_from)
-    if m <= start:
-        return
-    if copy_engine(st) is not None:  # the GPU path: copies on the engine's D2H stream, commit in the background
-        try:
-            save_async(session, cache, token_ids, row, n, start, m, lambda e: _skipped(session, e))
-        except Exception as e:
-            _skipped(session, e)
-        return
-    try:
-        with st.store.begin_append(session.conv_id, token_ids[:m], start=start) as txn:
-            for layer in range(st.kv.spec.num_layers):
-                k, v = cache.row_new_kv(layer, row, start - n, m - n)
-                txn.put_layer(layer, k.detach(), v.detach())
-            session.last_save = txn.commit()
-    except Exception as e:
-        _skipped(session, e)
-
-
-def _skipped(session, e: Exception) -> None:
+def skipped(store, warned: set, conv_id: str, e: Exception) -> None:
     """The answer is computed and right: losing its KV costs only a later recompute."""
-    st = session.patched
-    st.store.count("skipped_saves")
+    store.count("skipped_saves")
     warn_once(
-        st, f"save:{type(e).__name__}", "cachedattn: the KV of a turn of %r was not stored (%s: %s)",
-        session.conv_id, type(e).__name__, e,
+        warned, f"save:{type(e).__name__}", "cachedattn: the KV of a turn of %r was not stored (%s: %s)",
+        conv_id, type(e).__name__, e,
     )  # fmt: skip

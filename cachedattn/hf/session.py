@@ -6,9 +6,11 @@ stored prefix of it, computes only the rest, and stores the new KV (prompt and
 generated tokens) for the next turn. s.reused_tokens, s.computed_tokens,
 s.generated_tokens, s.tier_tokens and s.ttft describe the last turn.
 s.continue_turn(ids) feeds more tokens (a known answer, say) through the same
-turn's cache and stores their KV too. What saving and batching read of a
-session is public: s.patched (the model's PatchState), s.hidden_from (the
-first token this turn's mask hides), s.weights_current and s.open_history().
+turn's cache and stores their KV too.
+
+A turn's history is opened and its KV stored through the model's transfer
+path (hf.paths, chosen at patch: s.path is the one the current turn takes);
+what a save needs is handed over as one hf.turn.Turn value.
 
 The cache never costs the caller a turn: a stored chunk found bad while the
 history is read reruns the turn from the store's cut (the history is consumed
@@ -21,6 +23,7 @@ or a miss.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import time
 
@@ -29,11 +32,10 @@ import torch
 from cachedattn.hf.cache import StoreBackedCache
 from cachedattn.hf.masks import first_hidden, generate_pad_eos
 from cachedattn.hf.modes import check_generate
-from cachedattn.hf.saving import save_turn
 from cachedattn.hf.truncation import POLICIES, truncate_turn
+from cachedattn.hf.turn import Turn
 from cachedattn.store import keys
 from cachedattn.transfer import guards, streams
-from cachedattn.transfer.gpu_load import GpuLoader
 
 log = logging.getLogger("cachedattn")
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("cachedattn_session", default=None)
@@ -92,13 +94,15 @@ class Session:
         self.tier_tokens = {"host": 0, "disk": 0}  # where the reused tokens came from
         self.ttft: float | None = None
         self.turns = 0
-        self._last: tuple[StoreBackedCache, torch.Tensor, int] | None = None  # cache, kept ids, history
+        self._last: Turn | None = None  # the last plain forward's turn (continue_turn extends it)
+        self.path = state.path  # the transfer path (hf.paths) of the current turn, asked again at each turn
         self._cuda = streams.is_async(next(model.parameters()).device)  # a GPU (or a simulated one)
         self.on_first_token = None  # called once per turn when its first token exists (the engine's read buffer)
         self.last_save = None  # Future: the last turn's KV is on disk
         self._t0 = None
         self._token = None
         self._cache: StoreBackedCache | None = None  # the turn's cache while it runs
+        self._history = None  # hf.turn.History: the stored prefix the turn reused (None: nothing)
         self._emitted = False  # the turn's first forward finished: nothing may be redone any more
         self._prompt_len = 0  # tokens of the turn's input (after truncation)
         self.weights_current = True  # this turn's weights are those the store's KV was computed with
@@ -126,6 +130,7 @@ class Session:
             raise ValueError("input_ids is empty")
         # Before any KV is read: KV of other weights is never served, and this turn's is not stored under theirs.
         self.weights_current = self.patched.kv.identity.check(self.model)
+        self.path = self.patched.transfer(self.model)
         self._t0 = time.perf_counter()
         self.ttft = None
         self.dropped_tokens = 0
@@ -143,58 +148,26 @@ class Session:
         self._prompt_len = input_ids.shape[1]
         return input_ids
 
-    def open_history(self, ids: torch.Tensor, limit: int):
-        """An open load of the longest stored prefix of ids (at most `limit` tokens), or None.
-
-        Lookup and load are one step when the store offers it (load_prefix);
-        otherwise a conversation cut, dropped or rewritten in between surfaces
-        from load as a KeyError, ValueError or TypeError: look up once more,
-        then treat it as a miss (the turn computes everything)."""
-        store = self.patched.store
-        if self.patched.saver is not None:  # this conversation's last turn may still be saving
-            self.patched.saver.wait(self.conv_id)
-        load_prefix = getattr(store, "load_prefix", None)
-        load = None
-        for _ in range(2):
-            try:
-                if load_prefix is not None:
-                    load = load_prefix(self.conv_id, ids, limit=limit, readahead=self.readahead)
-                else:
-                    n = min(store.lookup(self.conv_id, ids), limit)
-                    load = store.load(self.conv_id, n, readahead=self.readahead) if n > 0 else None
-                break
-            except (KeyError, ValueError, TypeError) as e:
-                log.debug("cachedattn: %r changed between lookup and load (%s); looking up again", self.conv_id, e)
-        if load is not None and load.n_tokens == 0:
-            load.close()
-            load = None
-        return load
-
     def _open(self, input_ids: torch.Tensor, history: bool) -> tuple[StoreBackedCache, int]:
         # At least one token must go through the model to produce logits.
         limit = input_ids.shape[1] - 1
         if self.hidden_from is not None:
             limit = min(limit, self.hidden_from)
         reuse = history and limit > 0 and self.weights_current
-        loader = GpuLoader.for_model(self.patched, self.model)
-        gpu = loader.take_preloaded(self.conv_id, input_ids, limit) if loader is not None and reuse else None
-        if loader is not None and not reuse:
-            loader.drop_preloaded()
-        load = gpu.load if gpu is not None else self.open_history(input_ids[0], limit) if reuse else None
-        n = load.n_tokens if load is not None else 0
+        found = self.path.load_history(self.conv_id, input_ids[0], limit if reuse else 0, self.readahead)
+        n = found.n_tokens if found is not None else 0
         try:
-            if gpu is None and loader is not None and load is not None:
-                # layerwise=False (load, then compute): every layer staged at once, from the pinned blocks
-                readahead = self.readahead if self.layerwise else self.patched.kv.spec.num_layers
-                gpu = loader.start(load, n, self.patched.kv.sliding, readahead)
+            # layerwise=False (load, then compute): on the engine path every layer staged at once
+            readahead = self.readahead if self.layerwise else self.patched.kv.spec.num_layers
+            gpu = found.stage(readahead) if found is not None else None
+            load = found.load if found is not None else None
             cache = StoreBackedCache(self.model.config, load, n, self.patched.kv.sliding, self.layerwise, gpu)
         except BaseException:
-            if gpu is not None:
-                gpu.close()
-            elif load is not None:
-                load.close()
+            if found is not None:
+                found.close()
             raise
-        self.tier_tokens = load.tier_tokens() if load is not None else {"host": 0, "disk": 0}
+        self._history = found
+        self.tier_tokens = found.tier_tokens() if found is not None else {"host": 0, "disk": 0}
         self.reused_tokens = n
         self.computed_tokens = input_ids.shape[1] - n
         self.generated_tokens = 0
@@ -233,12 +206,21 @@ class Session:
         if cache is not None:
             cache.close_load()
 
-    def _finish(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> None:
+    def _finish(self, cache: StoreBackedCache, token_ids: torch.Tensor, n: int) -> Turn:
+        turn = Turn(self.conv_id, token_ids, n, cache, self.hidden_from, self._history)
         try:
-            if self.save and self.weights_current:
-                save_turn(self, cache, token_ids, n)
+            self.store_turn(self.path, turn)
         finally:
             self._close(cache)
+        return turn
+
+    def store_turn(self, path, turn: Turn, start: int | None = None) -> None:
+        """Stores the turn's new KV (from `start`) through `path`, if this session saves and its
+        weights are those the store's KV was computed with; last_save follows the save."""
+        if self.save and self.weights_current:
+            saved = path.save(turn, start)
+            if saved is not None:
+                self.last_save = saved
 
     def _fit_to_window(self, kwargs) -> dict:
         """After truncation, masks and positions given for the full ids no longer apply (batch 1: rebuilt)."""
@@ -263,8 +245,8 @@ class Session:
         if self._emitted:
             return
         cache = self._cache
-        if cache is not None and not cache.history_consumed() and cache._load is not None:
-            cache._load.read_all()  # layers the forward never asked for: checked now, before anything is sampled
+        if cache is not None:
+            cache.check_unread_history()  # layers the forward never asked for: checked now, before anything is sampled
         self._emitted = True
         if self.ttft is None and self._t0 is not None:
             if self._cuda:  # kernels run asynchronously: the first token exists when they are done
@@ -281,7 +263,7 @@ class Session:
             if args:
                 kwargs["input_ids"], args = args[0], args[1:]
             if cache is self._cache and not self._emitted:
-                kwargs = _skip_history(kwargs, cache._n, self._prompt_len)
+                kwargs = _skip_history(kwargs, cache.history_tokens, self._prompt_len)
             cache.note_tokens(kwargs.get("input_ids"))
         out = forward(*args, **kwargs)
         self._first_forward_done()
@@ -303,14 +285,13 @@ class Session:
             return out
 
         out, cache, n = self._run(input_ids, call)
-        self._finish(cache, input_ids[0], n)
-        self._last = (cache, input_ids[0], n)
+        self._last = self._finish(cache, input_ids[0], n)
         return out
 
     @property
     def turn_ids(self) -> torch.Tensor | None:
         """The token ids of the current turn as the model saw them (after any truncation), or None."""
-        return None if self._last is None else self._last[1]
+        return None if self._last is None else self._last.ids
 
     def continue_turn(self, new_ids: torch.Tensor, **kwargs):
         """Runs more tokens of the current turn (e.g. an answer known in advance)
@@ -318,7 +299,8 @@ class Session:
         Returns the model's output for them."""
         if self._last is None:
             raise ValueError("continue_turn follows a plain forward of this session (not generate, not another turn)")
-        cache, ids, n = self._last
+        turn = self._last
+        cache, ids = turn.cache, turn.ids
         if not isinstance(new_ids, torch.Tensor) or new_ids.dim() != 2 or new_ids.shape[0] != 1:
             raise ValueError("continue_turn takes a [1, tokens] tensor of new token ids")
         total = ids.shape[0] + new_ids.shape[1]
@@ -336,9 +318,8 @@ class Session:
         hidden = first_hidden(ids[None], kwargs.get("attention_mask"))
         if hidden is not None:
             self.hidden_from = hidden if self.hidden_from is None else min(self.hidden_from, hidden)
-        if self.save and self.weights_current:
-            save_turn(self, cache, ids, n, start=ids.shape[0] - new_ids.shape[1])
-        self._last = (cache, ids, n)
+        self._last = dataclasses.replace(turn, ids=ids, hidden_from=self.hidden_from)
+        self.store_turn(self.path, self._last, start=ids.shape[0] - new_ids.shape[1])
         return out
 
     def run_generate(self, generate, input_ids, kwargs):

@@ -114,11 +114,7 @@ def _rewrite(session, input_ids, kept, stored: int, drop: int, rotate: bool) -> 
 
 def _gpu_engine(session):
     """(copy engine, its device) of a model served on a GPU (or a simulated one), else (None, None)."""
-    loader = getattr(session.patched, "gpu", None)
-    device = getattr(loader, "device", None)
-    if device is None or not streams.is_async(device):
-        return None, None
-    return loader.engine, device
+    return session.path.cuda_engine()
 
 
 def _rotate_on_gpu(positions, kept_keys: list[torch.Tensor], delta: int, engine, device) -> None:

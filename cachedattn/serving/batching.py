@@ -15,6 +15,7 @@ from collections import deque
 
 from cachedattn.hf.batch import ALLOWED as BATCH_OPTIONS
 from cachedattn.serving.job import Job
+from cachedattn.store.spec import ChunkGeometry
 
 log = logging.getLogger("cachedattn")
 
@@ -48,6 +49,7 @@ class BatchFormer:
             self._model_solo = ("the model has sliding-window layers (the padding holes of a batch would shorten "
                                 "the window per row: not exact)")
         self._logged: set[str] = set()
+        self._block_bytes: int | None = None
 
     def solo_reason(self, job: Job) -> str | None:
         """Why this job cannot run in a batch (None: it can)."""
@@ -70,7 +72,9 @@ class BatchFormer:
         """Host bytes a running row holds: its history's blocks (the open load) and its new chunks (the
         append): the turn's tokens in whole chunks, plus the partial chunk both share (copied on write)."""
         chunk = self.store.config.chunk_tokens
-        return (-(-job_tokens(job) // chunk) + 1) * self.store._geometry.block_bytes
+        if self._block_bytes is None:  # the store's chunk block for this model (it is attached by now)
+            self._block_bytes = ChunkGeometry(self.store.spec, chunk).block_bytes
+        return (-(-job_tokens(job) // chunk) + 1) * self._block_bytes
 
     def take(self, queue: deque, host_cap: int | None) -> list[Job]:
         """Pops the next batch from a non-empty queue (the caller holds its lock): the head job,

@@ -245,10 +245,10 @@ class Engine:
     def _release_staging(self) -> None:
         """The queue ran dry: the GPU staging buffers no load holds go back to the allocator
         (the next turn allocates what it needs; a read buffer still filled keeps its own)."""
-        loader = getattr(getattr(self.model, "_cachedattn", None), "gpu", None)
-        if loader is not None:
+        state = getattr(self.model, "_cachedattn", None)
+        if state is not None:
             try:
-                loader.trim()
+                state.path.trim()
             except Exception as e:  # bookkeeping, never the job's failure
                 log.warning("cachedattn: freeing idle GPU staging failed (%s: %s)", type(e).__name__, e)
 

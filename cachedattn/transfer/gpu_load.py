@@ -227,7 +227,7 @@ def layer_parameters(model, num_layers: int) -> list[torch.Tensor]:
     return out
 
 
-def _layer_devices(model, num_layers: int) -> list[tuple[torch.device, torch.device]]:
+def layer_devices(model, num_layers: int) -> list[tuple[torch.device, torch.device]]:
     """(logical, physical) device of each layer (see layer_parameters)."""
     return [(streams.device_of(p), p.device) for p in layer_parameters(model, num_layers)]
 
@@ -243,24 +243,23 @@ class GpuLoader:
         self._ahead: tuple[str, torch.Tensor, GpuLoad] | None = None  # conv id, ids, preloaded turn
 
     @classmethod
-    def for_model(cls, state, model) -> GpuLoader | None:
-        """The loader of a patched model's current devices (None: the host path)."""
-        devices = _layer_devices(model, state.kv.spec.num_layers)
-        cur = getattr(state, "gpu", None)
-        if cur is not None and cur.devices == devices:
-            return cur
-        if cur is not None:  # the model moved: the old devices' read buffer holds a load (a lease) open
-            cur.drop_preloaded()
-            cur.trim()
+    def create(cls, devices, num_layers: int, pinned: bool | None = None) -> GpuLoader | None:
+        """A loader for layers on `devices` (see layer_devices), or None when one of those devices has
+        no copy engine (transfer.factory: then the model takes the host path). ``pinned``: whether the
+        store's host pool is page-locked (the native engine needs it)."""
         engines = {}
         for logical, physical in dict(devices).items():
-            engine = engine_for(physical, state.kv.spec.num_layers, getattr(state.store, "gpu_pinned", None))
+            engine = engine_for(physical, num_layers, pinned)
             if engine is None:
-                state.gpu = None
                 return None
             engines[logical] = engine
-        state.gpu = cls(devices, engines)
-        return state.gpu
+        return cls(devices, engines)
+
+    def close(self) -> None:
+        """Lets go of what the loader holds between turns: the read buffer's load (its lease on the
+        conversation) and the idle staging buffers (the model moved to other devices, or was unpatched)."""
+        self.drop_preloaded()
+        self.trim()
 
     @property
     def device(self) -> torch.device:

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import cachedattn
+from cachedattn.transfer.factory import FAKE_ENV
 from cachedattn.transfer.fake_engine import FakeCopyEngine
 
 from .models import VOCAB, tiny_model
@@ -13,12 +14,18 @@ from .models import VOCAB, tiny_model
 TURNS = [37, 120, 20]
 
 
+@pytest.fixture(autouse=True)
+def _fake_engine(monkeypatch):
+    """The copy-engine path is chosen at patch: the deferred fake engine stands in for a GPU's."""
+    monkeypatch.setenv(FAKE_ENV, "1")
+
+
 def _patched(make_store, arch="llama"):
     model = tiny_model(arch)
     store = make_store()
     cachedattn.patch(model, store)
-    engine = FakeCopyEngine(-1, model.config.num_hidden_layers)
-    model._cachedattn.save_engine = engine
+    engine = model._cachedattn.path.loader.engine
+    assert isinstance(engine, FakeCopyEngine)
     return model, store, engine
 
 
@@ -134,11 +141,9 @@ def test_the_next_turn_waits_for_the_append_in_flight(make_store, monkeypatch):
 def test_store_close_with_a_save_in_flight_frees_its_blocks_after_the_copies(make_store):
     import threading
 
-    from cachedattn.hf.async_saving import saver_of
-
     model, store, engine = _patched(make_store)
     hold = threading.Event()
-    saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: the turn's save stays queued
+    model._cachedattn.saver.submit("other", hold.wait)  # the worker is busy: the turn's save stays queued
     try:
         _, seq = _one_turn(model)
         assert engine.pending("d2h") > 0  # its copies are issued and not yet performed

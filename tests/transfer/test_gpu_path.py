@@ -239,8 +239,6 @@ def test_engine_read_buffer_goes_to_the_gpu(tmp_path):
 def test_preload_waits_for_the_conversations_save_in_flight(make_store):
     import threading
 
-    from cachedattn.hf.async_saving import saver_of
-
     model = tiny_model("llama")
     cachedattn.patch(model, make_store())
     ids = torch.randint(1, VOCAB, (1, 60), generator=torch.Generator().manual_seed(5))
@@ -248,7 +246,7 @@ def test_preload_waits_for_the_conversations_save_in_flight(make_store):
     with torch.no_grad():
         with cachedattn.session(model, "q"):
             model(ids[:, :1])  # the model's loader and saver exist from here on
-        saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: q's next save stays queued
+        model._cachedattn.saver.submit("other", hold.wait)  # the worker is busy: q's next save stays queued
         with cachedattn.session(model, "q"):
             model(ids)
         got = []

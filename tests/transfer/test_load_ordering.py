@@ -175,7 +175,7 @@ def test_a_full_attention_history_is_copied_once_into_the_layers_own_tensor(stor
             model(ids)
         with cachedattn.session(model, "c") as s:
             model(torch.cat([ids, ids[:, :3]], 1))
-    cache = s._last[0]
+    cache = s._last.cache
     assert [t[0] for t in targets] == [0, 1, 2]
     for i, kp, vp in targets:
         assert (cache.layers[i].keys.data_ptr(), cache.layers[i].values.data_ptr()) == (kp, vp)

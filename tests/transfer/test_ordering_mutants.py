@@ -40,6 +40,8 @@ MODULES = [
     "cachedattn.transfer.staging",
     "cachedattn.hf.async_saving",
     "cachedattn.hf.saving",
+    "cachedattn.hf.paths",
+    "cachedattn.hf.turn",
     "cachedattn.hf.cache",
     "cachedattn.hf.session",
     "cachedattn.hf.patch",
@@ -375,14 +377,12 @@ def scenario_store_closed_mid_turn(tmp):
 
 
 def scenario_store_closed_mid_save(tmp):
-    from cachedattn.hf.async_saving import saver_of
-
     model, store = tiny_model("llama"), _store(tmp)
     cachedattn.patch(model, store)
     hold = threading.Event()
     with cachedattn.session(model, "x"):
         model(_ids(2, 6))  # the model's loader and saver exist from here on
-    saver_of(model._cachedattn).submit("other", hold.wait)  # the worker is busy: the next save stays queued
+    model._cachedattn.saver.submit("other", hold.wait)  # the worker is busy: the next save stays queued
     try:
         with cachedattn.session(model, "w"):
             model(_ids(60, 6))
@@ -462,14 +462,14 @@ def test_each_mutant_is_killed(name, tmp_path):
 def test_a_mutant_removes_exactly_its_call():
     name = "hf/async_saving.py:save_async:wait_ticket#2"
     site = {s.name: s for s in mutants.find_sites(MODULES)}[name]
-    from cachedattn.hf import async_saving, saving
+    from cachedattn.hf import async_saving, paths
 
     real = async_saving.save_async
     with mutants.apply(site):
-        assert async_saving.save_async is not real and saving.save_async is async_saving.save_async  # both bindings
+        assert async_saving.save_async is not real and paths.save_async is async_saving.save_async  # both bindings
         src = mutants.mutated_source(site)
         assert src.count("wait_ticket") == 1 and "e.wait_ticket(e.record" in src  # the other one stays
-    assert async_saving.save_async is real and saving.save_async is real
+    assert async_saving.save_async is real and paths.save_async is real
 
 
 @pytest.mark.parametrize("name", sorted(NOT_KILLED))
