@@ -112,7 +112,7 @@ class KVLoad:
         chunk = self._chunks[pos]
         path = self._store._disk.path(self._conv.dirname, chunk.file or "?")
         self._error = ChunkCorruptError(err, f"stored KV chunk {chunk.index} of {self._conv.id!r} is bad ({why})", path)
-        self._store._mover.on_bad_chunk(self._conv, chunk, why)
+        self._store._exec.bad_chunk(self._conv, chunk, why)
         raise self._error
 
     def _check_usable(self) -> None:

@@ -14,7 +14,7 @@ from cachedattn.store import keys
 from cachedattn.store.chunk_file import ChunkCorruptError
 from cachedattn.store.conversation import common_prefix
 from cachedattn.store.load import KVLoad
-from cachedattn.store.state import ChunkState, ConvState
+from cachedattn.store.index import Plan
 
 
 def done_future(value=None) -> Future:
@@ -36,11 +36,12 @@ class Reader:
         HOST_WAIT_S at most) stops before the first of them (load_prefix/prefetch: None
         when that leaves nothing; load: a load of fewer tokens, see KVLoad.n_tokens)."""
         s = self.s
+        ix = s._index
         toks = None if token_ids is None else keys.as_token_array(token_ids)
         s._resolve(conv_id)
-        with s._critical():
+        with ix.lock:
             s._check_ready()
-            conv = s._convs.get(conv_id) if isinstance(conv_id, str) else None
+            conv = ix.get(conv_id, required=False)
             if toks is not None:
                 s._stats.add(lookups=1)
                 if conv is None:
@@ -55,7 +56,7 @@ class Reader:
                 n = conv.ntokens
             else:
                 if conv is None:
-                    s._get(conv_id)  # raises the right error
+                    ix.get(conv_id)  # raises the right error
                 if isinstance(n_tokens, bool) or not 0 <= n_tokens <= conv.ntokens:
                     raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
                 n = int(n_tokens)
@@ -63,23 +64,23 @@ class Reader:
             chunks = conv.chunks[: -(-n // C)]
             held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.in_host}
             from_disk = [i for i in range(len(chunks)) if i not in held]
-            lease = s._lease(conv, "prefetch" if prefetch else "load")
+            lease = ix.lease(conv, "prefetch" if prefetch else "load")
             s.policy.on_access(conv.id)
         try:
-            fresh = s._mover.alloc(len(from_disk), foreground=not prefetch, partial=True) if from_disk else []
+            fresh = s._exec.alloc(len(from_disk), foreground=not prefetch, partial=True) if from_disk else []
         except BaseException:
             for b in held.values():
                 b.release()
-            s._release(lease)
+            s._exec.release(lease)
             raise
         if len(fresh) < len(from_disk):  # host memory ran out: the load stops before the first chunk left out
             cut = from_disk[len(fresh)]
             for i in [i for i in held if i >= cut]:
                 held.pop(i).release()
             chunks, from_disk, n = chunks[:cut], from_disk[: len(fresh)], min(n, cut * C)
-            s._shortened(f"host memory is full (all {s._host.capacity_blocks} chunk blocks are in use)")
+            s._shortened(f"host memory is full (all {ix.host.capacity_blocks} chunk blocks are in use)")
             if cut == 0 and (toks is not None or prefetch):
-                s._release(lease)
+                s._exec.release(lease)
                 return None  # a miss
         fresh_iter = iter(fresh)
         blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
@@ -92,9 +93,9 @@ class Reader:
         s = self.s
         keys.validate_conversation_id(conv_id)
         s._resolve(conv_id)
-        with s._critical():
+        with s._index.lock:
             s._check_ready()
-            conv = s._convs.get(conv_id)
+            conv = s._index.convs.get(conv_id)
             if conv is None or all(c.in_host for c in conv.chunks):
                 return done_future(0)  # gone meanwhile, or nothing to bring in
 
@@ -116,15 +117,15 @@ class Reader:
         s = self.s
         adopted = 0
         disk_set = set(ld._disk_pos)
-        with s._critical():
+        plan = Plan()
+        with s._index.lock:
             for pos, (c, b) in enumerate(zip(ld._chunks, ld._blocks)):
-                if whole and pos in disk_set and c.state is ChunkState.DISK and ld._conv.state is ConvState.READY:
-                    c.host = b  # this load's reference becomes the chunk's own
-                    c.move(ChunkState.HOST_DISK)
-                    adopted += 1
+                if whole and pos in disk_set and s._index.adopt_read(ld._conv, c, b):
+                    adopted += 1  # this load's reference became the chunk's own
                 else:
                     b.release()
-            s._release(ld._lease)
+            s._index.release(ld._lease, plan)
+        s._exec.run(plan)
         if whole:
             s._stats.add(disk_hits=len(ld._disk_pos))
         if ld._prefetch:

@@ -26,7 +26,8 @@ from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.host_tier import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
 from cachedattn.store.state import ChunkState, ConvState
-from cachedattn.store.tiering import on_store_thread
+from cachedattn.store.executor import on_store_thread
+from cachedattn.store.index import Plan
 
 log = logging.getLogger("cachedattn")
 
@@ -107,9 +108,9 @@ class RemoteSync:
         s, C = self.s, self.s._geometry.chunk_tokens
         if not self.tier.usable() or len(toks) == 0:
             return 0
-        with s._critical():
+        with s._index.lock:
             s._check_ready()
-            conv = s._convs.get(conv_id)
+            conv = s._index.convs.get(conv_id)
             if conv is not None and (conv.state is not ConvState.READY or conv.writer is not None):
                 return 0
             chunks = list(conv.chunks) if conv is not None else []
@@ -129,7 +130,7 @@ class RemoteSync:
         if not got or k * C + sum(len(g.tokens) for g in got) <= local:
             return 0
         try:  # on the store's own threads (a prefetch) only what is free at once: they never wait for memory
-            blocks = s._mover.alloc(len(got), foreground=not on_store_thread())
+            blocks = s._exec.alloc(len(got), foreground=not on_store_thread())
         except HostMemoryFull:
             return 0
         for b, g in zip(blocks, got):
@@ -137,12 +138,12 @@ class RemoteSync:
         return self._adopt(conv_id, k, parent, got, blocks)
 
     def _adopt(self, conv_id: str, k: int, parent: bytes, got, blocks) -> int:
-        s = self.s
-        with s._critical():
-            conv = s._convs.get(conv_id)
-            usable = not s._closing
+        s, ix, plan = self.s, self.s._index, Plan()
+        with ix.lock:
+            conv = ix.convs.get(conv_id)
+            usable = not ix.closing
             if conv is None and usable and k == 0:
-                conv = s._new_conversation(conv_id)
+                conv = ix.new_conversation(conv_id, keys.root_key(s.spec.fingerprint, conv_id))
             if conv is not None and usable:
                 last = conv.chunks[k - 1].key if k else conv.root
                 usable = conv.state is ConvState.READY and conv.writer is None and len(conv.chunks) >= k and last == parent
@@ -153,17 +154,15 @@ class RemoteSync:
                 for b in blocks:
                     b.release()
                 return 0
-            gen, last = s._next_gen(), len(got) - 1
+            gen, last = ix.next_gen(), len(got) - 1
             new = [
                 Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b, gen=gen, tail=i == last)
                 for i, (g, b) in enumerate(zip(got, blocks))
             ]
-            for old in conv.chunks[k:]:
-                s._mover.retire(conv, old, replaced=True)
-            conv.chunks = conv.chunks[:k] + new
-            s.policy.on_access(conv.id)
+            ix.replace_tail(conv, k, new, plan)
             s._stats.add(remote_hits=len(new))
             if s.config.write_through:
                 for c in new:
-                    s._mover.schedule_write(conv, c)
+                    ix.write_through(conv, c, plan)
+        s._exec.run(plan)
         return len(new)

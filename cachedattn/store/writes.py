@@ -17,7 +17,8 @@ import numpy as np
 from cachedattn.store import keys
 from cachedattn.store.append import KVAppend
 from cachedattn.store.chunk_file import ChunkCorruptError
-from cachedattn.store.conversation import Chunk, Conversation, common_prefix
+from cachedattn.store.conversation import Chunk, common_prefix
+from cachedattn.store.index import Plan
 from cachedattn.store.reads import done_future
 from cachedattn.store.state import ChunkState, ConvState
 
@@ -39,16 +40,18 @@ class Writer:
             raise ValueError(f"start={start!r} must be an integer in [0, {len(toks)}]")
         start = int(start)
         s._resolve(conv_id)
-        with s._critical():
+        ix = s._index
+        with ix.lock:
             s._check_ready()
-            conv = s._convs.get(conv_id) if isinstance(conv_id, str) else None
+            conv = ix.get(conv_id, required=False)
             if conv is None:
-                conv = s._new_conversation(keys.validate_conversation_id(conv_id))
+                keys.validate_conversation_id(conv_id)
+                conv = ix.new_conversation(conv_id, keys.root_key(s.spec.fingerprint, conv_id))
             if conv.writer is not None:
                 raise ValueError(f"conversation {conv_id!r} already has an append in progress")
             stored = common_prefix(conv.tokens(), toks)
             if start > stored:
-                s._mover.forget_if_empty(conv)
+                ix.forget_if_empty(conv, Plan())  # a conversation made just now: no files to plan for
                 raise ValueError(
                     f"start={start}, but only the first {stored} of these tokens are stored for {conv_id!r}: "
                     f"the KV of tokens [{stored}, {start}) would be missing"
@@ -59,27 +62,29 @@ class Writer:
             src = conv.chunks[first] if start % C and nblocks else None
             src_ref = src.host.acquire() if src is not None and src.in_host else None
             parent = conv.chunks[first - 1].key if first else conv.root
-            lease = s._lease(conv, "append")
+            lease = ix.lease(conv, "append")
         blocks, staged, reserved = [], None, 0
         try:
-            blocks = s._mover.alloc(nblocks, foreground=True)
+            blocks = s._exec.alloc(nblocks, foreground=True)
             if src is not None:
                 try:
-                    s._mover.copy_into(conv, src, src_ref, blocks[0])
+                    self._copy_into(conv, src, src_ref, blocks[0])
                 except ChunkCorruptError as e:
                     raise ValueError(
                         f"the stored history of {conv_id!r} was cut (chunk {src.index} is bad: {e.strerror}); "
                         "nothing to append to"
                     ) from e
             if s.config.write_through and len(toks) > start and nblocks:
-                with s._critical():
-                    while reserved < nblocks and s._mover.disk_usable() and s._mover.reserve_disk(conv):
+                plan = Plan()
+                with ix.lock:
+                    while reserved < nblocks and ix.disk_usable() and ix.reserve_disk(conv, plan):
                         reserved += 1
+                s._exec.run(plan)
                 if reserved == nblocks:
                     try:
                         staged = s._disk_tier.stage(conv, nblocks)
                     except OSError as e:
-                        s._disk_failed(e, "writing")
+                        ix.disk_failed(e, "writing")
                 if staged is None:
                     self._unreserve(reserved)
                     reserved = 0
@@ -90,17 +95,30 @@ class Writer:
             self._unreserve(reserved)
             for b in blocks:
                 b.release()
-            s._release(lease)
+            s._exec.release(lease)
             raise
         finally:
             if src_ref is not None:
                 src_ref.release()
 
+    def _copy_into(self, conv, c: Chunk, ref, block) -> None:
+        """Fills a fresh block with an existing chunk (copy on write of a partial chunk); no lock held.
+        ref: a held reference to the chunk's host block, or None to read it from disk."""
+        if ref is not None:
+            block.view().copy_(ref.view())
+            return
+        try:
+            self.s._disk_tier.get_into(conv, c, block)
+        except ChunkCorruptError as e:
+            self.s._exec.bad_chunk(conv, c, e.strerror or str(e))
+            raise
+        self.s._stats.add(disk_bytes_read=self.s._geometry.block_bytes)
+
     def _unreserve(self, n: int) -> None:
         if n:
-            with self.s._critical():
+            with self.s._index.lock:
                 for _ in range(n):
-                    self.s._disk_tier.unreserve()
+                    self.s._index.disk.unreserve()
 
     def commit(self, txn: KVAppend) -> Future:
         s = self.s
@@ -110,33 +128,30 @@ class Writer:
             i = txn.first_index + j
             pieces.append((i, txn.tokens[i * C : min(n, (i + 1) * C)].copy(), txn.sums[j], block))
         conv, first = txn.conv, txn.first_index
-        with s._critical():
+        ix, plan = s._index, Plan()
+        with ix.lock:
             gone = conv.state is ConvState.GONE
             parent = conv.chunks[first - 1].key if 0 < first <= len(conv.chunks) else conv.root
             cut = not gone and (len(conv.chunks) < first or parent != txn.parent)
             if not (gone or cut):
-                new, gen = [], s._next_gen()
+                new, gen = [], ix.next_gen()
                 for j, (i, t, sums, block) in enumerate(pieces):
                     key = keys.chunk_key(parent, t)
                     state = ChunkState.WRITING if txn.staged is not None else ChunkState.HOST
                     new.append(Chunk(i, t, key, parent, sums, state, host=block, gen=gen, tail=j == len(pieces) - 1))
                     parent = key
-                for old in conv.chunks[first:]:
-                    s._mover.retire(conv, old, replaced=True)
-                conv.chunks = conv.chunks[:first] + new
-                s._mover.settle(conv)  # a pure truncation: the kept chunks may all be on disk already
+                ix.replace_tail(conv, first, new, plan)
                 if s._remote is not None:  # write-behind to the shared tier, off this path
                     s._remote.write_behind(new)
                 s._stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * s.spec.kv_bytes_per_token())
-                s.policy.on_access(conv.id)
-                writes = []
                 if txn.staged is not None:
-                    jobs = [s._mover._start_write(conv, c) for c in new]
-                    writes.append(s._submit(self._finish_staged, conv, new, jobs, txn.staged, txn.batches))
+                    plan.staged.append((conv, new, ix.start_writes(conv, new), txn.staged, txn.batches))
                 elif s.config.write_through:
-                    writes = [w for w in (s._mover.schedule_write(conv, c) for c in new) if w is not None]
+                    for c in new:
+                        ix.write_through(conv, c, plan)
                 txn.staged = None
-            s._release(txn.lease)
+            ix.release(txn.lease, plan)
+        writes = s._exec.run(plan)
         if gone or cut:
             self._drop_staged(txn)
             for *_, b in pieces:
@@ -150,7 +165,7 @@ class Writer:
         self._drop_staged(txn)
         for b in txn.blocks:
             b.release()
-        self.s._release(txn.lease)
+        self.s._exec.release(txn.lease)
 
     def _drop_staged(self, txn: KVAppend) -> None:
         if txn.staged is None:
@@ -158,18 +173,6 @@ class Writer:
         staged, txn.staged = txn.staged, None
         self.s._disk_tier.drop_staged(staged, txn.batches)
         self._unreserve(len(staged))
-
-    def _finish_staged(self, conv: Conversation, chunks: list[Chunk], jobs, staged, batches) -> None:
-        """Completes layer-by-layer chunk files (store thread, no lock), then records each."""
-        s = self.s
-        try:
-            results = s._disk_tier.finish_staged(conv, chunks, staged, batches)
-        finally:
-            for *_, ref in jobs:
-                ref.release()
-        with s._critical():
-            for c, (name, err) in zip(chunks, results):
-                s._mover.written(conv, c, name, err)
 
 
 def _all_done(futures: list[Future]) -> Future:

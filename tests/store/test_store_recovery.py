@@ -161,8 +161,8 @@ def test_history_cut_during_an_append_stores_nothing(make_store, tokens):
     s.append("a", tokens[:64], kv).result()
     txn = s.begin_append("a", tokens[:80], 64)
     txn.put(make_kv(SPEC, 16, 2))
-    with s._lock:  # what a load finding chunk 1 damaged does
-        s._on_bad_chunk(s._convs["a"], s._convs["a"].chunks[1], "test")
+    conv = s._index.convs["a"]
+    s._on_bad_chunk(conv, conv.chunks[1], "test")  # what a load finding chunk 1 damaged does
     with pytest.raises(ValueError, match="was cut"):
         txn.commit().result()
     assert s.lookup("a", tokens) == 16
