@@ -16,11 +16,16 @@ for writes already running on other threads.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
-from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.index import Index, Plan
+from cachedattn.store.recovery import read_chain
+from cachedattn.store.state import ConvState
+
+log = logging.getLogger("cachedattn")
 
 HOST_WAIT_S = 0.1  # the longest a caller waits for host blocks that writes in flight are about to free
 
@@ -37,12 +42,13 @@ def on_store_thread() -> bool:
 
 
 class Executor:
-    def __init__(self, index: Index, submit, check_open):
+    def __init__(self, index: Index, submit):
         self.index = index
-        self.disk = None  # the disk tier (DiskBackend), once attached with one
+        self.disk = None  # the disk tier (disk_tier.DiskTier), once attached with one
+        self.files = None  # its files (chunk_files.ChunkFiles), where recovery reads headers
         self.host_bytes = 0  # the configured host memory, for messages
         self._submit = submit  # runs a job on the store's threads, returns its future
-        self._check_open = check_open
+        self._warned_short = False
 
     # ---- plans ---------------------------------------------------------------------
 
@@ -63,7 +69,7 @@ class Executor:
             for conv, c, ref in cur.writes:
                 name, err = None, None
                 try:
-                    name = self.disk.put_from(conv, c, ref)
+                    name = self.disk.write_chunk(conv, c, ref)
                 except OSError as e:
                     err = e
                 finally:
@@ -72,10 +78,10 @@ class Executor:
                     self.index.written(conv, c, name, err, plan)
         return futures
 
-    def _finish_staged(self, conv, chunks, jobs, staged, batches) -> None:
+    def _finish_staged(self, conv, chunks, jobs, writer) -> None:
         """Completes an append's layer-by-layer chunk files (store thread), then reports each."""
         try:
-            results = self.disk.finish_staged(conv, chunks, staged, batches)
+            results = writer.finish(chunks)
         finally:
             for *_, ref in jobs:
                 ref.release()
@@ -111,6 +117,42 @@ class Executor:
             self.index.bad_chunk(conv, c, why, plan)
         self.run(plan)
 
+    def resolve(self, conv_id) -> None:
+        """Reads the chunk headers of a conversation found at open, once, without the lock
+        (its lookups wait meanwhile; nobody else does)."""
+        if not isinstance(conv_id, str):
+            return
+        ix = self.index
+        while True:
+            with ix.lock:
+                conv = ix.convs.get(conv_id)
+                if conv is None or conv.state in (ConvState.READY, ConvState.GONE):
+                    return
+                if conv.state is ConvState.RESOLVING:
+                    ix.cond.wait(timeout=0.05)
+                    continue
+                ix.check_open()
+                conv.move(ConvState.RESOLVING)
+                lease = ix.lease(conv, "resolve")
+                files, conv.found = conv.found, None
+            try:
+                chunks, stale, damaged = read_chain(self.files, conv.id, conv.dirname, conv.root, files)
+            except Exception as e:  # unexpected: keep nothing of it rather than fail the caller
+                log.warning("cachedattn: cannot read the stored chunks of %r (%s); dropped", conv.id, e)
+                chunks, stale, damaged = [], [name for *_, name in files], 0
+            plan = Plan()
+            with ix.lock:
+                ix.resolved(conv, chunks, stale, damaged, lease, plan)
+            self.run(plan)
+            return
+
+    def shortened(self, why: str) -> None:
+        """A load was cut short because a resource ran out: counted, logged once."""
+        self.index.stats.add(shortened_loads=1)
+        if not self._warned_short:
+            self._warned_short = True
+            log.warning("cachedattn: %s; loads are shortened meanwhile (history recomputed, logged once)", why)
+
     # ---- host memory ---------------------------------------------------------------
 
     def alloc(self, n: int, foreground: bool, partial: bool = False) -> list:
@@ -127,7 +169,7 @@ class Executor:
             while True:
                 plan = Plan()
                 with ix.lock:
-                    self._check_open()
+                    ix.check_open()
                     while len(blocks) < n:
                         b = ix.host.try_alloc()
                         if b is None:

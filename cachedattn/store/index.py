@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from cachedattn.store import keys, lock_order
@@ -41,7 +42,7 @@ class Plan:
 
     writes: list = field(default_factory=list)  # (conv, chunk, block ref): write now, report with written()
     queued: list = field(default_factory=list)  # (conv, chunk, block ref): the same, each a job on the store's threads
-    staged: list = field(default_factory=list)  # (conv, chunks, jobs, staged files, batches): finish on the store's threads
+    staged: list = field(default_factory=list)  # (conv, chunks, jobs, tier writer): finish on the store's threads
     deletes: list = field(default_factory=list)  # (dirname, file name)
     rmdirs: list = field(default_factory=list)  # conversation directories no conversation uses any more
 
@@ -82,8 +83,27 @@ class Index:
         self.host = None  # the block pool (try_alloc, capacity, used), once attached
         self.disk: DiskSpace | None = None  # None: no disk tier
         self.disk_error: str | None = None  # the disk failed: new KV stays in host memory
-        self.closing = False
+        self.closing = False  # close() began: every call raises "the store is closed"
+        self.attached = False  # bound to a model (AttentionStore.attach)
+        self.open = weakref.WeakSet()  # open loads and appends, for close() to end
         self._warned_no_victim = False
+
+    # ---- the store's own state -----------------------------------------------------
+
+    def check_open(self) -> None:
+        if self.closing:
+            raise ValueError("the store is closed")
+
+    def check_ready(self) -> None:
+        self.check_open()
+        if not self.attached:
+            raise ValueError("the store is not attached to a model yet: call attach(spec) or cachedattn.patch()")
+
+    def register(self, obj) -> None:
+        """An open load or append, for close() to end (takes the lock)."""
+        with self.lock:
+            self.check_open()
+            self.open.add(obj)
 
     # ---- conversations -----------------------------------------------------------
 

@@ -1,11 +1,12 @@
 """AttentionStore: every conversation's KV cache between turns, in host memory
 and on disk, found again by its token ids.
 
-The parts, by composition: the index (index.py: conversations, chunk states,
-leases, the store lock; its transitions return plans), the executor
-(executor.py: carries plans out with no lock held and reports back), the
-tiers (host blocks, disk files, the remote), the Reader (loads, prefetches)
-and the Writer (appends). The lock is held only for bookkeeping, never for
+The parts (core.py), by composition: the index (index.py: conversations,
+chunk states, leases, the store lock; its transitions return plans), the
+executor (executor.py: carries plans out with no lock held and reports
+back), the block pool (block_pool.py) and the tiers that carry chunks into
+and out of its blocks (tier.py: disk_tier.py, remote_tier.py). Loads
+(load.py) and appends (append.py) are built from those parts. The lock is held only for bookkeeping, never for
 I/O, so a lookup never waits for a disk. Blocks are reference counted, so a
 block under a read or write in flight is never handed to anyone else;
 conversations are leased by their open loads and appends, so nothing they
@@ -22,25 +23,22 @@ import numpy as np
 
 from cachedattn import native
 from cachedattn.store import keys
-from cachedattn.store.chunk_file import parse_version
+from cachedattn.store import queue_policies  # noqa: F401  (registers "queue" and "predictive")
+from cachedattn.store.append import KVAppend, begin_append
+from cachedattn.store.block_pool import BlockPool
+from cachedattn.store.chunk_files import ChunkFiles, DirectoryLock, parse_version
 from cachedattn.store.config import StoreConfig
 from cachedattn.store.conversation import common_prefix
-from cachedattn.store.disk_backend import DiskBackend
-from cachedattn.store.disk_tier import DirectoryLock, DiskTier
+from cachedattn.store.core import Core
+from cachedattn.store.disk_tier import DiskTier
 from cachedattn.store.eviction import EvictionPolicy, make_policy
-from cachedattn.store.executor import Executor, mark_store_thread
-from cachedattn.store.index import DiskSpace, Index, Plan
-from cachedattn.store import queue_policies  # noqa: F401  (registers "queue" and "predictive")
-from cachedattn.store.host_tier import HostTier
-from cachedattn.store.load import KVLoad
-from cachedattn.store.reads import Reader, done_future
-from cachedattn.store.recovery import read_chain
+from cachedattn.store.index import DiskSpace, Plan
+from cachedattn.store.load import KVLoad, done_future, open_load, prefetch
 from cachedattn.store.remote_sync import RemoteSync
 from cachedattn.store.remote_tier import RemoteTier, RemoteUnavailable
 from cachedattn.store.spec import ChunkGeometry, KVSpec
 from cachedattn.store.state import ConvState
 from cachedattn.store.stats import StoreStats
-from cachedattn.store.writes import Writer
 
 log = logging.getLogger("cachedattn")
 MAX_HOST_BLOCKS = (1 << 32) - 1  # the native pool numbers its blocks with 32 bits
@@ -79,22 +77,13 @@ class AttentionStore:
         self.config = config if config is not None else StoreConfig(**given)
         self.policy = make_policy(eviction if eviction is not None else self.config.eviction)
         self._stats = StoreStats()
-        self._index = Index(self.policy, self._stats)
-        self._index.closing = True
-        self._exec = Executor(self._index, self._submit, self._check_open)
-        self._pending: set[Future] = set()
-        self._open = weakref.WeakSet()  # open loads and appends
-        self._warned_short = False
-        self.spec: KVSpec | None = None
-        self._geometry: ChunkGeometry | None = None
-        self._host: HostTier | None = None
-        self._disk: DiskTier | None = None  # the files
-        self._disk_tier: DiskBackend | None = None  # the tier made of them
-        self._engine = None
-        self._remote: RemoteSync | None = None  # the shared Redis tier, when configured
-        self._reader, self._writer = Reader(self), Writer(self)
-        dirlock = DirectoryLock(self.config.disk_dir) if self.config.disk_dir else None
         self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="cachedattn-store")
+        self._core = core = Core(self.config, self.policy, self._stats, self._executor)
+        self._index, self._exec = core.index, core.executor
+        self._index.closing = True
+        self.spec: KVSpec | None = None
+        self._engine = None
+        dirlock = DirectoryLock(self.config.disk_dir) if self.config.disk_dir else None
         self._finalizer = weakref.finalize(self, _release_resources, self._executor, dirlock, False)
         self._index.closing = self._closed = False
         try:
@@ -132,13 +121,13 @@ class AttentionStore:
                 f"{geo.block_bytes} bytes, more than the limit of {MAX_HOST_BLOCKS}; "
                 "raise chunk_tokens or lower host_bytes"
             )
-        host = HostTier(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
+        host = BlockPool(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
         disk = None
         try:
             engine = native.io_engine(cfg.io_backend, threads=cfg.io_threads, pool=host.pool)
             found = {}
             if cfg.disk_dir:
-                disk = DiskTier(cfg.disk_dir, spec.fingerprint, cfg.disk_bytes, geo, engine, cfg.sync_writes)
+                disk = ChunkFiles(cfg.disk_dir, spec.fingerprint, geo, engine, cfg.sync_writes)
                 if cfg.disk_bytes < disk.file_bytes:
                     raise ValueError(f"disk_bytes: {cfg.disk_bytes} is less than one chunk file ({disk.file_bytes})")
                 found = disk.scan()  # I/O: before taking the lock
@@ -148,10 +137,12 @@ class AttentionStore:
                 self._check_open()
                 if self.spec is not None:  # attached by another thread meanwhile
                     raise _AlreadyAttached
-                self.spec, self._geometry, self._host, self._engine = spec, geo, host, engine
-                self._disk = disk
-                self._disk_tier = DiskBackend(disk) if disk is not None else None
-                ix.host, self._exec.disk, self._exec.host_bytes = host, self._disk_tier, cfg.host_bytes
+                core = self._core
+                self.spec = core.spec = spec
+                core.geometry, core.pool, self._engine = geo, host, engine
+                core.files, core.disk = disk, DiskTier(disk) if disk is not None else None
+                ix.host, ix.attached = host, True
+                self._exec.disk, self._exec.files, self._exec.host_bytes = core.disk, disk, cfg.host_bytes
                 if disk is not None:
                     ix.disk = DiskSpace(cfg.disk_bytes, disk.file_bytes, sum(len(f) for _, f in found.values()))
                 for conv_id, (dirname, files) in found.items():
@@ -159,7 +150,7 @@ class AttentionStore:
                     conv.state, conv.found = ConvState.FOUND, files
                     ix.gen = max([ix.gen] + [parse_version(name)[0] for *_, name in files])
                 if cfg.remote:
-                    self._remote = self._open_remote(spec, geo)
+                    core.remote = self._open_remote(spec, geo)
                 if disk is not None:
                     ix.make_disk_room(0, plan)
                     log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(ix.convs))
@@ -179,10 +170,10 @@ class AttentionStore:
             log.warning("cachedattn: %s; continuing without the remote tier", e)
             return None
         # Queued chunks hold their host blocks: at most a quarter of host memory waits for Redis.
-        return RemoteSync(self, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
+        return RemoteSync(self._core, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
 
     @staticmethod
-    def _discard(host: HostTier, disk: DiskTier | None) -> None:
+    def _discard(host: BlockPool, disk: ChunkFiles | None) -> None:
         """What a failed or redundant attach() made: the pinned pool now, the directory descriptors too."""
         host.close()
         if disk is not None:
@@ -237,7 +228,7 @@ class AttentionStore:
 
     def load(self, conv_id: str, n_tokens: int, readahead: int | None = None) -> KVLoad:
         """Starts loading the KV of the first n_tokens; read it per layer from the returned KVLoad."""
-        return self._reader.open(conv_id, n_tokens=n_tokens, readahead=readahead)
+        return open_load(self._core, conv_id, n_tokens=n_tokens, readahead=readahead)
 
     def load_prefix(self, conv_id: str, token_ids, limit: int | None = None, readahead: int | None = None) -> KVLoad | None:
         """lookup + load in one step: a load of the longest stored prefix of token_ids (at most
@@ -247,13 +238,13 @@ class AttentionStore:
         if self._remote is not None:
             self._resolve(conv_id)
             self._from_remote(conv_id, keys.as_token_array(token_ids))
-        return self._reader.open(conv_id, token_ids=token_ids, limit=limit, readahead=readahead)
+        return open_load(self._core, conv_id, token_ids=token_ids, limit=limit, readahead=readahead)
 
     def prefetch(self, conv_id: str) -> Future:
         """Brings a conversation from disk into host memory in the background; the future gives the
         chunks read (0 when there is nothing to bring in, or the conversation is gone). It never
         waits for host memory: when none can be freed at once it fails with HostMemoryFull."""
-        return self._reader.prefetch(conv_id)
+        return prefetch(self._core, conv_id)
 
     def prefetch_remote(self, conv_id: str, token_ids) -> Future:
         """Brings the chunks the remote tier holds beyond what is stored here for this prefix of
@@ -268,14 +259,14 @@ class AttentionStore:
             self._resolve(conv_id)
             return self._remote.fill(conv_id, toks)
 
-        return self._submit(job)
+        return self._core.submit(job)
 
-    def begin_append(self, conv_id: str, token_ids, start: int):
+    def begin_append(self, conv_id: str, token_ids, start: int) -> KVAppend:
         """Starts storing the KV of token_ids[start:]; token_ids[:start] must be stored already.
 
         Stored tokens from `start` on (a diverged or regenerated tail) are replaced at commit.
         """
-        return self._writer.begin_append(conv_id, token_ids, start)
+        return begin_append(self._core, conv_id, token_ids, start)
 
     def append(self, conv_id: str, token_ids, kv, start: int = 0) -> Future:
         """begin_append + put every layer + commit, in one call."""
@@ -293,7 +284,7 @@ class AttentionStore:
         with self._index.lock:
             self._check_ready()
             conv = self._index.get(conv_id)
-            if self._disk_tier is None:
+            if self._core.disk is None:
                 raise ValueError("this store has no disk tier: demoting would drop the KV (use drop())")
             if conv.owners:
                 raise ValueError(f"conversation {conv_id!r} is in use by an open load or append")
@@ -382,7 +373,7 @@ class AttentionStore:
             self._remote.flush()
         while True:
             with self._index.lock:
-                pending = list(self._pending)
+                pending = list(self._core.pending)
             if not pending:
                 return
             for f in pending:
@@ -397,7 +388,7 @@ class AttentionStore:
                 return
             ix.closing = True  # from here on every call raises "the store is closed"
         try:
-            for obj in list(self._open):
+            for obj in list(self._index.open):
                 obj._cancel()
             with ix.lock:
                 while ix.leases:  # loads being opened right now: they give up at registration
@@ -432,42 +423,30 @@ class AttentionStore:
     # ---- internals ------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._index.closing:
-            raise ValueError("the store is closed")
+        self._index.check_open()
 
     def _check_ready(self) -> None:
-        self._check_open()
-        if self.spec is None:
-            raise ValueError("the store is not attached to a model yet: call attach(spec) or cachedattn.patch()")
+        self._index.check_ready()
 
     def _resolve(self, conv_id) -> None:
-        """Reads the chunk headers of a conversation found at open, once, without the lock
-        (its lookups wait meanwhile; nobody else does)."""
-        if not isinstance(conv_id, str):
-            return
-        ix = self._index
-        while True:
-            with ix.lock:
-                conv = ix.convs.get(conv_id)
-                if conv is None or conv.state in (ConvState.READY, ConvState.GONE):
-                    return
-                if conv.state is ConvState.RESOLVING:
-                    ix.cond.wait(timeout=0.05)
-                    continue
-                self._check_open()
-                conv.move(ConvState.RESOLVING)
-                lease = ix.lease(conv, "resolve")
-                files, conv.found = conv.found, None
-            try:
-                chunks, stale, damaged = read_chain(self._disk, conv.id, conv.dirname, conv.root, files)
-            except Exception as e:  # unexpected: keep nothing of it rather than fail the caller
-                log.warning("cachedattn: cannot read the stored chunks of %r (%s); dropped", conv.id, e)
-                chunks, stale, damaged = [], [name for *_, name in files], 0
-            plan = Plan()
-            with ix.lock:
-                ix.resolved(conv, chunks, stale, damaged, lease, plan)
-            self._exec.run(plan)
-            return
+        self._exec.resolve(conv_id)
+
+    # What tests, tools and the serving engine read (the parts, by their old names).
+    @property
+    def _geometry(self) -> ChunkGeometry | None:
+        return self._core.geometry
+
+    @property
+    def _host(self) -> BlockPool | None:
+        return self._core.pool
+
+    @property
+    def _disk(self) -> ChunkFiles | None:
+        return self._core.files
+
+    @property
+    def _remote(self) -> RemoteSync | None:
+        return self._core.remote
 
     def _from_remote(self, conv_id, toks) -> None:
         """Adopts what the remote tier holds beyond the local prefix of toks (nothing without one)."""
@@ -479,34 +458,6 @@ class AttentionStore:
             self._check_open()
             self._stats.add(remote_errors=1)
             log.warning("cachedattn: reading %r from the remote tier failed (%s: %s); served locally", conv_id, type(e).__name__, e)
-
-    def _register(self, obj) -> None:
-        """An open load or append, for close() to end."""
-        with self._index.lock:
-            self._check_open()
-            self._open.add(obj)
-
-    def _shortened(self, why: str) -> None:
-        """A load was cut short because a resource ran out: counted, logged once."""
-        self._stats.add(shortened_loads=1)
-        if not self._warned_short:
-            self._warned_short = True
-            log.warning("cachedattn: %s; loads are shortened meanwhile (history recomputed, logged once)", why)
-
-    def _submit(self, fn, *args) -> Future:
-        def job():
-            mark_store_thread()
-            return fn(*args)
-
-        fut = self._executor.submit(job)
-        with self._index.lock:
-            self._pending.add(fut)
-        fut.add_done_callback(self._untrack)
-        return fut
-
-    def _untrack(self, fut: Future) -> None:
-        with self._index.lock:
-            self._pending.discard(fut)
 
     # Kept for tests and tools that cut a conversation at a chunk (what a bad read does).
     def _on_bad_chunk(self, conv, chunk, why: str) -> None:

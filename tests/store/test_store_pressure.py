@@ -12,7 +12,7 @@ import torch
 
 import cachedattn
 from cachedattn import AttentionStore
-from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.spec import ChunkGeometry
 
 from ..hf.models import VOCAB, tiny_model

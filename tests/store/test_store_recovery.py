@@ -221,7 +221,7 @@ def test_writing_a_chunk_again_never_reuses_the_name_of_its_earlier_file():
     """A chunk whose file was evicted (deletion pending until the lock is released or the
     last load ends) and then written again must get another name: else the pending deletion
     would remove the new file."""
-    from cachedattn.store.chunk_file import file_name, parse_file_name, parse_version
+    from cachedattn.store.chunk_files import file_name, parse_file_name, parse_version
 
     key = bytes(range(16))
     a, b = file_name(3, 16, key, gen=12345, tail=True), file_name(3, 16, key, gen=12345, tail=True)

@@ -41,7 +41,7 @@ class FailedBatch:
 
 
 class Faults:
-    """Disk faults injected under the store's file layer (DiskTier), at a seeded rate."""
+    """Disk faults injected under the store's file layer (ChunkFiles), at a seeded rate."""
 
     def __init__(self, store: AttentionStore, rng: random.Random, write_err: int, write_after: float):
         self.rng, self.write_err, self.write_after = rng, write_err, write_after

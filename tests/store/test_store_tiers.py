@@ -97,13 +97,13 @@ def test_write_back_mode_writes_only_on_demotion(make_store, tmp_path, tokens):
 
 def test_full_disk_degrades_to_host_only(make_store, tokens, monkeypatch, caplog):
     s = make_store()
-    from cachedattn.store.disk_tier import DiskTier
+    from cachedattn.store.chunk_files import ChunkFiles
 
     def no_space(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.root))
 
-    monkeypatch.setattr(DiskTier, "write_tmp", no_space)
-    monkeypatch.setattr(DiskTier, "finish_tmps", no_space)
+    monkeypatch.setattr(ChunkFiles, "write_tmp", no_space)
+    monkeypatch.setattr(ChunkFiles, "finish_tmps", no_space)
     kv = make_kv(SPEC, 40, 1)
     with caplog.at_level(logging.WARNING, logger="cachedattn"):
         s.append("a", tokens[:40], kv).result()

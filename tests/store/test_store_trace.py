@@ -1,6 +1,10 @@
 """How much of the store one cached load walks through: the modules and classes
-a reader following it meets (measured with sys.setprofile; the issue's "before"
-was 12 modules / 13 classes from host memory, 15 / 16 from disk)."""
+a reader following it meets (measured with sys.setprofile).
+
+Before the index and tier readers (this test on that code): 11 modules / 13
+classes from host memory, 14 / 16 from disk. Now a load meets the index, one
+plan and, from disk, one tier reader (with the files it opens and the
+executor that finds blocks)."""
 
 import pytest
 
@@ -9,7 +13,7 @@ from cachedattn.testing.trace import entered
 from .conftest import SPEC, make_kv
 
 # Upper bounds of one cached load (lookup, per-layer reads, close) in cachedattn.store.
-BOUNDS = {"host": (12, 14), "disk": (15, 16)}
+BOUNDS = {"host": (11, 13), "disk": (15, 18)}
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
