@@ -302,7 +302,7 @@ class KVAppend:
             ix.release(txn.lease, plan)
         writes = core.executor.run(plan)
         if gone or cut:
-            txn._abandon_writer()
+            self._abandon_writer()
             for *_, b in pieces:
                 b.release()
             if cut:  # a damaged chunk before `start` was removed meanwhile: this KV no longer has its history
