@@ -86,7 +86,7 @@ def test_tied_tensors_digest_like_equal_copies():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tensor_digest_is_the_same_on_the_gpu(monkeypatch):
-    from cachedattn.store import fingerprint
+    from cachedattn.hf import weights as fingerprint
 
     monkeypatch.setattr(fingerprint, "_PIECE_BYTES", 1000)  # several pieces, the last one short
     t = torch.randn(123, 45, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
