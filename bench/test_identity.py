@@ -16,7 +16,7 @@ import torch
 import xxhash
 
 from cachedattn.hf.identity import WeightsIdentity
-from cachedattn.store.fingerprint import model_tensors, weights_digest
+from cachedattn.hf.weights import model_tensors, weights_digest
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def _row(report, benchmark, name, case, nbytes, raw_times=None):
 
 
 def _chunk_files(store):
-    conv = store._convs["bench"]
+    conv = store._index.convs["bench"]
     return [store._disk.path(conv.dirname, c.file) for c in conv.chunks]
 
 

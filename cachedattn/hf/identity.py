@@ -1,6 +1,6 @@
 """Are a patched model's weights still the ones its store's KV was computed with?
 
-patch() keys the store by a digest of every weight byte (store.fingerprint),
+patch() keys the store by a digest of every weight byte (hf.weights),
 but weights can change afterwards in the same process: an in-place op
 (``p.add_``, an optimizer step, ``load_state_dict``), ``p.data = other``, a
 module swapped for another. Hashing every byte at every turn would cost
@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-from cachedattn.store.fingerprint import combine, model_tensors, tensor_digests
+from cachedattn.hf.weights import combine, model_tensors, tensor_digests
 
 log = logging.getLogger("cachedattn")
 

@@ -18,7 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from cachedattn.hf.identity import WeightsIdentity
-from cachedattn.store import KVSpec, model_digest
+from cachedattn.hf.weights import model_digest
+from cachedattn.store import KVSpec
 
 PROBE_TOKENS = 5
 # The incremental-decoding check: a longer sequence, cut at several points.

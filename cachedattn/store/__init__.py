@@ -2,9 +2,8 @@
 
 from cachedattn.store.append import KVAppend
 from cachedattn.store.config import StoreConfig
-from cachedattn.store.fingerprint import model_digest
 from cachedattn.store.eviction import EvictionPolicy, FIFOPolicy, LRUPolicy, QueueView, register_policy
-from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.load import ChunkCorruptError, KVLoad
 from cachedattn.store.spec import KVSpec
 from cachedattn.store.store import AttentionStore
@@ -22,5 +21,4 @@ __all__ = [
     "QueueView",
     "HostMemoryFull",
     "ChunkCorruptError",
-    "model_digest",
 ]

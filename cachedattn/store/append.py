@@ -1,11 +1,15 @@
-"""KVAppend: new KV of a conversation, handed over layer by layer.
+"""Appends: new KV of a conversation, handed over layer by layer (KVAppend).
 
-Layers are copied into host blocks as they arrive, and with write-through
-each layer's ranges are at once submitted for writing to the chunks'
-temporary files, so copying layer i+1 overlaps with writing layer i (put_layer
-returns after its copy; the writes run on the I/O engine). Nothing is visible
-to lookups or loads until commit(), which publishes all chunks at once; the
-returned future completes when the files are complete and renamed into place.
+begin_append decides under the store lock (the conversation, a lease on it,
+where the new chunks start) and finds memory, copies the partial chunk it
+extends and opens the tier writer without it. Layers are copied into host
+blocks as they arrive, and with write-through each layer is at once handed
+to the disk tier's writer (tier.py), so copying layer i+1 overlaps with
+writing layer i (put_layer returns after its copy; the writes run on the I/O
+engine). Nothing is visible to lookups or loads until commit(), which
+publishes all chunks at once under the lock; the returned future completes
+when the files are complete and renamed into place (the executor finishes
+the writer on the store's threads and reports each chunk to the index).
 """
 
 from __future__ import annotations
@@ -16,30 +20,133 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from cachedattn.store import lock_order
-from cachedattn.store.chunk_file import layer_checksum
+from cachedattn.store import keys, lock_order
+from cachedattn.store.conversation import Chunk, common_prefix
+from cachedattn.store.index import Plan
+from cachedattn.store.load import done_future
+from cachedattn.store.record import ChunkCorruptError, layer_checksum
+from cachedattn.store.state import ChunkState, ConvState
+
+
+
+def failed_future(exc: BaseException) -> Future:
+    f: Future = Future()
+    f.set_exception(exc)
+    return f
+
+
+def begin_append(core, conv_id: str, token_ids, start: int) -> KVAppend:
+    """Starts storing the KV of token_ids[start:] (see AttentionStore.begin_append)."""
+    toks = keys.as_token_array(token_ids)
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= len(toks):
+        raise ValueError(f"start={start!r} must be an integer in [0, {len(toks)}]")
+    start = int(start)
+    core.executor.resolve(conv_id)
+    ix = core.index
+    with ix.lock:
+        core.index.check_ready()
+        conv = ix.get(conv_id, required=False)
+        if conv is None:
+            keys.validate_conversation_id(conv_id)
+            conv = ix.new_conversation(conv_id, keys.root_key(core.spec.fingerprint, conv_id))
+        if conv.writer is not None:
+            raise ValueError(f"conversation {conv_id!r} already has an append in progress")
+        stored = common_prefix(conv.tokens(), toks)
+        plan = None
+        if start > stored:
+            plan = Plan()
+            ix.forget_if_empty(conv, plan)
+        else:
+            C = core.geometry.chunk_tokens
+            first = start // C
+            nblocks = -(-len(toks) // C) - first
+            src = conv.chunks[first] if start % C and nblocks else None
+            src_ref = src.host.acquire() if src is not None and src.in_host else None
+            parent = conv.chunks[first - 1].key if first else conv.root
+            lease = ix.lease(conv, "append")
+    if plan is not None:
+        core.executor.run(plan)
+        raise ValueError(
+            f"start={start}, but only the first {stored} of these tokens are stored for {conv_id!r}: "
+            f"the KV of tokens [{stored}, {start}) would be missing"
+        )
+    blocks, writer, reserved = [], None, 0
+    try:
+        blocks = core.executor.alloc(nblocks, foreground=True)
+        if src is not None:
+            try:
+                _copy_into(core, conv, src, src_ref, blocks[0])
+            except ChunkCorruptError as e:
+                raise ValueError(
+                    f"the stored history of {conv_id!r} was cut (chunk {src.index} is bad: {e.strerror}); "
+                    "nothing to append to"
+                ) from e
+        if core.config.write_through and len(toks) > start and nblocks:
+            plan = Plan()
+            with ix.lock:
+                while reserved < nblocks and ix.disk_usable() and ix.reserve_disk(conv, plan):
+                    reserved += 1
+            core.executor.run(plan)
+            if reserved == nblocks:
+                try:
+                    writer = core.disk.open_write(conv, nblocks)
+                except OSError as e:
+                    ix.disk_failed(e, "writing")
+            if writer is None:
+                _unreserve(core, reserved)
+                reserved = 0
+        return KVAppend(core, conv, lease, toks, start, blocks, writer, parent)
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        _unreserve(core, reserved)
+        for b in blocks:
+            b.release()
+        core.executor.release(lease)
+        raise
+    finally:
+        if src_ref is not None:
+            src_ref.release()
+
+def _copy_into(core, conv, c: Chunk, ref, block) -> None:
+    """Fills a fresh block with an existing chunk (copy on write of a partial chunk); no lock held.
+    ref: a held reference to the chunk's host block, or None to read it from disk."""
+    if ref is not None:
+        block.view().copy_(ref.view())
+        return
+    try:
+        core.disk.read_chunk(conv, c, block)
+    except ChunkCorruptError as e:
+        core.executor.bad_chunk(conv, c, e.strerror or str(e))
+        raise
+    core.stats.add(disk_bytes_read=core.geometry.block_bytes)
+
+def _unreserve(core, n: int) -> None:
+    if n:
+        with core.index.lock:
+            for _ in range(n):
+                core.index.disk.unreserve()
 
 
 class KVAppend:
-    def __init__(self, store, conv, lease, tokens: np.ndarray, start: int, blocks, staged, parent: bytes):
-        self._store = store
+    def __init__(self, core, conv, lease, tokens: np.ndarray, start: int, blocks, writer, parent: bytes):
+        self._core = core
         self.conv = conv
         self.lease = lease
         self.tokens = tokens
         self.start = start
         self.blocks = blocks  # one per chunk from first_index on
-        self.first_index = start // store._geometry.chunk_tokens
-        self.staged = staged  # [(tmp path, File)] per chunk when writing layer by layer
+        self.first_index = start // core.geometry.chunk_tokens
+        self.writer = writer  # the disk tier's writer of the new chunks, when writing layer by layer
         self.parent = parent  # key of the chunk before first_index when the append began
-        self.batches = []  # their per-layer write batches
-        self.sums = [[0] * store._geometry.spec.num_layers for _ in blocks]
+        self.sums = [[0] * core.geometry.spec.num_layers for _ in blocks]
         self._done: set[int] = set()
         self._closed = False
         self._cancelled = False
         self._settle = None  # waits for copies an engine still has in flight into self.blocks
         # put_layer/commit/abort against the store's close()
         self._mutex = lock_order.ordered(threading.Lock(), lock_order.LOAD, "append")
-        store._register(self)
+        core.index.register(self)
 
     @property
     def n_new(self) -> int:
@@ -58,7 +165,7 @@ class KVAppend:
             raise ValueError("this append is already committed or aborted")
 
     def _check_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        geo = self._store._geometry
+        geo = self._core.geometry
         spec = geo.spec
         if not 0 <= layer < spec.num_layers:
             raise ValueError(f"layer {layer} out of range (model has {spec.num_layers})")
@@ -76,7 +183,7 @@ class KVAppend:
         return (k[0] if k.dim() == 4 else k), (v[0] if v.dim() == 4 else v)
 
     def _put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        geo = self._store._geometry
+        geo = self._core.geometry
         k, v = self._check_kv(layer, k, v)
         C = geo.chunk_tokens
         end = len(self.tokens)
@@ -87,9 +194,8 @@ class KVAppend:
             kd[:, s0 - c0 : s1 - c0].copy_(k[:, s0 - self.start : s1 - self.start])
             vd[:, s0 - c0 : s1 - c0].copy_(v[:, s0 - self.start : s1 - self.start])
         self._seal_layer(layer)
-        if self.staged is not None:
-            files = [f for _, f in self.staged]
-            self.batches.append(self._store._disk.write_layer(files, self.blocks, layer))
+        if self.writer is not None:
+            self.writer.write_layer(layer, self.blocks)
         self._done.add(layer)
 
     def copy_segments(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -102,7 +208,7 @@ class KVAppend:
         with self._mutex:
             self._check_usable()
             k, v = self._check_kv(layer, k, v)
-        geo = self._store._geometry
+        geo = self._core.geometry
         C, end, es = geo.chunk_tokens, len(self.tokens), k.element_size()
         d = k.shape[-1]
         for name, t in (("k", k), ("v", v)):
@@ -124,18 +230,17 @@ class KVAppend:
         """The copies of copy_segments(layer) are done: seal the layer and write it like put_layer."""
         with self._mutex:
             self._check_usable()
-            if not 0 <= layer < self._store._geometry.spec.num_layers:
+            if not 0 <= layer < self._core.geometry.spec.num_layers:
                 raise ValueError(f"layer {layer} out of range")
             self._seal_layer(layer)
-            if self.staged is not None:
-                files = [f for _, f in self.staged]
-                self.batches.append(self._store._disk.write_layer(files, self.blocks, layer))
+            if self.writer is not None:
+                self.writer.write_layer(layer, self.blocks)
             self._done.add(layer)
 
     def _seal_layer(self, layer: int) -> None:
         """Zeroes the unused slots of a partial last chunk (no stale bytes of other
         conversations reach the disk) and checksums the layer in every block."""
-        geo = self._store._geometry
+        geo = self._core.geometry
         C, n = geo.chunk_tokens, len(self.tokens)
         off, length = geo.layer_range(layer)
         for j, block in enumerate(self.blocks):
@@ -154,14 +259,56 @@ class KVAppend:
         """Publishes the new KV; the future completes when it is on disk."""
         with self._mutex:
             self._check_usable()
-            missing = sorted(set(range(self._store._geometry.spec.num_layers)) - self._done)
+            missing = sorted(set(range(self._core.geometry.spec.num_layers)) - self._done)
             if missing and self.n_new:
                 raise ValueError(f"cannot commit: no KV was put for layers {missing}")
             self._closed = True
-            for layer in range(self._store._geometry.spec.num_layers):
+            for layer in range(self._core.geometry.spec.num_layers):
                 if layer not in self._done:  # nothing new for it (a pure truncation): seal what was copied
                     self._seal_layer(layer)
-            return self._store._writer.commit(self)
+            return self._commit()
+
+    def _commit(self) -> Future:
+        """Publishes the new chunks under the lock (they replace the stored ones from first_index on)."""
+        core, txn = self._core, self
+        C, n = core.geometry.chunk_tokens, len(txn.tokens)
+        pieces = []
+        for j, block in enumerate(txn.blocks):
+            i = txn.first_index + j
+            pieces.append((i, txn.tokens[i * C : min(n, (i + 1) * C)].copy(), txn.sums[j], block))
+        conv, first = txn.conv, txn.first_index
+        ix, plan = core.index, Plan()
+        with ix.lock:
+            gone = conv.state is ConvState.GONE
+            parent = conv.chunks[first - 1].key if 0 < first <= len(conv.chunks) else conv.root
+            cut = not gone and (len(conv.chunks) < first or parent != txn.parent)
+            if not (gone or cut):
+                new, gen = [], ix.next_gen()
+                for j, (i, t, sums, block) in enumerate(pieces):
+                    key = keys.chunk_key(parent, t)
+                    state = ChunkState.WRITING if txn.writer is not None else ChunkState.HOST
+                    new.append(Chunk(i, t, key, parent, sums, state, host=block, gen=gen, tail=j == len(pieces) - 1))
+                    parent = key
+                ix.replace_tail(conv, first, new, plan)
+                if core.remote is not None:  # write-behind to the shared tier, off this path
+                    core.remote.write_behind(new)
+                core.stats.add(tokens_stored=txn.n_new, host_bytes_written=txn.n_new * core.spec.kv_bytes_per_token())
+                if txn.writer is not None:
+                    plan.staged.append((conv, new, ix.start_writes(conv, new), txn.writer))
+                elif core.config.write_through:
+                    for c in new:
+                        ix.write_through(conv, c, plan)
+                txn.writer = None
+            ix.release(txn.lease, plan)
+        writes = core.executor.run(plan)
+        if gone or cut:
+            self._abandon_writer()
+            for *_, b in pieces:
+                b.release()
+            if cut:  # a damaged chunk before `start` was removed meanwhile: this KV no longer has its history
+                return failed_future(ValueError(f"the stored history of {conv.id!r} was cut during this append; nothing was stored"))
+            return done_future()
+        return _all_done(writes)
 
     def settle_with(self, wait) -> None:
         """`wait()` returns once no copy issued by the caller still writes this append's blocks.
@@ -189,7 +336,10 @@ class KVAppend:
             if self._settle is not None:
                 self._settle()
         finally:
-            self._store._writer.abort(self)
+            self._abandon_writer()
+            for b in self.blocks:
+                b.release()
+            self._core.executor.release(self.lease)
 
     def __enter__(self) -> KVAppend:
         return self
@@ -197,3 +347,29 @@ class KVAppend:
     def __exit__(self, exc_type, *exc) -> None:
         if not self._closed:
             self.abort()
+
+    def _abandon_writer(self) -> None:
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        writer.abandon()
+        _unreserve(self._core, len(self.blocks))
+
+
+def _all_done(futures: list[Future]) -> Future:
+    if not futures:
+        return done_future()
+    out: Future = Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one(_f):
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            out.set_result(None)
+
+    for f in futures:
+        f.add_done_callback(one)
+    return out

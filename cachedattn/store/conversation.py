@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cachedattn.store.host_tier import HostBlock
+from cachedattn.store.block_pool import HostBlock
 from cachedattn.store.state import (
     CHUNK_INITIAL,
     CHUNK_TRANSITIONS,

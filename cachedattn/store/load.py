@@ -1,32 +1,133 @@
-"""KVLoad: a conversation's stored KV, one layer at a time.
+"""Loads: a conversation's stored KV, one layer at a time (KVLoad), and prefetches.
+
+A load is decided under the store lock in one step (which chunks, a lease on
+the conversation, references to the host copies: open_load); memory for the
+chunks that are only on disk is found and the tier reader opened without it;
+the load's end is recorded under it again (KVLoad._finish).
 
 Chunks in host memory are read in place. Chunks only on disk get fresh host
-blocks, and their layer ranges are read layer by layer, `readahead` layers
-ahead of the layer being asked for, so that reading layer i+1 overlaps with
-the caller computing layer i. Each layer of each chunk read from disk is
-checked against its checksum before any byte of it is handed out.
+blocks, and the tier reader (tier.py) reads their layer ranges layer by
+layer, `readahead` layers ahead of the layer being asked for, so that reading
+layer i+1 overlaps with the caller computing layer i. Each layer of each
+chunk read from disk is checked against its checksum before any byte of it
+is handed out.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+from concurrent.futures import Future
 
 import torch
 
-from cachedattn.store import lock_order
-from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
+from cachedattn.store import keys, lock_order
+from cachedattn.store.conversation import common_prefix
+from cachedattn.store.index import Plan
+from cachedattn.store.record import ChunkCorruptError, layer_checksum
 from cachedattn.transfer import guards
 
-__all__ = ["KVLoad", "ChunkCorruptError"]
+__all__ = ["KVLoad", "ChunkCorruptError", "open_load", "prefetch", "done_future"]
 
 # A chunk file that cannot be opened for one of these is fine; the process ran out of something.
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
+def done_future(value=None) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def open_load(core, conv_id, *, n_tokens=None, token_ids=None, limit=None, readahead=None, prefetch=False):
+    """A KVLoad of the first n_tokens (load), of the longest stored prefix of token_ids
+    (load_prefix: None when nothing matches) or of all stored tokens (prefetch: None when
+    nothing is stored or it is all in host memory).
+
+    Never fails for want of host memory: a load whose disk chunks find no block (after
+    HOST_WAIT_S at most) stops before the first of them (load_prefix/prefetch: None
+    when that leaves nothing; load: a load of fewer tokens, see KVLoad.n_tokens)."""
+    ix = core.index
+    toks = None if token_ids is None else keys.as_token_array(token_ids)
+    core.executor.resolve(conv_id)
+    with ix.lock:
+        core.index.check_ready()
+        conv = ix.get(conv_id, required=False)
+        if toks is not None:
+            core.stats.add(lookups=1)
+            if conv is None:
+                return None
+            n = common_prefix(conv.tokens(), toks)
+            n = n if limit is None else min(n, max(0, int(limit)))
+            if n == 0:
+                return None
+        elif prefetch:
+            if conv is None or all(c.in_host for c in conv.chunks):
+                return None
+            n = conv.ntokens
+        else:
+            if conv is None:
+                ix.get(conv_id)  # raises the right error
+            if isinstance(n_tokens, bool) or not 0 <= n_tokens <= conv.ntokens:
+                raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
+            n = int(n_tokens)
+        C = core.geometry.chunk_tokens
+        chunks = conv.chunks[: -(-n // C)]
+        held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.in_host}
+        from_disk = [i for i in range(len(chunks)) if i not in held]
+        lease = ix.lease(conv, "prefetch" if prefetch else "load")
+        core.policy.on_access(conv.id)
+    try:
+        fresh = core.executor.alloc(len(from_disk), foreground=not prefetch, partial=True) if from_disk else []
+    except BaseException:
+        for b in held.values():
+            b.release()
+        core.executor.release(lease)
+        raise
+    if len(fresh) < len(from_disk):  # host memory ran out: the load stops before the first chunk left out
+        cut = from_disk[len(fresh)]
+        for i in [i for i in held if i >= cut]:
+            held.pop(i).release()
+        chunks, from_disk, n = chunks[:cut], from_disk[: len(fresh)], min(n, cut * C)
+        core.executor.shortened(f"host memory is full (all {core.pool.capacity_blocks} chunk blocks are in use)")
+        if cut == 0 and (toks is not None or prefetch):
+            core.executor.release(lease)
+            return None  # a miss
+    fresh_iter = iter(fresh)
+    blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
+    core.stats.add(host_hits=len(held), host_misses=len(from_disk))
+    if not prefetch:
+        core.stats.add(tokens_reused=n)
+    return KVLoad(core, conv, lease, n, chunks, blocks, from_disk, readahead, prefetch)
+
+
+def prefetch(core, conv_id: str) -> Future:
+    """Brings a conversation from disk into host memory on the store's threads (see AttentionStore.prefetch)."""
+    keys.validate_conversation_id(conv_id)
+    core.executor.resolve(conv_id)
+    with core.index.lock:
+        core.index.check_ready()
+        conv = core.index.convs.get(conv_id)
+        if conv is None or all(c.in_host for c in conv.chunks):
+            return done_future(0)  # gone meanwhile, or nothing to bring in
+
+    def job() -> int:
+        ld = open_load(core, conv_id, prefetch=True)
+        if ld is None:
+            return 0  # dropped, cut or brought in meanwhile
+        with ld:
+            try:
+                ld.read_all()
+            except ChunkCorruptError:
+                return 0  # removed and logged already; a later load recomputes from the cut
+            return ld.from_disk
+
+    return core.submit(job)
+
+
 class KVLoad:
-    def __init__(self, store, conv, lease, n_tokens: int, chunks, blocks, from_disk, readahead=None, prefetch=False):
-        self._store = store
+    def __init__(self, core, conv, lease, n_tokens: int, chunks, blocks, from_disk, readahead=None, prefetch=False):
+        self._core = core
         self._prefetch = prefetch
         self._conv = conv
         self._lease = lease
@@ -40,10 +141,10 @@ class KVLoad:
         self._chunks = chunks
         self._blocks = blocks  # one held reference per chunk
         self._disk_pos = from_disk  # positions (in chunks) read from disk
-        self._geo = store._geometry
+        self._geo = core.geometry
         self._layers = self._geo.spec.num_layers
         self._readahead = self._layers
-        self._files = []
+        self._reader = None  # the disk tier's reader of the chunks in from_disk
         self._verified: set[int] = set()
         self._next = 0
         self.from_host = len(chunks) - len(from_disk)
@@ -52,17 +153,18 @@ class KVLoad:
         try:
             if readahead is not None:
                 self._readahead = max(1, int(readahead))
-            for i in from_disk:
-                try:
-                    self._files.append(store._disk.open_file(conv.dirname, chunks[i].file))
-                except OSError as e:
+            if from_disk:
+                self._reader = core.disk.open_read(conv, [chunks[i] for i in from_disk])
+                e = self._reader.open_error
+                if e is not None:
+                    i = from_disk[self._reader.opened]
                     if e.errno in OUT_OF_RESOURCES:  # not the chunk's fault: stop before it
                         self._shorten(i)
-                        store._shortened(f"cannot open a chunk file ({e.strerror or e})")
-                        break
-                    self._fail(i, f"cannot open: {e.strerror or e}", e.errno or errno.EIO)
+                        core.executor.shortened(f"cannot open a chunk file ({e.strerror or e})")
+                    else:
+                        self._fail(i, f"cannot open: {e.strerror or e}", e.errno or errno.EIO)
             self._issue(self._readahead)
-            store._register(self)
+            core.index.register(self)
         except BaseException:
             self.close()
             raise
@@ -85,7 +187,7 @@ class KVLoad:
             return
         blocks = [self._blocks[i] for i in self._disk_pos]
         while self._next < min(upto, self._layers):
-            self._batches[self._next] = self._store._disk.read_layer(self._files, blocks, self._next)
+            self._batches[self._next] = self._reader.read_layer(self._next, blocks)
             self._next += 1
 
     def _ensure(self, layer: int) -> None:
@@ -98,21 +200,21 @@ class KVLoad:
             try:
                 self._batches[layer].wait()
             except OSError as e:
-                bad = next((i for i, f in zip(self._disk_pos, self._files) if f.path == e.filename), self._disk_pos[0])
-                self._fail(bad, f"unreadable: {e.strerror or e}", e.errno or errno.EIO)
+                j = self._reader.position(e)
+                self._fail(self._disk_pos[j or 0], f"unreadable: {e.strerror or e}", e.errno or errno.EIO)
             off, length = self._geo.layer_range(layer)
             for i in self._disk_pos:
                 view = self._blocks[i].view()[off : off + length]
                 if layer_checksum(view.numpy()) != self._chunks[i].checksums[layer]:
                     self._fail(i, f"layer {layer} checksum mismatch", errno.EBADMSG)
-            self._store._stats.add(disk_bytes_read=length * len(self._disk_pos))
+            self._core.stats.add(disk_bytes_read=length * len(self._disk_pos))
         self._verified.add(layer)
 
     def _fail(self, pos: int, why: str, err: int) -> None:
         chunk = self._chunks[pos]
-        path = self._store._disk.path(self._conv.dirname, chunk.file or "?")
+        path = self._reader.path(self._disk_pos.index(pos)) if pos in self._disk_pos else None
         self._error = ChunkCorruptError(err, f"stored KV chunk {chunk.index} of {self._conv.id!r} is bad ({why})", path)
-        self._store._mover.on_bad_chunk(self._conv, chunk, why)
+        self._core.executor.bad_chunk(self._conv, chunk, why)
         raise self._error
 
     def _check_usable(self) -> None:
@@ -170,7 +272,7 @@ class KVLoad:
             dst = pos * C + a - start
             k_out[:, dst : dst + b - a].copy_(k[:, a:b])
             v_out[:, dst : dst + b - a].copy_(v[:, a:b])
-        self._store._stats.add(host_bytes_read=2 * h * n * d * spec.element_size)
+        self._core.stats.add(host_bytes_read=2 * h * n * d * spec.element_size)
         return k_out, v_out
 
     def issue_layer(self, layer: int, positions, issue, wait: bool = False) -> list[int]:
@@ -187,7 +289,7 @@ class KVLoad:
                 ready, later = ready + later, []
             if ready:
                 issue({p: self._blocks[p].ptr for p in ready})
-                self._store._stats.add(host_bytes_read=len(ready) * 2 * self._geo.k_bytes[layer])
+                self._core.stats.add(host_bytes_read=len(ready) * 2 * self._geo.k_bytes[layer])
             return later
 
     def read_all(self) -> None:
@@ -226,15 +328,35 @@ class KVLoad:
                 b.wait()
             except OSError:
                 pass  # already reported by read_layer, or irrelevant: this load is ending either way
-        for f in self._files:
-            f.close()
+        if self._reader is not None:
+            self._reader.close()
         try:
             if self.before_release is not None:
                 self.before_release()  # no block goes back under a GPU copy still reading it
             for b in self._blocks:  # a copy engine that can tell (the fake, in tests) checks it did not
                 guards.check_release(b.ptr, b.block.nbytes)
         finally:
-            self._store._reader.finish(self, whole)  # the lease goes either way: store.close() must not hang
+            self._finish(whole)  # the lease goes either way: store.close() must not hang
+
+    def _finish(self, whole: bool) -> None:
+        """Chunks read whole from disk stay in host memory; every other reference is let go."""
+        core, ix = self._core, self._core.index
+        adopted = 0
+        disk_set = set(self._disk_pos)
+        plan = Plan()
+        with ix.lock:
+            for pos, (c, b) in enumerate(zip(self._chunks, self._blocks)):
+                if whole and pos in disk_set and ix.adopt_read(self._conv, c, b):
+                    adopted += 1  # this load's reference became the chunk's own
+                else:
+                    b.release()
+            ix.release(self._lease, plan)
+        if plan:  # files a dropped or cut conversation left for this load to let go
+            core.executor.run(plan)
+        if whole:
+            core.stats.add(disk_hits=len(self._disk_pos))
+        if self._prefetch:
+            core.stats.add(host_prefetches=adopted)
 
     def __enter__(self) -> KVLoad:
         return self

@@ -12,9 +12,9 @@ complete), so its KV is what recomputing its tokens gives.
 
 Which chain: the newest complete save. Each file name carries the
 generation of the save that wrote it and whether it was that save's last
-chunk (chunk_file.file_name); a valid chain from the root to such a last
+chunk (chunk_files.file_name); a valid chain from the root to such a last
 chunk is a save all of whose files are on disk. The store keeps the files a
-save replaced until the new save's are all written (tiering.Mover.settle), so
+save replaced until the new save's are all written (index.Index.settle), so
 a crash at any instant leaves the last complete save, or a newer one.
 Without any (files of older stores, a save cut by eviction) the longest
 valid chain wins. Everything else in the directory is deleted.
@@ -26,7 +26,7 @@ import logging
 from collections import defaultdict
 
 from cachedattn.store import keys
-from cachedattn.store.chunk_file import parse_version
+from cachedattn.store.chunk_files import parse_version
 from cachedattn.store.conversation import Chunk
 from cachedattn.store.state import ChunkState
 

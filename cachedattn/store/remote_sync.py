@@ -23,17 +23,18 @@ import numpy as np
 
 from cachedattn.store import keys, lock_order
 from cachedattn.store.conversation import Chunk, common_prefix
-from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
 from cachedattn.store.state import ChunkState, ConvState
-from cachedattn.store.tiering import on_store_thread
+from cachedattn.store.executor import on_store_thread
+from cachedattn.store.index import Plan
 
 log = logging.getLogger("cachedattn")
 
 
 class RemoteSync:
-    def __init__(self, store, tier, inflight_bytes: int):
-        self.s = store
+    def __init__(self, core, tier, inflight_bytes: int):
+        self._core = core
         self.tier = tier
         self.limit = inflight_bytes
         self._cv = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.REMOTE_QUEUE, "remote queue"))
@@ -48,16 +49,16 @@ class RemoteSync:
 
     def write_behind(self, chunks: list[Chunk]) -> None:
         """Queues new host chunks for Redis (store lock held: only references are taken)."""
-        nbytes = self.s._geometry.block_bytes
+        nbytes = self._core.geometry.block_bytes
         with self._cv:
             for i, c in enumerate(chunks):
                 if self._stop or not c.in_host:
                     break
                 if self._inflight + nbytes > self.limit or not self.tier.usable():
-                    self.s._stats.add(remote_skipped_writes=len(chunks) - i)
+                    self._core.stats.add(remote_skipped_writes=len(chunks) - i)
                     break
                 self._inflight += nbytes
-                self._queue.append((c.index, c.key, c.parent, c.tokens, c.checksums, c.host.acquire(), nbytes))
+                self._queue.append((c, c.host.acquire(), nbytes))  # a chunk's fields never change
             self._cv.notify_all()  # also after a skip: what was queued before it must go
 
     def _run(self) -> None:
@@ -67,15 +68,15 @@ class RemoteSync:
                     self._cv.wait()
                 if not self._queue:
                     return
-                index, key, parent, tokens, sums, ref, nbytes = self._queue.popleft()
+                chunk, ref, nbytes = self._queue.popleft()
                 self._busy = True
             try:
                 if self.tier.usable():
-                    self.tier.put_value(index, key, parent, tokens, sums, ref.view().numpy())
+                    self.tier.write_chunk(None, chunk, ref)
                 else:
-                    self.s._stats.add(remote_skipped_writes=1)
+                    self._core.stats.add(remote_skipped_writes=1)
             except RemoteUnavailable:
-                self.s._stats.add(remote_skipped_writes=1)
+                self._core.stats.add(remote_skipped_writes=1)
             except Exception as e:  # never let the writer thread die: the store goes on without this chunk remotely
                 log.warning("cachedattn: writing a chunk to the remote tier failed unexpectedly (%s)", e)
             finally:
@@ -95,7 +96,7 @@ class RemoteSync:
         with self._cv:
             self._stop = True
             while self._queue:  # left after a timeout: let go of their blocks
-                self._queue.popleft()[5].release()
+                self._queue.popleft()[1].release()
             self._cv.notify_all()
         self._thread.join(timeout=5.0)
         self.tier.close()
@@ -104,66 +105,67 @@ class RemoteSync:
 
     def fill(self, conv_id: str, toks: np.ndarray) -> int:
         """Adopts the remote chunks that extend the local prefix of toks; chunks adopted."""
-        s, C = self.s, self.s._geometry.chunk_tokens
+        core, C = self._core, self._core.geometry.chunk_tokens
         if not self.tier.usable() or len(toks) == 0:
             return 0
-        with s._critical():
-            s._check_ready()
-            conv = s._convs.get(conv_id)
+        with core.index.lock:
+            core.index.check_ready()
+            conv = core.index.convs.get(conv_id)
             if conv is not None and (conv.state is not ConvState.READY or conv.writer is not None):
                 return 0
             chunks = list(conv.chunks) if conv is not None else []
             local = common_prefix(conv.tokens(), toks) if conv is not None else 0
             root = conv.root if conv is not None else None
-        root = root or keys.root_key(s.spec.fingerprint, conv_id)
+        root = root or keys.root_key(core.spec.fingerprint, conv_id)
         k = min(local // C, len(chunks))  # whole local chunks kept: the remote chain continues the last
         parent = chunks[k - 1].key if k else root
         try:
             chain = self.tier.find_chain(parent, toks[k * C :])
             if k * C + sum(len(t) for _, _, t in chain) <= local:
                 return 0  # nothing beyond what is here
-            got = self.tier.fetch(chain)
+            reader = self.tier.open_read(None, chain)
         except RemoteUnavailable:
             return 0
-        got = got[: next((i for i, g in enumerate(got) if g is None), len(got))]
-        if not got or k * C + sum(len(g.tokens) for g in got) <= local:
-            return 0
-        try:  # on the store's own threads (a prefetch) only what is free at once: they never wait for memory
-            blocks = s._mover.alloc(len(got), foreground=not on_store_thread())
-        except HostMemoryFull:
-            return 0
-        for b, g in zip(blocks, got):
-            b.view().numpy()[:] = np.frombuffer(g.payload, dtype=np.uint8)
+        try:
+            got = [h for h, _ in reader.records]
+            if not got or k * C + sum(len(g.tokens) for g in got) <= local:
+                return 0
+            try:  # on the store's own threads (a prefetch) only what is free at once: they never wait for memory
+                blocks = core.executor.alloc(len(got), foreground=not on_store_thread())
+            except HostMemoryFull:
+                return 0
+            for layer in range(core.geometry.spec.num_layers):
+                reader.read_layer(layer, blocks).wait()
+        finally:
+            reader.close()
         return self._adopt(conv_id, k, parent, got, blocks)
 
     def _adopt(self, conv_id: str, k: int, parent: bytes, got, blocks) -> int:
-        s = self.s
-        with s._critical():
-            conv = s._convs.get(conv_id)
-            usable = not s._closing
+        core, ix, plan = self._core, self._core.index, Plan()
+        with ix.lock:
+            conv = ix.convs.get(conv_id)
+            usable = not ix.closing
             if conv is None and usable and k == 0:
-                conv = s._new_conversation(conv_id)
+                conv = ix.new_conversation(conv_id, keys.root_key(core.spec.fingerprint, conv_id))
             if conv is not None and usable:
                 last = conv.chunks[k - 1].key if k else conv.root
                 usable = conv.state is ConvState.READY and conv.writer is None and len(conv.chunks) >= k and last == parent
-                usable = usable and sum(c.ntokens for c in conv.chunks) < k * s._geometry.chunk_tokens + sum(
+                usable = usable and sum(c.ntokens for c in conv.chunks) < k * core.geometry.chunk_tokens + sum(
                     len(g.tokens) for g in got
                 )
             if conv is None or not usable:
                 for b in blocks:
                     b.release()
                 return 0
-            gen, last = s._next_gen(), len(got) - 1
+            gen, last = ix.next_gen(), len(got) - 1
             new = [
                 Chunk(k + i, g.tokens, g.key, g.parent, g.checksums, ChunkState.HOST, host=b, gen=gen, tail=i == last)
                 for i, (g, b) in enumerate(zip(got, blocks))
             ]
-            for old in conv.chunks[k:]:
-                s._mover.retire(conv, old, replaced=True)
-            conv.chunks = conv.chunks[:k] + new
-            s.policy.on_access(conv.id)
-            s._stats.add(remote_hits=len(new))
-            if s.config.write_through:
+            ix.replace_tail(conv, k, new, plan)
+            core.stats.add(remote_hits=len(new))
+            if core.config.write_through:
                 for c in new:
-                    s._mover.schedule_write(conv, c)
+                    ix.write_through(conv, c, plan)
+        core.executor.run(plan)
         return len(new)

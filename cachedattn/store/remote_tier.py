@@ -2,7 +2,7 @@
 by every server of a deployment, below host memory and disk.
 
 Keys live under a namespace of the model fingerprint:
-    cachedattn:<fp>:c:<chunk key>   a chunk (remote_codec: header + payload, one value)
+    cachedattn:<fp>:c:<chunk key>   a chunk (record.py: header + payload, one value)
     cachedattn:<fp>:t:<parent key>  the token counts of partial chunks under a parent
 Full chunks are found from the tokens alone (their key is computable); a
 conversation's partial last chunk is found through its parent's set. The set
@@ -25,10 +25,9 @@ import time
 import numpy as np
 
 from cachedattn.store import keys, lock_order
-from cachedattn.store.chunk_file import ChunkCorruptError, layer_checksum
-from cachedattn.store.remote_codec import RemoteChunk, RemoteValueError, decode, encode
+from cachedattn.store.record import ChunkHeader, bad_layer, decode_value, encode_value
 from cachedattn.store.remote_url import make_client, parse_remote_url
-from cachedattn.store.tier import Tier
+from cachedattn.store.tier import ChunkReader, Tier
 
 log = logging.getLogger("cachedattn")
 BACKOFF_S = (0.5, 30.0)
@@ -110,17 +109,6 @@ class RemoteTier(Tier):
     def tail_name(self, parent: bytes) -> str:
         return f"{self.prefix}t:{parent.hex()}"
 
-    # ---- Tier bookkeeping: Redis owns capacity ------------------------------------
-
-    def capacity(self) -> int:
-        return 0  # unknown here: Redis's maxmemory decides
-
-    def used(self) -> int:
-        return 0
-
-    def contains(self, conv, chunk) -> bool:
-        return False  # not recorded locally: ask Redis (find_chain)
-
     # ---- reads --------------------------------------------------------------------
 
     def find_chain(self, parent: bytes, tokens: np.ndarray) -> list[tuple[bytes, bytes, np.ndarray]]:
@@ -157,8 +145,13 @@ class RemoteTier(Tier):
             chain.append((keys.chunk_key(p, t), p, t))
         return chain
 
-    def fetch(self, chain) -> list[RemoteChunk | None]:
-        """The values of a chain (pipelined GETs); None where missing or damaged (which are removed)."""
+    def open_read(self, conv, chain) -> RemoteReader:
+        """A reader of a chain (from find_chain): its values are read in one pipelined round
+        trip and checked; `opened` counts the leading chunks that are there and sound."""
+        return RemoteReader(self, chain)
+
+    def fetch(self, chain) -> list[tuple[ChunkHeader, memoryview] | None]:
+        """The records of a chain (pipelined GETs); None where missing or damaged (which are removed)."""
         names = [self.chunk_name(k) for k, _, _ in chain]
 
         def get():
@@ -177,26 +170,21 @@ class RemoteTier(Tier):
                 out.append(None)
                 continue
             try:
-                rc = decode(v, k, geo.spec.num_layers, geo.block_bytes, geo.chunk_tokens)
-                if rc.parent != p or not np.array_equal(rc.tokens, t):
-                    raise RemoteValueError("chunk of other tokens")
-                self._verify(rc)
-            except RemoteValueError as e:
+                h, payload = decode_value(v, k, geo)
+                if h.parent != p or not np.array_equal(h.tokens, t):
+                    raise ValueError("chunk of other tokens")
+                layer = bad_layer(geo, np.frombuffer(payload, dtype=np.uint8), h.checksums)
+                if layer is not None:
+                    raise ValueError(f"layer {layer} checksum mismatch")
+            except ValueError as e:
                 log.warning("cachedattn: remote chunk %s is bad (%s); removed, it will be recomputed", name, e)
                 self.stats.add(remote_misses=1, remote_corrupt=1)
                 self._forget(lambda: self.client.delete(name))
                 out.append(None)
                 continue
             self.stats.add(remote_bytes_read=len(v))
-            out.append(rc)
+            out.append((h, payload))
         return out
-
-    def _verify(self, rc: RemoteChunk) -> None:
-        geo = self.geometry
-        payload = np.frombuffer(rc.payload, dtype=np.uint8)
-        for layer, (o, s) in enumerate(zip(geo.layer_offset, geo.layer_stride)):
-            if layer_checksum(payload[o : o + s]) != rc.checksums[layer]:
-                raise RemoteValueError(f"layer {layer} checksum mismatch")
 
     def _forget(self, fn) -> None:
         try:
@@ -204,37 +192,26 @@ class RemoteTier(Tier):
         except RemoteUnavailable:
             pass  # the next reader removes it
 
-    def get_into(self, conv, chunk, block) -> None:
-        (rc,) = self.fetch([(chunk.key, chunk.parent, chunk.tokens)])
-        if rc is None:
-            raise ChunkCorruptError(errno.EIO, "remote chunk missing or bad", self.chunk_name(chunk.key))
-        block.view().numpy()[:] = np.frombuffer(rc.payload, dtype=np.uint8)
-
     # ---- writes -------------------------------------------------------------------
 
-    def put_value(self, index: int, key: bytes, parent: bytes, tokens, checksums, payload) -> int:
-        value = encode(index, key, parent, tokens, checksums, payload)
-        name = self.chunk_name(key)
+    def write_chunk(self, conv, chunk, block) -> str:
+        """One SET of the chunk's record (header and payload), then its tail entry if partial."""
+        h = ChunkHeader(chunk.index, chunk.key, chunk.parent, chunk.tokens, chunk.checksums, self.geometry.chunk_tokens)
+        value = encode_value(h, block.view().numpy())
+        name = self.chunk_name(chunk.key)
         self._call("writing", lambda: self.client.set(name, value, ex=self.ttl_s))
-        if len(tokens) < self.geometry.chunk_tokens:  # after the chunk: an entry never precedes its chunk
+        if chunk.ntokens < self.geometry.chunk_tokens:  # after the chunk: an entry never precedes its chunk
 
             def add_tail():
                 pipe = self.client.pipeline(transaction=False)
-                pipe.sadd(self.tail_name(parent), len(tokens))
+                pipe.sadd(self.tail_name(chunk.parent), chunk.ntokens)
                 if self.ttl_s:
-                    pipe.expire(self.tail_name(parent), self.ttl_s)
+                    pipe.expire(self.tail_name(chunk.parent), self.ttl_s)
                 return pipe.execute()
 
             self._call("writing", add_tail)
         self.stats.add(remote_bytes_written=len(value))
-        return len(value)
-
-    def put_from(self, conv, chunk, block) -> str:
-        self.put_value(chunk.index, chunk.key, chunk.parent, chunk.tokens, chunk.checksums, block.view().numpy())
-        return self.chunk_name(chunk.key)
-
-    def remove(self, conv, chunk) -> None:
-        self._call("deleting", lambda: self.client.delete(self.chunk_name(chunk.key)))
+        return name
 
     def close(self) -> None:
         try:
@@ -242,3 +219,37 @@ class RemoteTier(Tier):
                 self.client.close()
         except Exception:
             pass  # closing a client whose server is gone: nothing left to release
+
+
+class _Done:
+    """A read that completed when it was issued (the values are in memory already)."""
+
+    def wait(self) -> None:
+        pass
+
+    def done(self) -> bool:
+        return True
+
+
+class RemoteReader(ChunkReader):
+    def __init__(self, tier: RemoteTier, chain):
+        self._tier, self._chain = tier, chain
+        records = tier.fetch(chain) if chain else []
+        self.opened = next((i for i, r in enumerate(records) if r is None), len(records))
+        self.records = records[: self.opened]  # (header, payload) of each chunk opened
+        self.open_error = None if self.opened == len(chain) else OSError(errno.ENOENT, "remote chunk missing or bad")
+
+    def read_layer(self, layer: int, blocks: list) -> _Done:
+        o, n = self._tier.geometry.layer_range(layer)
+        for (_, payload), b in zip(self.records, blocks):
+            b.view().numpy()[o : o + n] = np.frombuffer(payload, dtype=np.uint8, count=n, offset=o)
+        return _Done()
+
+    def position(self, err: OSError) -> int | None:
+        return None
+
+    def path(self, i: int) -> str:
+        return self._tier.chunk_name(self._chain[i][0])
+
+    def close(self) -> None:
+        self.records = []

@@ -1,81 +1,47 @@
 """AttentionStore: every conversation's KV cache between turns, in host memory
 and on disk, found again by its token ids.
 
-One lock guards the index: conversations, their chunks' states (state.py),
-tier occupancy. It is held only for bookkeeping, never for I/O: whatever
-must touch a file is decided and marked under it, done after it is released,
-and recorded under it again (tiering.py). So a lookup never waits for a disk.
-
-The parts, by composition: the tiers (HostTier, DiskBackend: one interface,
-tier.py), the Mover (tiering.py: the one place that moves chunks between
-tiers and asks the eviction policy), the Reader (loads, prefetches) and the
-Writer (appends). Blocks are reference counted, so a block under a read or
-write in flight is never handed to anyone else; conversations are leased by
-their open loads and appends, so nothing they read is deleted under them.
+The parts (core.py), by composition: the index (index.py: conversations,
+chunk states, leases, the store lock; its transitions return plans), the
+executor (executor.py: carries plans out with no lock held and reports
+back), the block pool (block_pool.py) and the tiers that carry chunks into
+and out of its blocks (tier.py: disk_tier.py, remote_tier.py). Loads
+(load.py) and appends (append.py) are built from those parts. The lock is held only for bookkeeping, never for
+I/O, so a lookup never waits for a disk. Blocks are reference counted, so a
+block under a read or write in flight is never handed to anyone else;
+conversations are leased by their open loads and appends, so nothing they
+read is deleted under them.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from cachedattn import native
-from cachedattn.store import keys, lock_order
-from cachedattn.store.chunk_file import parse_version
-from cachedattn.store.config import StoreConfig
-from cachedattn.store.conversation import Conversation, common_prefix
-from cachedattn.store.disk_backend import DiskBackend
-from cachedattn.store.disk_tier import DirectoryLock, DiskTier
-from cachedattn.store.eviction import EvictionPolicy, make_policy
+from cachedattn.store import keys
 from cachedattn.store import queue_policies  # noqa: F401  (registers "queue" and "predictive")
-from cachedattn.store.host_tier import HostTier
-from cachedattn.store.load import KVLoad
-from cachedattn.store.reads import Reader, done_future
-from cachedattn.store.recovery import read_chain
+from cachedattn.store.append import KVAppend, begin_append
+from cachedattn.store.block_pool import BlockPool
+from cachedattn.store.chunk_files import ChunkFiles, DirectoryLock, parse_version
+from cachedattn.store.config import StoreConfig
+from cachedattn.store.conversation import common_prefix
+from cachedattn.store.core import Core
+from cachedattn.store.disk_tier import DiskTier
+from cachedattn.store.eviction import EvictionPolicy, make_policy
+from cachedattn.store.index import DiskSpace, Plan
+from cachedattn.store.load import KVLoad, done_future, open_load, prefetch
 from cachedattn.store.remote_sync import RemoteSync
 from cachedattn.store.remote_tier import RemoteTier, RemoteUnavailable
 from cachedattn.store.spec import ChunkGeometry, KVSpec
 from cachedattn.store.state import ConvState
 from cachedattn.store.stats import StoreStats
-from cachedattn.store.tiering import Mover, mark_store_thread
-from cachedattn.store.writes import Writer
 
 log = logging.getLogger("cachedattn")
 MAX_HOST_BLOCKS = (1 << 32) - 1  # the native pool numbers its blocks with 32 bits
-
-
-class _Critical:
-    """The store lock; I/O queued under it (_after_lock) runs once the outermost holder lets go."""
-
-    def __init__(self, lock):
-        self.lock = lock
-        self.local = threading.local()
-
-    def __enter__(self):
-        self.lock.acquire()
-        self.local.depth = getattr(self.local, "depth", 0) + 1
-        return self
-
-    def __exit__(self, *exc):
-        self.local.depth -= 1
-        ops = None
-        if self.local.depth == 0:
-            ops, self.local.ops = getattr(self.local, "ops", None), None
-        self.lock.release()
-        for fn, args in ops or ():
-            fn(*args)
-
-    def after(self, fn, *args) -> None:
-        if getattr(self.local, "depth", 0) == 0:
-            raise RuntimeError("_after_lock outside the store lock")
-        if getattr(self.local, "ops", None) is None:
-            self.local.ops = []
-        self.local.ops.append((fn, args))
 
 
 def _release_resources(executor: ThreadPoolExecutor, dirlock: DirectoryLock | None, wait: bool) -> None:
@@ -103,7 +69,7 @@ class AttentionStore:
         eviction: str | EvictionPolicy | None = None,
         **fields,
     ):
-        self._closing = self._closed = True  # until fully built: a half-built store refuses every call
+        self._closed = True  # until fully built: a half-built store refuses every call
         given = dict(host_bytes=host_bytes, disk_dir=disk_dir, disk_bytes=disk_bytes, chunk_tokens=chunk_tokens)
         given = {k: v for k, v in {**given, **fields}.items() if v is not None}
         if config is not None and given:
@@ -111,30 +77,15 @@ class AttentionStore:
         self.config = config if config is not None else StoreConfig(**given)
         self.policy = make_policy(eviction if eviction is not None else self.config.eviction)
         self._stats = StoreStats()
-        self._lock = lock_order.ordered(threading.RLock(), lock_order.STORE, "store")
-        self._cond = threading.Condition(self._lock)  # host blocks came free, a write or a resolution ended
-        self._crit = _Critical(self._lock)
-        self._convs: dict[str, Conversation] = {}
-        self._unfinished: set[Conversation] = set()  # conversations not yet done with their directory
-        self._dir_users: dict[str, int] = {}  # such conversations per directory
-        self._pending: set[Future] = set()
-        self._open = weakref.WeakSet()  # open loads and appends
-        self._leases = 0
-        self._disk_error: str | None = None
-        self._warned_short = False
-        self._gen = 0  # the newest save generation given out or found on disk
-        self.spec: KVSpec | None = None
-        self._geometry: ChunkGeometry | None = None
-        self._host: HostTier | None = None
-        self._disk: DiskTier | None = None  # the files
-        self._disk_tier: DiskBackend | None = None  # the tier made of them
-        self._engine = None
-        self._remote: RemoteSync | None = None  # the shared Redis tier, when configured
-        self._mover, self._reader, self._writer = Mover(self), Reader(self), Writer(self)
-        dirlock = DirectoryLock(self.config.disk_dir) if self.config.disk_dir else None
         self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="cachedattn-store")
+        self._core = core = Core(self.config, self.policy, self._stats, self._executor)
+        self._index, self._exec = core.index, core.executor
+        self._index.closing = True
+        self.spec: KVSpec | None = None
+        self._engine = None
+        dirlock = DirectoryLock(self.config.disk_dir) if self.config.disk_dir else None
         self._finalizer = weakref.finalize(self, _release_resources, self._executor, dirlock, False)
-        self._closing = self._closed = False
+        self._index.closing = self._closed = False
         try:
             if spec is not None:
                 self.attach(spec)
@@ -170,32 +121,40 @@ class AttentionStore:
                 f"{geo.block_bytes} bytes, more than the limit of {MAX_HOST_BLOCKS}; "
                 "raise chunk_tokens or lower host_bytes"
             )
-        host = HostTier(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
+        host = BlockPool(cfg.host_bytes, geo.block_bytes, cfg.hugepages)
         disk = None
         try:
             engine = native.io_engine(cfg.io_backend, threads=cfg.io_threads, pool=host.pool)
             found = {}
             if cfg.disk_dir:
-                disk = DiskTier(cfg.disk_dir, spec.fingerprint, cfg.disk_bytes, geo, engine, cfg.sync_writes)
+                disk = ChunkFiles(cfg.disk_dir, spec.fingerprint, geo, engine, cfg.sync_writes)
                 if cfg.disk_bytes < disk.file_bytes:
                     raise ValueError(f"disk_bytes: {cfg.disk_bytes} is less than one chunk file ({disk.file_bytes})")
                 found = disk.scan()  # I/O: before taking the lock
-            with self._critical():
+            plan = Plan()
+            ix = self._index
+            with ix.lock:
                 self._check_open()
                 if self.spec is not None:  # attached by another thread meanwhile
                     raise _AlreadyAttached
-                self.spec, self._geometry, self._host, self._engine = spec, geo, host, engine
-                self._disk = disk
-                self._disk_tier = DiskBackend(disk) if disk is not None else None
-                for conv_id, (dirname, files) in found.items():
-                    conv = self._new_conversation(conv_id, dirname)
-                    conv.state, conv.found = ConvState.FOUND, files
-                    self._gen = max([self._gen] + [parse_version(name)[0] for *_, name in files])
-                if cfg.remote:
-                    self._remote = self._open_remote(spec, geo)
+                core = self._core
+                self.spec = core.spec = spec
+                core.geometry, core.pool, self._engine = geo, host, engine
+                core.files, core.disk = disk, DiskTier(disk) if disk is not None else None
+                ix.host, ix.attached = host, True
+                self._exec.disk, self._exec.files, self._exec.host_bytes = core.disk, disk, cfg.host_bytes
                 if disk is not None:
-                    self._mover.make_disk_room(need=0)
-                    log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(self._convs))
+                    ix.disk = DiskSpace(cfg.disk_bytes, disk.file_bytes, sum(len(f) for _, f in found.values()))
+                for conv_id, (dirname, files) in found.items():
+                    conv = ix.new_conversation(conv_id, keys.root_key(spec.fingerprint, conv_id), dirname)
+                    conv.state, conv.found = ConvState.FOUND, files
+                    ix.gen = max([ix.gen] + [parse_version(name)[0] for *_, name in files])
+                if cfg.remote:
+                    core.remote = self._open_remote(spec, geo)
+                if disk is not None:
+                    ix.make_disk_room(0, plan)
+                    log.info("cachedattn: store opened %s with %d stored conversations", disk.root, len(ix.convs))
+            self._exec.run(plan)
         except _AlreadyAttached:
             self._discard(host, disk)
             self._same_model(spec)
@@ -211,17 +170,17 @@ class AttentionStore:
             log.warning("cachedattn: %s; continuing without the remote tier", e)
             return None
         # Queued chunks hold their host blocks: at most a quarter of host memory waits for Redis.
-        return RemoteSync(self, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
+        return RemoteSync(self._core, tier, min(cfg.remote_inflight_bytes, cfg.host_bytes // 4))
 
     @staticmethod
-    def _discard(host: HostTier, disk: DiskTier | None) -> None:
+    def _discard(host: BlockPool, disk: ChunkFiles | None) -> None:
         """What a failed or redundant attach() made: the pinned pool now, the directory descriptors too."""
         host.close()
         if disk is not None:
             disk.close()
 
     def _same_model(self, spec: KVSpec) -> bool:
-        with self._critical():
+        with self._index.lock:
             self._check_open()
             if self.spec is None:
                 return False
@@ -239,10 +198,10 @@ class AttentionStore:
         toks = keys.as_token_array(token_ids)
         self._resolve(conv_id)
         self._from_remote(conv_id, toks)
-        with self._critical():
+        with self._index.lock:
             self._check_ready()
             self._stats.add(lookups=1)
-            conv = self._get(conv_id, required=False)
+            conv = self._index.get(conv_id, required=False)
             if conv is None:
                 return 0
             self.policy.on_access(conv_id)
@@ -250,26 +209,26 @@ class AttentionStore:
 
     def stored_tokens(self, conv_id: str) -> np.ndarray:
         self._resolve(conv_id)
-        with self._critical():
+        with self._index.lock:
             self._check_ready()
-            return self._get(conv_id).tokens()
+            return self._index.get(conv_id).tokens()
 
     def conversations(self) -> list[str]:
-        with self._critical():
+        with self._index.lock:
             self._check_open()
-            return list(self._convs)
+            return list(self._index.convs)
 
     def __contains__(self, conv_id: str) -> bool:
         self._resolve(conv_id)
-        with self._critical():
+        with self._index.lock:
             self._check_open()
-            return self._get(conv_id, required=False) is not None
+            return self._index.get(conv_id, required=False) is not None
 
     # ---- reading and writing ----------------------------------------------------
 
     def load(self, conv_id: str, n_tokens: int, readahead: int | None = None) -> KVLoad:
         """Starts loading the KV of the first n_tokens; read it per layer from the returned KVLoad."""
-        return self._reader.open(conv_id, n_tokens=n_tokens, readahead=readahead)
+        return open_load(self._core, conv_id, n_tokens=n_tokens, readahead=readahead)
 
     def load_prefix(self, conv_id: str, token_ids, limit: int | None = None, readahead: int | None = None) -> KVLoad | None:
         """lookup + load in one step: a load of the longest stored prefix of token_ids (at most
@@ -279,13 +238,13 @@ class AttentionStore:
         if self._remote is not None:
             self._resolve(conv_id)
             self._from_remote(conv_id, keys.as_token_array(token_ids))
-        return self._reader.open(conv_id, token_ids=token_ids, limit=limit, readahead=readahead)
+        return open_load(self._core, conv_id, token_ids=token_ids, limit=limit, readahead=readahead)
 
     def prefetch(self, conv_id: str) -> Future:
         """Brings a conversation from disk into host memory in the background; the future gives the
         chunks read (0 when there is nothing to bring in, or the conversation is gone). It never
         waits for host memory: when none can be freed at once it fails with HostMemoryFull."""
-        return self._reader.prefetch(conv_id)
+        return prefetch(self._core, conv_id)
 
     def prefetch_remote(self, conv_id: str, token_ids) -> Future:
         """Brings the chunks the remote tier holds beyond what is stored here for this prefix of
@@ -300,14 +259,14 @@ class AttentionStore:
             self._resolve(conv_id)
             return self._remote.fill(conv_id, toks)
 
-        return self._submit(job)
+        return self._core.submit(job)
 
-    def begin_append(self, conv_id: str, token_ids, start: int):
+    def begin_append(self, conv_id: str, token_ids, start: int) -> KVAppend:
         """Starts storing the KV of token_ids[start:]; token_ids[:start] must be stored already.
 
         Stored tokens from `start` on (a diverged or regenerated tail) are replaced at commit.
         """
-        return self._writer.begin_append(conv_id, token_ids, start)
+        return begin_append(self._core, conv_id, token_ids, start)
 
     def append(self, conv_id: str, token_ids, kv, start: int = 0) -> Future:
         """begin_append + put every layer + commit, in one call."""
@@ -321,31 +280,34 @@ class AttentionStore:
         """Moves a conversation out of host memory onto disk (writing what is not there yet).
         KV that cannot be written (the disk failed or is full) stays in host memory."""
         self._resolve(conv_id)
-        with self._critical():
+        plan = Plan()
+        with self._index.lock:
             self._check_ready()
-            conv = self._get(conv_id)
-            if self._disk_tier is None:
+            conv = self._index.get(conv_id)
+            if self._core.disk is None:
                 raise ValueError("this store has no disk tier: demoting would drop the KV (use drop())")
             if conv.owners:
                 raise ValueError(f"conversation {conv_id!r} is in use by an open load or append")
-            writes = self._mover.plan_demote(conv, drop_unwritable=False)
-        self._mover.run_writes(writes)
+            self._index.demote(conv, plan, drop_unwritable=False)
+        self._exec.run(plan)
 
     def drop(self, conv_id: str) -> None:
         """Forgets a conversation in every tier (open loads keep what they hold)."""
         self._resolve(conv_id)
-        with self._critical():
+        plan = Plan()
+        with self._index.lock:
             self._check_ready()
-            self._mover.forget(self._get(conv_id))
+            self._index.forget(self._index.get(conv_id), plan)
+        self._exec.run(plan)
 
     # ---- what the scheduler needs to know ---------------------------------------
 
     def residency(self, conv_id: str) -> dict[str, int]:
         """Bytes of a conversation's KV (whole chunks) in host memory and only on disk; zeros if unknown."""
         self._resolve(conv_id)
-        with self._critical():
+        with self._index.lock:
             self._check_ready()
-            conv = self._get(conv_id, required=False)
+            conv = self._index.get(conv_id, required=False)
             if conv is None:
                 return {"tokens": 0, "host_bytes": 0, "disk_only_bytes": 0}
             b = self._geometry.block_bytes
@@ -353,21 +315,23 @@ class AttentionStore:
             return {"tokens": conv.ntokens, "host_bytes": host * b, "disk_only_bytes": (len(conv.chunks) - host) * b}
 
     def host_free_bytes(self) -> int:
-        with self._critical():
+        with self._index.lock:
             self._check_ready()
-            return self._host_free()
+            return self._index.host_free()
 
     def mean_conversation_bytes(self) -> float:
         """S_kv: the mean size of a stored conversation's KV (whole chunks), 0 when none is stored."""
-        with self._critical():
+        with self._index.lock:
             self._check_ready()
-            chunks = [len(c.chunks) for c in self._convs.values() if c.state is ConvState.READY]
+            chunks = [len(c.chunks) for c in self._index.convs.values() if c.state is ConvState.READY]
             return sum(chunks) * self._geometry.block_bytes / len(chunks) if chunks else 0.0
 
     def make_host_room(self, nbytes: int, protect: set[str] = frozenset()) -> int:
         """Demotes conversations (policy order, never those in `protect` or in use) until
         `nbytes` of host memory are free or nothing more can go; returns the free bytes."""
-        return self._mover.make_host_room(nbytes, protect)
+        with self._index.lock:
+            self._check_ready()
+        return self._exec.make_host_room(nbytes, protect)
 
     @property
     def gpu_pinned(self) -> bool | None:
@@ -391,13 +355,16 @@ class AttentionStore:
     def stats(self) -> dict:
         """Counters (see cachedattn.store.stats) plus what each tier holds now."""
         d = self._stats.snapshot()
-        with self._critical():
-            d["conversations"] = len(self._convs)
-            for name, tier in (("host", self._host), ("disk", self._disk_tier)):
-                if tier is not None:
-                    d[name]["used_bytes"] = tier.used()
-                    d[name]["capacity_bytes"] = tier.capacity()
-            d["disk_error"] = self._disk_error
+        ix = self._index
+        with ix.lock:
+            d["conversations"] = len(ix.convs)
+            if ix.host is not None:
+                d["host"]["used_bytes"] = ix.host.used()
+                d["host"]["capacity_bytes"] = ix.host.capacity()
+            if ix.disk is not None:
+                d["disk"]["used_bytes"] = ix.disk.used
+                d["disk"]["capacity_bytes"] = ix.disk.capacity
+            d["disk_error"] = ix.disk_error
         return d
 
     def flush(self) -> None:
@@ -405,8 +372,8 @@ class AttentionStore:
         if self._remote is not None:
             self._remote.flush()
         while True:
-            with self._critical():
-                pending = list(self._pending)
+            with self._index.lock:
+                pending = list(self._core.pending)
             if not pending:
                 return
             for f in pending:
@@ -415,22 +382,23 @@ class AttentionStore:
     def close(self) -> None:
         """Ends open loads and aborts open appends (later calls on them raise), finishes the
         writes in flight, and lets go of memory, files and the directory lock."""
-        with self._critical():
-            if self._closing:
+        ix = self._index
+        with ix.lock:
+            if ix.closing:
                 return
-            self._closing = True  # from here on every call raises "the store is closed"
+            ix.closing = True  # from here on every call raises "the store is closed"
         try:
-            for obj in list(self._open):
+            for obj in list(self._index.open):
                 obj._cancel()
-            with self._critical():
-                while self._leases:  # loads being opened right now: they give up at registration
-                    self._cond.wait(timeout=0.05)
+            with ix.lock:
+                while ix.leases:  # loads being opened right now: they give up at registration
+                    ix.cond.wait(timeout=0.05)
             self.flush()
             self._executor.shutdown(wait=True)
             if self._remote is not None:
                 self._remote.close()  # its queue holds host blocks: before the pool goes
-            with self._critical():
-                for conv in self._convs.values():
+            with ix.lock:
+                for conv in ix.convs.values():
                     for c in conv.chunks:
                         if c.host is not None:
                             c.host.release()
@@ -454,77 +422,31 @@ class AttentionStore:
 
     # ---- internals ------------------------------------------------------------
 
-    def _critical(self) -> _Critical:
-        return self._crit
-
-    def _after_lock(self, fn, *args) -> None:
-        self._crit.after(fn, *args)
-
     def _check_open(self) -> None:
-        if self._closing:
-            raise ValueError("the store is closed")
+        self._index.check_open()
 
     def _check_ready(self) -> None:
-        self._check_open()
-        if self.spec is None:
-            raise ValueError("the store is not attached to a model yet: call attach(spec) or cachedattn.patch()")
-
-    def _next_gen(self) -> int:
-        """The generation of a new save (lock held): above every one on disk and before it,
-        also across restarts (the clock, and the newest found at open, whichever is later)."""
-        self._gen = max(self._gen + 1, time.time_ns())
-        return self._gen
-
-    def _host_free(self) -> int:
-        return self._host.capacity() - self._host.used()
-
-    def _get(self, conv_id: str, required: bool = True) -> Conversation | None:
-        conv = self._convs.get(conv_id) if isinstance(conv_id, str) else None
-        if conv is None and required:
-            keys.validate_conversation_id(conv_id)
-            raise KeyError(f"unknown conversation {conv_id!r}")
-        return conv
-
-    def _new_conversation(self, conv_id: str, dirname: str | None = None) -> Conversation:
-        dirname = dirname or keys.conversation_dirname(conv_id)
-        conv = Conversation(conv_id, dirname, keys.root_key(self.spec.fingerprint, conv_id))
-        self._convs[conv_id] = conv
-        self._unfinished.add(conv)
-        self._dir_users[dirname] = self._dir_users.get(dirname, 0) + 1
-        self.policy.on_insert(conv_id)
-        return conv
+        self._index.check_ready()
 
     def _resolve(self, conv_id) -> None:
-        """Reads the chunk headers of a conversation found at open, once, without the lock
-        (its lookups wait meanwhile; nobody else does)."""
-        if not isinstance(conv_id, str):
-            return
-        while True:
-            with self._critical():
-                conv = self._convs.get(conv_id)
-                if conv is None or conv.state in (ConvState.READY, ConvState.GONE):
-                    return
-                if conv.state is ConvState.RESOLVING:
-                    self._cond.wait(timeout=0.05)
-                    continue
-                self._check_open()
-                conv.move(ConvState.RESOLVING)
-                lease = self._lease(conv, "resolve")
-                files, conv.found = conv.found, None
-            try:
-                chunks, stale, damaged = read_chain(self._disk, conv.id, conv.dirname, conv.root, files)
-            except Exception as e:  # unexpected: keep nothing of it rather than fail the caller
-                log.warning("cachedattn: cannot read the stored chunks of %r (%s); dropped", conv.id, e)
-                chunks, stale, damaged = [], [name for *_, name in files], 0
-            with self._critical():
-                conv.chunks = chunks
-                conv.move(ConvState.READY)
-                self._stats.add(corrupt_chunks=damaged)
-                for name in stale:
-                    self._mover.delete_later(conv.dirname, name)
-                self._release(lease)
-                self._cond.notify_all()
-            return
+        self._exec.resolve(conv_id)
+
+    # What tests, tools and the serving engine read (the parts, by their old names).
+    @property
+    def _geometry(self) -> ChunkGeometry | None:
+        return self._core.geometry
+
+    @property
+    def _host(self) -> BlockPool | None:
+        return self._core.pool
+
+    @property
+    def _disk(self) -> ChunkFiles | None:
+        return self._core.files
+
+    @property
+    def _remote(self) -> RemoteSync | None:
+        return self._core.remote
 
     def _from_remote(self, conv_id, toks) -> None:
         """Adopts what the remote tier holds beyond the local prefix of toks (nothing without one)."""
@@ -537,63 +459,9 @@ class AttentionStore:
             self._stats.add(remote_errors=1)
             log.warning("cachedattn: reading %r from the remote tier failed (%s: %s); served locally", conv_id, type(e).__name__, e)
 
-    def _lease(self, conv: Conversation, kind: str):
-        with self._critical():
-            lease = conv.lease(kind)
-            self._leases += 1
-            return lease
-
-    def _release(self, lease) -> None:
-        with self._critical():
-            lease.release()
-            self._leases -= 1
-            self._mover.released(lease.conv)
-            self._cond.notify_all()
-
-    def _register(self, obj) -> None:
-        """An open load or append, for close() to end."""
-        with self._critical():
-            self._check_open()
-            self._open.add(obj)
-
-    def _shortened(self, why: str) -> None:
-        """A load was cut short because a resource ran out: counted, logged once."""
-        self._stats.add(shortened_loads=1)
-        if not self._warned_short:
-            self._warned_short = True
-            log.warning("cachedattn: %s; loads are shortened meanwhile (history recomputed, logged once)", why)
-
-    def _disk_failed(self, e: OSError, what: str) -> None:
-        with self._critical():
-            if what == "writing":
-                self._stats.add(write_errors=1)
-            if self._disk_error is None:
-                self._disk_error = f"{e.strerror or e} ({e.filename})"
-                log.warning(
-                    "cachedattn: %s the disk tier failed (%s); continuing with host memory only, "
-                    "KV already in host memory is kept",
-                    what,
-                    self._disk_error,
-                )
-
-    def _submit(self, fn, *args) -> Future:
-        def job():
-            mark_store_thread()
-            return fn(*args)
-
-        fut = self._executor.submit(job)
-        with self._critical():
-            self._pending.add(fut)
-        fut.add_done_callback(self._untrack)
-        return fut
-
-    def _untrack(self, fut: Future) -> None:
-        with self._critical():
-            self._pending.discard(fut)
-
     # Kept for tests and tools that cut a conversation at a chunk (what a bad read does).
-    def _on_bad_chunk(self, conv: Conversation, chunk, why: str) -> None:
-        self._mover.on_bad_chunk(conv, chunk, why)
+    def _on_bad_chunk(self, conv, chunk, why: str) -> None:
+        self._exec.bad_chunk(conv, chunk, why)
 
 
 class _AlreadyAttached(Exception):

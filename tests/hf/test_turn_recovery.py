@@ -62,7 +62,7 @@ def _restarted_with_history(make_store, model, ids, arch_readahead=None):
 
 
 def _damage(store, conv_id, index, how):
-    conv = store._convs[conv_id]
+    conv = store._index.convs[conv_id]
     path = store._disk.path(conv.dirname, conv.chunks[index].file)
     if how == "checksum":
         with open(path, "r+b") as f:

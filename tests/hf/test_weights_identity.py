@@ -10,7 +10,7 @@ import torch
 
 import cachedattn
 from cachedattn.hf.identity import WeightsIdentity
-from cachedattn.store import fingerprint
+from cachedattn.hf import weights as fingerprint
 
 from .models import VOCAB, tiny_model
 

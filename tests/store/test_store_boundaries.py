@@ -71,15 +71,15 @@ def test_a_store_with_a_queue_policy_runs_without_serving_loaded(tmp_path):
 
 def test_locks_taken_out_of_order_raise_in_the_debug_mode(make_store):
     s = make_store()
-    with s._critical():
+    with s._index.lock:
         with s._host.cond:  # store -> host pool: in order
             pass
     with s._host.cond:
         with pytest.raises(lock_order.LockOrderError, match="store .* while holding host pool"):
-            with s._critical():
+            with s._index.lock:
                 pass
-    with s._critical():  # the store re-enters its own lock
-        with s._critical():
+    with s._index.lock:  # the store re-enters its own lock
+        with s._index.lock:
             assert s.conversations() == []
 
 
@@ -90,7 +90,7 @@ def test_no_engine_lock_is_taken_under_the_store_lock(make_store):
     engine_queue = threading.Condition(lock_order.ordered(threading.Lock(), lock_order.ENGINE, "engine queue"))
     with engine_queue:
         pass
-    with s._critical():
+    with s._index.lock:
         with pytest.raises(lock_order.LockOrderError, match="engine queue"):
             with engine_queue:
                 pass
@@ -98,8 +98,8 @@ def test_no_engine_lock_is_taken_under_the_store_lock(make_store):
 
 def test_a_condition_wait_keeps_the_order_bookkeeping(make_store):
     s = make_store()
-    with s._critical():
-        s._cond.wait(timeout=0.01)  # releases every level of the store lock, then takes it back
+    with s._index.lock:
+        s._index.cond.wait(timeout=0.01)  # releases every level of the store lock, then takes it back
         with s._host.cond:
             pass
     with s._host.cond:  # nothing left held by the wait

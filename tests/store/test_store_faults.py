@@ -94,13 +94,13 @@ def test_a_refused_rename_keeps_the_turn_in_host_memory(make_store, tokens, monk
 @pytest.mark.parametrize("write_through", [True, False])
 def test_demote_after_the_disk_failed_keeps_host_only_kv(make_store, tokens, monkeypatch, err, write_through):
     s = make_store(write_through=write_through)
-    from cachedattn.store.disk_tier import DiskTier
+    from cachedattn.store.chunk_files import ChunkFiles
 
     def fails(self, *a, **k):
         raise OSError(err, os.strerror(err), str(self.root))
 
-    monkeypatch.setattr(DiskTier, "write_tmp", fails)
-    monkeypatch.setattr(DiskTier, "finish_tmps", fails)
+    monkeypatch.setattr(ChunkFiles, "write_tmp", fails)
+    monkeypatch.setattr(ChunkFiles, "finish_tmps", fails)
     t = tokens[:40]
     s.append("a", t, truth_kv(t)).result()
     s.flush()
@@ -163,20 +163,20 @@ def test_a_refused_directory_creation_degrades_to_host_memory(make_store, tokens
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
 def test_a_refused_read_is_a_miss_from_that_chunk_on(make_store, tokens, monkeypatch, err):
     from cachedattn.store import ChunkCorruptError
-    from cachedattn.store.disk_tier import DiskTier
+    from cachedattn.store.chunk_files import ChunkFiles
 
     s = make_store()
     t = tokens[:64]
     s.append("a", t, truth_kv(t)).result()
     s.demote("a")
-    real = DiskTier.open_file
+    real = ChunkFiles.open_file
 
     def refused(self, dirname, name):
         if name.startswith("00000002."):
             raise OSError(err, os.strerror(err), name)
         return real(self, dirname, name)
 
-    monkeypatch.setattr(DiskTier, "open_file", refused)
+    monkeypatch.setattr(ChunkFiles, "open_file", refused)
     with pytest.raises(ChunkCorruptError) as ei:  # the documented "recompute from here"
         s.load("a", 64)
     assert ei.value.errno == err
@@ -184,6 +184,6 @@ def test_a_refused_read_is_a_miss_from_that_chunk_on(make_store, tokens, monkeyp
     assert s.prefetch("a").result(timeout=30) >= 0
     s.append("a", t, truth_kv(t, 32), start=32).result()  # the turn redone from the cut
     s.demote("a")
-    monkeypatch.setattr(DiskTier, "open_file", real)
+    monkeypatch.setattr(ChunkFiles, "open_file", real)
     with s.load("a", 64) as ld:
         check_load(ld, t)

@@ -12,7 +12,7 @@ import torch
 
 import cachedattn
 from cachedattn import AttentionStore
-from cachedattn.store.host_tier import HostMemoryFull
+from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.spec import ChunkGeometry
 
 from ..hf.models import VOCAB, tiny_model
@@ -72,7 +72,7 @@ def test_host_memory_tight_under_concurrency_never_fails_a_turn(tmp_path):
 
 
 def test_a_load_finding_no_host_block_is_shorter_or_a_miss_within_the_wait_bound(make_store, tokens):
-    from cachedattn.store.tiering import HOST_WAIT_S
+    from cachedattn.store.executor import HOST_WAIT_S
 
     s = make_store(host_chunks=3)
     kv = make_kv(SPEC, 48, 1)

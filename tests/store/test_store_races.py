@@ -161,8 +161,8 @@ def test_load_prefix_serves_what_is_stored_when_it_is_asked(make_store, tokens, 
     elif change == "longer":
         s.append("a", tokens[:90], truth_kv(tokens[:90], 64), start=64).result()
     else:
-        with s._lock:
-            s._on_bad_chunk(s._convs["a"], s._convs["a"].chunks[2], "test")
+        conv = s._index.convs["a"]
+        s._on_bad_chunk(conv, conv.chunks[2], "test")
     ld = s.load_prefix("a", t, limit=n - 1)
     if change == "drop":
         assert ld is None

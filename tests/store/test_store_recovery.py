@@ -161,8 +161,8 @@ def test_history_cut_during_an_append_stores_nothing(make_store, tokens):
     s.append("a", tokens[:64], kv).result()
     txn = s.begin_append("a", tokens[:80], 64)
     txn.put(make_kv(SPEC, 16, 2))
-    with s._lock:  # what a load finding chunk 1 damaged does
-        s._on_bad_chunk(s._convs["a"], s._convs["a"].chunks[1], "test")
+    conv = s._index.convs["a"]
+    s._on_bad_chunk(conv, conv.chunks[1], "test")  # what a load finding chunk 1 damaged does
     with pytest.raises(ValueError, match="was cut"):
         txn.commit().result()
     assert s.lookup("a", tokens) == 16
@@ -221,7 +221,7 @@ def test_writing_a_chunk_again_never_reuses_the_name_of_its_earlier_file():
     """A chunk whose file was evicted (deletion pending until the lock is released or the
     last load ends) and then written again must get another name: else the pending deletion
     would remove the new file."""
-    from cachedattn.store.chunk_file import file_name, parse_file_name, parse_version
+    from cachedattn.store.chunk_files import file_name, parse_file_name, parse_version
 
     key = bytes(range(16))
     a, b = file_name(3, 16, key, gen=12345, tail=True), file_name(3, 16, key, gen=12345, tail=True)

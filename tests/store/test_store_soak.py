@@ -41,7 +41,7 @@ class FailedBatch:
 
 
 class Faults:
-    """Disk faults injected under the store's file layer (DiskTier), at a seeded rate."""
+    """Disk faults injected under the store's file layer (ChunkFiles), at a seeded rate."""
 
     def __init__(self, store: AttentionStore, rng: random.Random, write_err: int, write_after: float):
         self.rng, self.write_err, self.write_after = rng, write_err, write_after
@@ -260,14 +260,14 @@ def test_soak_turns_never_fail_under_tight_memory_disk_faults_and_chaos(tmp_path
 def _stats_add_up(store, root: Path) -> None:
     """With nothing open: host blocks in use are the chunks' own, disk bytes are the files'."""
     st = store.stats()
-    with store._critical():
-        convs = list(store._convs.values())
+    with store._index.lock:
+        convs = list(store._index.convs.values())
         own = sum(1 for c in convs for ch in c.chunks if ch.in_host)
         used = store._host.used_blocks
         files = len(list(root.rglob("*.kv")))
-        disk_used = store._disk.used
+        disk_used = store._index.disk.used
         file_bytes = store._disk.file_bytes
-        writing = store._mover.writing
+        writing = store._index.writing
     assert writing == 0
     assert used == own, f"{used} host blocks in use, {own} held by chunks: a block leaked"
     assert disk_used == files * file_bytes, f"disk accounting {disk_used} != {files} files"

@@ -26,8 +26,8 @@ def test_host_capacity_is_a_hard_limit_and_lru_order(make_store):
     s.append("c4", toks["c4"], kvs["c4"]).result()  # must evict the LRU: c1
     st = s.stats()
     assert st["host"]["used_bytes"] <= st["host"]["capacity_bytes"] == 8 * chunk_bytes()
-    with s._lock:
-        in_host = {c for c, conv in s._convs.items() if conv.host_chunks()}
+    with s._index.lock:
+        in_host = {c for c, conv in s._index.convs.items() if conv.host_chunks()}
     assert in_host == {"c0", "c2", "c3", "c4"}
     assert st["host"]["evictions"] == 2
     # Demoted, not lost: c1 comes back from disk, bit for bit.
@@ -42,8 +42,8 @@ def test_fifo_policy_ignores_recency(make_store):
         if i == 4:
             s.lookup("c0", toks["c0"])
         s.append(c, toks[c], make_kv(SPEC, 20, i)).result()
-    with s._lock:
-        assert not s._convs["c0"].host_chunks()  # first in, first out, despite the recent use
+    with s._index.lock:
+        assert not s._index.convs["c0"].host_chunks()  # first in, first out, despite the recent use
 
 
 def test_without_disk_host_eviction_drops(make_store):
@@ -97,13 +97,13 @@ def test_write_back_mode_writes_only_on_demotion(make_store, tmp_path, tokens):
 
 def test_full_disk_degrades_to_host_only(make_store, tokens, monkeypatch, caplog):
     s = make_store()
-    from cachedattn.store.disk_tier import DiskTier
+    from cachedattn.store.chunk_files import ChunkFiles
 
     def no_space(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.root))
 
-    monkeypatch.setattr(DiskTier, "write_tmp", no_space)
-    monkeypatch.setattr(DiskTier, "finish_tmps", no_space)
+    monkeypatch.setattr(ChunkFiles, "write_tmp", no_space)
+    monkeypatch.setattr(ChunkFiles, "finish_tmps", no_space)
     kv = make_kv(SPEC, 40, 1)
     with caplog.at_level(logging.WARNING, logger="cachedattn"):
         s.append("a", tokens[:40], kv).result()

@@ -105,9 +105,9 @@ def test_releasing_memory_under_a_pending_copy_raises(eng):
 
 
 def test_host_block_release_asks_the_engines(eng, tmp_path):
-    from cachedattn.store.host_tier import HostTier
+    from cachedattn.store.block_pool import BlockPool
 
-    tier = HostTier(1 << 20, 1 << 16, "off")
+    tier = BlockPool(1 << 20, 1 << 16, "off")
     blk = tier.try_alloc()
     dst = torch.zeros(16)
     t0 = eng.record("h2d")

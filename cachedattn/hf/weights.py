@@ -1,6 +1,7 @@
 """Model identity for KVSpec.model_digest: the architecture config plus a
 digest of every byte of every parameter and buffer, the same in every process
-and on every machine.
+and on every machine. (The store only compares the digest it is given; the
+hashing of a torch module's weights lives here, with the model integration.)
 
 Stored KV is only valid for the exact weights it was computed with, and two
 checkpoints can differ in a single element (a fine-tune touching a few

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from cachedattn.store.fingerprint import config_digest, model_digest, tensor_digest, weights_digest
+from cachedattn.hf.weights import config_digest, model_digest, tensor_digest, weights_digest
 
 
 def _net(seed: int, dtype=torch.float32):
@@ -34,7 +34,7 @@ def test_config_digest_ignores_provenance():
 
 def test_digest_is_stable_across_processes():
     code = (
-        "import torch;from cachedattn.store.fingerprint import model_digest;torch.manual_seed(0);"
+        "import torch;from cachedattn.hf.weights import model_digest;torch.manual_seed(0);"
         "net=torch.nn.Sequential(torch.nn.Linear(300,200),torch.nn.Linear(200,10));"
         "print(model_digest({'model_type':'x'}, net))"
     )
@@ -86,7 +86,7 @@ def test_tied_tensors_digest_like_equal_copies():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tensor_digest_is_the_same_on_the_gpu(monkeypatch):
-    from cachedattn.store import fingerprint
+    from cachedattn.hf import weights as fingerprint
 
     monkeypatch.setattr(fingerprint, "_PIECE_BYTES", 1000)  # several pieces, the last one short
     t = torch.randn(123, 45, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -1,6 +1,9 @@
-"""The host-memory tier: chunk blocks from one pinned pool, reference counted
-so a block goes back to the pool only when its last user (the chunk itself,
-a load copying out of it, a disk write reading it) lets go."""
+"""Host memory: chunk blocks from one pinned pool, reference counted so a block
+goes back to the pool only when its last user (the chunk itself, a load
+copying out of it, a disk write reading it) lets go.
+
+Not a tier: every tier reads into and writes from these blocks (tier.py). A
+chunk's host copy is its own reference to a block (Chunk.host)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import torch
 
 from cachedattn import native
 from cachedattn.store import lock_order
-from cachedattn.store.tier import Tier
 from cachedattn.transfer import guards
 
 
@@ -21,7 +23,7 @@ class HostMemoryFull(RuntimeError):
 class HostBlock:
     __slots__ = ("_tier", "block", "refs", "_view")
 
-    def __init__(self, tier: HostTier, block):
+    def __init__(self, tier: BlockPool, block):
         self._tier = tier
         self.block = block
         self.refs = 1
@@ -57,34 +59,16 @@ class HostBlock:
                 raise RuntimeError("host block released twice")
 
 
-class HostTier(Tier):
-    """Chunks in pinned host memory: a chunk's location here is its own block reference."""
-
-    name = "host"
-
+class BlockPool:
     def __init__(self, capacity_bytes: int, block_bytes: int, hugepages: str):
         self.pool = native.HostPool(capacity_bytes, block_bytes, hugepages=hugepages)
         self.cond = threading.Condition(lock_order.ordered(threading.RLock(), lock_order.HOST_POOL, "host pool"))
-
-    # ---- the Tier interface ----------------------------------------------------
 
     def capacity(self) -> int:
         return self.capacity_blocks * self.block_bytes
 
     def used(self) -> int:
         return self.used_blocks * self.block_bytes
-
-    def contains(self, conv, chunk) -> bool:
-        return chunk.host is not None
-
-    def get_into(self, conv, chunk, block: HostBlock) -> None:
-        block.view().copy_(chunk.host.view())
-
-    def put_from(self, conv, chunk, block: HostBlock) -> HostBlock:
-        return block.acquire()
-
-    def remove(self, conv, chunk) -> None:
-        chunk.host.release()
 
     @property
     def block_bytes(self) -> int:
