@@ -43,11 +43,12 @@ class PagedTransfers:
         self.tier_tokens = {"host": 0, "disk": 0, "remote": 0}
         self._pending = 0
         self._views = itertools.count(1)
+        self._prefetched: set[str] = set()  # queued keys already prefetched while they stay queued
         self._idle = threading.Condition(self._lock)
 
     def submit(self, plan: StepPlan) -> None:
-        if plan.queued is not None:
-            self._push_queue(plan.queued)
+        if plan.queued is not None:  # off vLLM's step: the policy and the prefetches take the store's lock
+            self._background(self._push_queue, plan.queued, next(self._views))
         for move in plan.lookups:
             self._start(self._lookup, move, None)
         for move in plan.loads:
@@ -56,16 +57,24 @@ class PagedTransfers:
             self._start(self._save, move, "_sent")
 
     def _start(self, fn, move: BlockMove, done: str | None) -> None:
+        def finish():
+            if done is not None:  # the set by name: finished() swaps in a new one while this runs
+                getattr(self, done).add(move.req_id)
+
+        self._background(fn, move, finish=finish)
+
+    def _background(self, fn, *args, finish=None) -> None:
+        """Runs fn(*args) on the pool, counted until done (wait_idle); `finish` runs under the lock after."""
         with self._lock:
             self._pending += 1
 
         def run():
             try:
-                fn(move)
+                fn(*args)
             finally:
-                with self._lock:  # the set by name: finished() swaps in a new one while this runs
-                    if done is not None:
-                        getattr(self, done).add(move.req_id)
+                with self._lock:
+                    if finish is not None:
+                        finish()
                     self._pending -= 1
                     self._idle.notify_all()
 
@@ -77,7 +86,7 @@ class PagedTransfers:
             self._warned.add(kind)
         (log.warning if first else log.debug)(msg, *args)
 
-    def _push_queue(self, queued: tuple[str, ...]) -> None:
+    def _push_queue(self, queued: tuple[str, ...], seq: int) -> None:
         """The paper's scheduler-aware eviction and fetching, with vLLM's queue: the store's policy sees
         the waiting requests' blocks (a queue-aware policy keeps them, the first (C_mem + C_disk) / S of
         them never leave disk), and the blocks that fit in host memory are brought in from disk ahead of
@@ -85,8 +94,12 @@ class PagedTransfers:
         chunk = max(self.store.mean_conversation_bytes(), 1.0)
         cfg = self.store.config
         window = int((cfg.host_bytes + (cfg.disk_bytes if cfg.disk_dir else 0)) // chunk)
-        self.store.policy.on_queue(QueueView(queued, window, time.monotonic, next(self._views)))
-        for key in list(dict.fromkeys(queued))[: int(cfg.host_bytes // chunk) // 2]:
+        self.store.policy.on_queue(QueueView(queued, window, time.monotonic, seq))  # seq: the newest view wins
+        keys = list(dict.fromkeys(queued))[: int(cfg.host_bytes // chunk) // 2]
+        with self._lock:  # each queued block once, not at every step it stays queued
+            fresh = [k for k in keys if k not in self._prefetched]
+            self._prefetched = self._prefetched.intersection(keys).union(fresh)
+        for key in fresh:
             try:
                 self.store.prefetch(key)  # never waits for host memory; a miss is a no-op
             except Exception as e:  # noqa: BLE001 - prefetching is best effort

@@ -217,9 +217,17 @@ def test_vllms_queue_reaches_the_eviction_policy_and_prefetches_from_disk(tmp_pa
         while any(store.residency(k)["host_bytes"] == 0 for k in keys) and __import__("time").monotonic() < deadline:
             __import__("time").sleep(0.05)
         assert all(store.residency(k)["host_bytes"] > 0 for k in keys)  # brought in ahead of the load
+        calls = []
+        real = store.prefetch
+        store.prefetch = lambda key: (calls.append(key), real(key))[1]
+        assert planner.matched("r3", np.arange(900, 900 + 2 * B + 1), 0) is None  # the queue changes: r2 stays
+        transfers.submit(planner.take_step())
+        assert transfers.wait_idle(30)
+        assert not set(calls) & set(keys)  # r2's blocks were prefetched once, not at every step they stay queued
+        store.prefetch = real
         planner.answered(transfers.answers())
         planner.allocated("r2", [3, 4], planner.matched("r2", toks, 0))
-        assert planner.take_step().queued == ()  # r2 left the queue
+        assert set(planner.take_step().queued) & set(keys) == set()  # r2 left the queue
     finally:
         transfers.close()
         store.close()
