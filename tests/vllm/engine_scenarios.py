@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
@@ -91,10 +92,12 @@ def churn(llm, toks, rnd):
         eng.step()
     core = eng.engine_core.engine_core
     sched = core.scheduler
-    for _ in range(200):  # saves of the last requests and their block frees take a few more steps
-        if not sched.has_requests():
-            break
+    # The last requests' saves run in the background and their blocks come back at a later step: vLLM keeps
+    # stepping while it holds them (has_requests); so does this loop, for as long as the saves take.
+    deadline = time.monotonic() + 120
+    while sched.has_requests() and time.monotonic() < deadline:
         core.step()
+        time.sleep(0.005)
     from cachedattn.vllm import connector
 
     (worker,) = list(connector.open_workers)
