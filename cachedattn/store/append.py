@@ -25,7 +25,7 @@ from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.index import Plan
 from cachedattn.store.load import done_future
 from cachedattn.store.record import ChunkCorruptError, layer_checksum
-from cachedattn.store.state import ChunkState, ConvState
+from cachedattn.store.conversation import ChunkState, ConvState
 
 
 

@@ -1,24 +1,101 @@
-"""In-memory records of what the store holds for each conversation."""
+"""What the store holds for each conversation: its chunks, and the life of
+each as two small state machines.
+
+Every legal transition is listed here, in one table each; anything else
+raises IllegalTransition at once (tests assert none ever occurs). States
+change only under the store lock; the I/O a transition stands for runs
+outside it, between a state that says "in progress" and the one that
+records its outcome.
+
+Chunk states (where the chunk's KV is):
+
+    HOST       host memory only (write-back, no disk tier, or the disk failed)
+    WRITING    host memory, its file being written
+    DEMOTING   host memory, its file being written; leaves host memory once written
+    HOST_DISK  host memory and disk
+    DISK       disk only
+    DROPPED    nowhere the store will look again (replaced, truncated, dropped, evicted)
+
+Conversation states:
+
+    FOUND      chunk files found on disk at open, headers not read yet
+    RESOLVING  one thread reading those headers (outside the lock)
+    READY      its chunks are known
+    GONE       out of the index (dropped or evicted); its last owner finishes it
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cachedattn.store.block_pool import HostBlock
-from cachedattn.store.state import (
-    CHUNK_INITIAL,
-    CHUNK_TRANSITIONS,
-    CONV_TRANSITIONS,
-    IN_HOST,
-    ON_DISK,
-    ChunkState,
-    ConvState,
-    IllegalTransition,
-    Lease,
-    check,
-)
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that the store's tables do not allow: a bug in the store."""
+
+
+class ChunkState(enum.Enum):
+    HOST = "host"
+    WRITING = "writing"
+    DEMOTING = "demoting"
+    HOST_DISK = "host+disk"
+    DISK = "disk"
+    DROPPED = "dropped"
+
+
+CHUNK_TRANSITIONS: dict[ChunkState, frozenset[ChunkState]] = {
+    # a write starts (write-back demotion starts it as DEMOTING)
+    ChunkState.HOST: frozenset({ChunkState.WRITING, ChunkState.DEMOTING, ChunkState.DROPPED}),
+    # written / failed (the host copy stays) / demoted meanwhile
+    ChunkState.WRITING: frozenset({ChunkState.HOST_DISK, ChunkState.HOST, ChunkState.DEMOTING, ChunkState.DROPPED}),
+    # written (the host copy goes) / failed (the host copy stays: it is the only one)
+    ChunkState.DEMOTING: frozenset({ChunkState.DISK, ChunkState.HOST, ChunkState.DROPPED}),
+    # host copy evicted / file evicted for space or lost
+    ChunkState.HOST_DISK: frozenset({ChunkState.DISK, ChunkState.HOST, ChunkState.DROPPED}),
+    # read back into host memory (a load or prefetch adopted its block)
+    ChunkState.DISK: frozenset({ChunkState.HOST_DISK, ChunkState.DROPPED}),
+    ChunkState.DROPPED: frozenset(),
+}
+CHUNK_INITIAL = frozenset({ChunkState.HOST, ChunkState.WRITING, ChunkState.DISK})
+
+IN_HOST = frozenset({ChunkState.HOST, ChunkState.WRITING, ChunkState.DEMOTING, ChunkState.HOST_DISK})
+ON_DISK = frozenset({ChunkState.HOST_DISK, ChunkState.DISK})
+WRITE_IN_FLIGHT = frozenset({ChunkState.WRITING, ChunkState.DEMOTING})
+
+
+class ConvState(enum.Enum):
+    FOUND = "found"
+    RESOLVING = "resolving"
+    READY = "ready"
+    GONE = "gone"
+
+
+CONV_TRANSITIONS: dict[ConvState, frozenset[ConvState]] = {
+    ConvState.FOUND: frozenset({ConvState.RESOLVING, ConvState.GONE}),
+    ConvState.RESOLVING: frozenset({ConvState.READY, ConvState.GONE}),
+    ConvState.READY: frozenset({ConvState.GONE}),
+    ConvState.GONE: frozenset(),
+}
+
+
+def check(table: dict, old, new, what: str) -> None:
+    if new not in table[old]:
+        raise IllegalTransition(f"{what}: {old.value} -> {new.value} is not a legal transition")
+
+
+@dataclass(eq=False)
+class Lease:
+    """One owner of a conversation (an open load, append, prefetch or resolution): it keeps the
+    conversation from eviction and its files from deletion. A record: the index (Index.lease,
+    Index.release) takes and lets go of it, exactly once."""
+
+    conv: Conversation
+    kind: str
+    released: bool = False
 
 
 @dataclass(eq=False)
@@ -90,16 +167,6 @@ class Conversation:
         """Store lock held."""
         check(CONV_TRANSITIONS, self.state, new, f"conversation {self.id!r}")
         self.state = new
-
-    def lease(self, kind: str) -> Lease:
-        """Store lock held."""
-        if self.state is ConvState.GONE:
-            raise IllegalTransition(f"lease on gone conversation {self.id!r}")
-        self.owners += 1
-        lease = Lease(self, kind)
-        if kind == "append":
-            self.writer = lease
-        return lease
 
     def host_chunks(self) -> list[Chunk]:
         return [c for c in self.chunks if c.in_host]

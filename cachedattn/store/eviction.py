@@ -2,8 +2,10 @@
 
 The store asks a policy for a victim among candidate conversations (those not
 in use) when a tier is full, and gets None when none may go; the unit is the
-whole conversation, as in the paper. A policy sees every insert, access and
-removal (from the store, under its lock) and the queue (QueueView, pushed by
+whole conversation, as in the paper. Candidates arrive least recently used
+first: the index keeps its conversations in that order (Index.touch), so a
+load or save never calls a policy. A policy sees every insert and removal
+(from the store, under its lock) and the queue (QueueView, pushed by
 whoever schedules turns: the serving engine, on each submit and step). A
 policy never calls out: it decides from what it was told, so no lock of the
 scheduler is ever taken under the store's, and the store imports nothing of
@@ -36,9 +38,6 @@ class EvictionPolicy(ABC):
     def on_insert(self, conv_id: str) -> None:
         """A conversation was stored for the first time (or found at open)."""
 
-    def on_access(self, conv_id: str) -> None:
-        """A conversation was looked up, loaded or appended to."""
-
     def on_remove(self, conv_id: str) -> None:
         """A conversation left the store."""
 
@@ -48,8 +47,9 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def order(self, candidates: Iterable[str], tier: str) -> list[str]:
-        """Candidates ordered victims first. ``tier`` is 'host' or 'disk'. A policy may leave
-        out candidates that must not go (the queue-aware policy's disk window)."""
+        """Candidates (least recently used first) ordered victims first. ``tier`` is 'host' or
+        'disk'. A policy may leave out candidates that must not go (the queue-aware policy's
+        disk window)."""
 
     def victim(self, candidates: Iterable[str], tier: str) -> str | None:
         """The conversation to evict next from ``tier``, or None when none may go."""
@@ -57,8 +57,19 @@ class EvictionPolicy(ABC):
         return ordered[0] if ordered else None
 
 
-class _Clocked(EvictionPolicy):
-    """Orders by a per-conversation stamp from a monotonic counter."""
+class LRUPolicy(EvictionPolicy):
+    """Least recently used first: the order the candidates come in."""
+
+    name = "lru"
+
+    def order(self, candidates: Iterable[str], tier: str) -> list[str]:
+        return list(candidates)
+
+
+class FIFOPolicy(EvictionPolicy):
+    """First stored first, whatever was used since."""
+
+    name = "fifo"
 
     def __init__(self):
         self._clock = itertools.count()
@@ -72,21 +83,6 @@ class _Clocked(EvictionPolicy):
 
     def order(self, candidates: Iterable[str], tier: str) -> list[str]:
         return sorted(candidates, key=lambda c: self._stamp.get(c, -1))
-
-
-class LRUPolicy(_Clocked):
-    """Least recently used first."""
-
-    name = "lru"
-
-    def on_access(self, conv_id: str) -> None:
-        self._stamp[conv_id] = next(self._clock)
-
-
-class FIFOPolicy(_Clocked):
-    """First stored first, whatever was used since."""
-
-    name = "fifo"
 
 
 # The queue-aware policies register themselves (queue_policies.py, imported by the package).

@@ -23,7 +23,7 @@ import time
 from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.index import Index, Plan
 from cachedattn.store.recovery import read_chain
-from cachedattn.store.state import ConvState
+from cachedattn.store.conversation import ConvState
 
 log = logging.getLogger("cachedattn")
 

@@ -29,8 +29,16 @@ import weakref
 from dataclasses import dataclass, field
 
 from cachedattn.store import keys, lock_order
-from cachedattn.store.conversation import Chunk, Conversation
-from cachedattn.store.state import WRITE_IN_FLIGHT, ChunkState, ConvState
+from cachedattn.store.conversation import (
+    WRITE_IN_FLIGHT,
+    Chunk,
+    ChunkState,
+    Conversation,
+    ConvState,
+    IllegalTransition,
+    Lease,
+    common_prefix,
+)
 
 log = logging.getLogger("cachedattn")
 S = ChunkState
@@ -48,6 +56,20 @@ class Plan:
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.queued or self.staged or self.deletes or self.rmdirs)
+
+
+@dataclass
+class LoadPlan:
+    """What a load reads, decided under the lock (Index.plan_load): the first n tokens of conv,
+    in `chunks`; `held`: a block reference per chunk position in host memory; `from_disk`: the
+    positions to read from the disk tier into fresh blocks."""
+
+    conv: Conversation
+    lease: Lease
+    n: int
+    chunks: list[Chunk]
+    held: dict[int, object]
+    from_disk: list[int]
 
 
 class DiskSpace:
@@ -74,6 +96,7 @@ class Index:
         self.cond = threading.Condition(self.lock)  # host blocks came free, a write or a resolution ended
         self.policy = policy
         self.stats = stats
+        # Least recently used first (touch moves one to the end): the order policies get candidates in.
         self.convs: dict[str, Conversation] = {}
         self.unfinished: set[Conversation] = set()  # conversations not yet done with their directory
         self.dir_users: dict[str, int] = {}  # such conversations per directory
@@ -81,6 +104,7 @@ class Index:
         self.writing = 0  # chunk writes in flight (any conversation)
         self.gen = 0  # the newest save generation given out or found on disk
         self.host = None  # the block pool (try_alloc, capacity, used), once attached
+        self.chunk_tokens = 0  # tokens per chunk, once attached
         self.disk: DiskSpace | None = None  # None: no disk tier
         self.disk_error: str | None = None  # the disk failed: new KV stays in host memory
         self.closing = False  # close() began: every call raises "the store is closed"
@@ -114,6 +138,12 @@ class Index:
             raise KeyError(f"unknown conversation {conv_id!r}")
         return conv
 
+    def touch(self, conv: Conversation) -> None:
+        """conv was looked up, loaded or saved: it becomes the most recently used."""
+        if self.convs.get(conv.id) is conv:
+            del self.convs[conv.id]
+            self.convs[conv.id] = conv
+
     def new_conversation(self, conv_id: str, root: bytes, dirname: str | None = None) -> Conversation:
         dirname = dirname or keys.conversation_dirname(conv_id)
         conv = Conversation(conv_id, dirname, root)
@@ -129,15 +159,27 @@ class Index:
         self.gen = max(self.gen + 1, time.time_ns())
         return self.gen
 
-    def lease(self, conv: Conversation, kind: str):
-        lease = conv.lease(kind)
+    def lease(self, conv: Conversation, kind: str) -> Lease:
+        """A new owner of conv ("append": its one writer) keeps it from eviction and its files from deletion."""
+        if conv.state is ConvState.GONE:
+            raise IllegalTransition(f"lease on gone conversation {conv.id!r}")
+        lease = Lease(conv, kind)
+        conv.owners += 1
+        if kind == "append":
+            conv.writer = lease
         self.leases += 1
         return lease
 
-    def release(self, lease, plan: Plan) -> None:
-        lease.release()
-        self.leases -= 1
+    def release(self, lease: Lease, plan: Plan) -> None:
+        """An owner lets go (exactly once); files doomed while it could read them go with the last."""
         conv = lease.conv
+        if lease.released:
+            raise IllegalTransition(f"{lease.kind} lease on conversation {conv.id!r} released twice")
+        lease.released = True
+        conv.owners -= 1
+        if conv.writer is lease:
+            conv.writer = None
+        self.leases -= 1
         if conv.owners == 0:
             for name in conv.doomed:
                 self.delete_file(conv.dirname, name, plan)
@@ -145,6 +187,37 @@ class Index:
         self.forget_if_empty(conv, plan)
         self.finish_if_done(conv, plan)
         self.cond.notify_all()
+
+    def plan_load(self, conv_id, toks, n_tokens, limit, prefetch: bool) -> LoadPlan | None:
+        """A load of conv_id's first n_tokens (load), of the longest stored prefix of toks (a lookup:
+        None when nothing matches; at most `limit` tokens) or of every stored token (prefetch: None
+        when all are in host memory or none is stored). It holds a reference to each host copy
+        (let go by the load, or adopted by adopt_read) and a lease."""
+        self.check_ready()
+        conv = self.get(conv_id, required=False)
+        if toks is not None:
+            self.stats.add(lookups=1)
+            if conv is None:
+                return None
+            n = common_prefix(conv.tokens(), toks)
+            n = n if limit is None else min(n, max(0, int(limit)))
+            if n == 0:
+                return None
+        elif prefetch:
+            if conv is None or all(c.in_host for c in conv.chunks):
+                return None
+            n = conv.ntokens
+        else:
+            if conv is None:
+                self.get(conv_id)  # raises the right error
+            if isinstance(n_tokens, bool) or not 0 <= n_tokens <= conv.ntokens:
+                raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
+            n = int(n_tokens)
+        chunks = conv.chunks[: -(-n // self.chunk_tokens)]
+        held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.in_host}
+        lease = self.lease(conv, "prefetch" if prefetch else "load")
+        self.touch(conv)
+        return LoadPlan(conv, lease, n, chunks, held, [i for i in range(len(chunks)) if i not in held])
 
     def resolved(self, conv: Conversation, chunks: list[Chunk], stale: list[str], damaged: int, lease, plan: Plan) -> None:
         """The headers of a conversation found at open were read: its chain, and the files left over."""
@@ -168,7 +241,7 @@ class Index:
             self.retire(conv, old, plan, replaced=True)
         conv.chunks = conv.chunks[:first] + new
         self.settle(conv, plan)  # a pure truncation: the kept chunks may all be on disk already
-        self.policy.on_access(conv.id)
+        self.touch(conv)
 
     def adopt_read(self, conv: Conversation, c: Chunk, block) -> bool:
         """A load read a DISK chunk whole into `block`: it becomes the chunk's host copy."""

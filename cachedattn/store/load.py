@@ -22,7 +22,6 @@ from concurrent.futures import Future
 import torch
 
 from cachedattn.store import keys, lock_order
-from cachedattn.store.conversation import common_prefix
 from cachedattn.store.index import Plan
 from cachedattn.store.record import ChunkCorruptError, layer_checksum
 from cachedattn.transfer import guards
@@ -51,32 +50,11 @@ def open_load(core, conv_id, *, n_tokens=None, token_ids=None, limit=None, reada
     toks = None if token_ids is None else keys.as_token_array(token_ids)
     core.executor.resolve(conv_id)
     with ix.lock:
-        core.index.check_ready()
-        conv = ix.get(conv_id, required=False)
-        if toks is not None:
-            core.stats.add(lookups=1)
-            if conv is None:
-                return None
-            n = common_prefix(conv.tokens(), toks)
-            n = n if limit is None else min(n, max(0, int(limit)))
-            if n == 0:
-                return None
-        elif prefetch:
-            if conv is None or all(c.in_host for c in conv.chunks):
-                return None
-            n = conv.ntokens
-        else:
-            if conv is None:
-                ix.get(conv_id)  # raises the right error
-            if isinstance(n_tokens, bool) or not 0 <= n_tokens <= conv.ntokens:
-                raise ValueError(f"n_tokens={n_tokens}: conversation {conv_id!r} has {conv.ntokens} tokens stored")
-            n = int(n_tokens)
-        C = core.geometry.chunk_tokens
-        chunks = conv.chunks[: -(-n // C)]
-        held = {i: c.host.acquire() for i, c in enumerate(chunks) if c.in_host}
-        from_disk = [i for i in range(len(chunks)) if i not in held]
-        lease = ix.lease(conv, "prefetch" if prefetch else "load")
-        core.policy.on_access(conv.id)
+        plan = ix.plan_load(conv_id, toks, n_tokens, limit, prefetch)
+    if plan is None:
+        return None
+    n = plan.n
+    chunks, held, from_disk, lease = plan.chunks, plan.held, plan.from_disk, plan.lease
     try:
         fresh = core.executor.alloc(len(from_disk), foreground=not prefetch, partial=True) if from_disk else []
     except BaseException:
@@ -88,17 +66,15 @@ def open_load(core, conv_id, *, n_tokens=None, token_ids=None, limit=None, reada
         cut = from_disk[len(fresh)]
         for i in [i for i in held if i >= cut]:
             held.pop(i).release()
-        chunks, from_disk, n = chunks[:cut], from_disk[: len(fresh)], min(n, cut * C)
+        chunks, from_disk, n = chunks[:cut], from_disk[: len(fresh)], min(n, cut * ix.chunk_tokens)
         core.executor.shortened(f"host memory is full (all {core.pool.capacity_blocks} chunk blocks are in use)")
         if cut == 0 and (toks is not None or prefetch):
             core.executor.release(lease)
             return None  # a miss
     fresh_iter = iter(fresh)
     blocks = [held[i] if i in held else next(fresh_iter) for i in range(len(chunks))]
-    core.stats.add(host_hits=len(held), host_misses=len(from_disk))
-    if not prefetch:
-        core.stats.add(tokens_reused=n)
-    return KVLoad(core, conv, lease, n, chunks, blocks, from_disk, readahead, prefetch)
+    core.stats.add(host_hits=len(held), host_misses=len(from_disk), tokens_reused=0 if prefetch else n)
+    return KVLoad(core, plan.conv, lease, n, chunks, blocks, from_disk, readahead, prefetch)
 
 
 def prefetch(core, conv_id: str) -> Future:

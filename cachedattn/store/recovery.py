@@ -28,7 +28,7 @@ from collections import defaultdict
 from cachedattn.store import keys
 from cachedattn.store.chunk_files import parse_version
 from cachedattn.store.conversation import Chunk
-from cachedattn.store.state import ChunkState
+from cachedattn.store.conversation import ChunkState
 
 log = logging.getLogger("cachedattn")
 

@@ -25,7 +25,7 @@ from cachedattn.store import keys, lock_order
 from cachedattn.store.conversation import Chunk, common_prefix
 from cachedattn.store.block_pool import HostMemoryFull
 from cachedattn.store.remote_tier import RemoteUnavailable
-from cachedattn.store.state import ChunkState, ConvState
+from cachedattn.store.conversation import ChunkState, ConvState
 from cachedattn.store.executor import on_store_thread
 from cachedattn.store.index import Plan
 

@@ -11,7 +11,7 @@ A partial chunk uses the same geometry; its unused token slots are zeroed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -38,6 +38,9 @@ class KVSpec:
     layers: tuple[tuple[int, int], ...]
     dtype: torch.dtype
     model_digest: str = ""
+    # Derived in __post_init__: plain attributes, as loads read them for every layer.
+    num_layers: int = field(init=False, repr=False, compare=False)
+    element_size: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         layers = tuple((int(h), int(d)) for h, d in self.layers)
@@ -49,18 +52,12 @@ class KVSpec:
                 raise ValueError(f"KVSpec.layers[{i}]: kv_heads and head_dim must be positive, got ({h}, {d})")
         if self.dtype not in _DTYPES:
             raise ValueError(f"KVSpec.dtype: {self.dtype} is not supported (float32, float16, bfloat16)")
+        object.__setattr__(self, "num_layers", len(layers))
+        object.__setattr__(self, "element_size", self.dtype.itemsize)
 
     @classmethod
     def uniform(cls, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, model_digest: str = ""):
         return cls(((kv_heads, head_dim),) * int(num_layers), dtype, model_digest)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def element_size(self) -> int:
-        return torch.tensor([], dtype=self.dtype).element_size()
 
     @cached_property
     def fingerprint(self) -> str:

@@ -37,7 +37,7 @@ from cachedattn.store.load import KVLoad, done_future, open_load, prefetch
 from cachedattn.store.remote_sync import RemoteSync
 from cachedattn.store.remote_tier import RemoteTier, RemoteUnavailable
 from cachedattn.store.spec import ChunkGeometry, KVSpec
-from cachedattn.store.state import ConvState
+from cachedattn.store.conversation import ConvState
 from cachedattn.store.stats import StoreStats
 
 log = logging.getLogger("cachedattn")
@@ -141,7 +141,7 @@ class AttentionStore:
                 self.spec = core.spec = spec
                 core.geometry, core.pool, self._engine = geo, host, engine
                 core.files, core.disk = disk, DiskTier(disk) if disk is not None else None
-                ix.host, ix.attached = host, True
+                ix.host, ix.chunk_tokens, ix.attached = host, geo.chunk_tokens, True
                 self._exec.disk, self._exec.files, self._exec.host_bytes = core.disk, disk, cfg.host_bytes
                 if disk is not None:
                     ix.disk = DiskSpace(cfg.disk_bytes, disk.file_bytes, sum(len(f) for _, f in found.values()))
@@ -204,7 +204,7 @@ class AttentionStore:
             conv = self._index.get(conv_id, required=False)
             if conv is None:
                 return 0
-            self.policy.on_access(conv_id)
+            self._index.touch(conv)
             return common_prefix(conv.tokens(), toks)
 
     def stored_tokens(self, conv_id: str) -> np.ndarray:

@@ -7,8 +7,8 @@ from cachedattn.store import keys
 from cachedattn.store.conversation import Chunk
 from cachedattn.store.eviction import LRUPolicy
 from cachedattn.store.index import DiskSpace, Index, Plan
-from cachedattn.store.state import ChunkState as S
-from cachedattn.store.state import ConvState, IllegalTransition
+from cachedattn.store.conversation import ChunkState as S
+from cachedattn.store.conversation import ConvState, IllegalTransition
 from cachedattn.store.stats import StoreStats
 
 FILE = 100
@@ -155,7 +155,7 @@ def test_a_lease_defers_deletions_until_it_is_released(make_index):
     ix.release(lease, done)
     assert done.deletes == [(conv.dirname, "f1")] and not conv.doomed and ix.leases == 0
     with pytest.raises(IllegalTransition):
-        lease.release()
+        ix.release(lease, Plan())
 
 
 def test_demoting_plans_writes_for_host_only_chunks_and_drops_copies_on_disk(make_index):
@@ -209,3 +209,16 @@ def test_generations_increase(make_index):
     ix = make_index()
     ix.gen = 2**62
     assert ix.next_gen() == 2**62 + 1 < ix.next_gen()
+
+
+def test_the_host_victim_is_the_least_recently_used_conversation(make_index):
+    """The index keeps its conversations least recently used first: a save or load touches one."""
+    ix = make_index()
+    for conv_id in "abc":
+        save(ix, conv_id, n_chunks=1)
+    assert ix.host_victim().id == "a"
+    ix.touch(ix.get("a"))  # a load of a
+    assert ix.host_victim().id == "b"
+    save(ix, "b", n_chunks=1, first=1)  # b saved again
+    assert ix.host_victim().id == "c"
+    assert list(ix.convs) == ["c", "a", "b"]

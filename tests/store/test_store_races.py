@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cachedattn.store import ChunkCorruptError, HostMemoryFull
-from cachedattn.store.state import ChunkState, IllegalTransition
+from cachedattn.store.conversation import ChunkState, IllegalTransition
 
 from .conftest import chunk_bytes
 from .kvtruth import check_load, truth_kv
@@ -47,14 +47,18 @@ def test_a_chunk_state_change_not_in_the_table_raises():
 
 def test_a_lease_is_released_exactly_once():
     from cachedattn.store.conversation import Conversation
+    from cachedattn.store.index import Index, Plan
+    from cachedattn.store.stats import StoreStats
 
+    ix = Index(None, StoreStats())
     conv = Conversation("a", "d", b"r" * 16)
-    lease = conv.lease("load")
-    assert conv.owners == 1
-    lease.release()
-    with pytest.raises(IllegalTransition, match="twice"):
-        lease.release()
-    assert conv.owners == 0
+    with ix.lock:
+        lease = ix.lease(conv, "load")
+        assert conv.owners == 1 and ix.leases == 1
+        ix.release(lease, Plan())
+        with pytest.raises(IllegalTransition, match="twice"):
+            ix.release(lease, Plan())
+    assert conv.owners == 0 and ix.leases == 0
 
 
 @pytest.mark.parametrize("write_through", [True, False])
