@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cachedattn.server.errors import bad_request
 
-INT64 = dict(ge=-(2**63), le=2**63 - 1)
-
 
 def _unicode(value: Any) -> Any:
     """Text that is valid Unicode, in any nesting. JSON may escape a lone surrogate
@@ -61,7 +59,8 @@ class _Sampling(_Lenient):
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # -1 and 0: every token
     n: int | None = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, **INT64)  # OpenAI's seed is an int64; torch's generator takes one
+    # OpenAI's seed is an int64, as is what torch's generator takes.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -302,6 +302,7 @@ def test_clients_leaving_in_bursts_leave_the_server_idle_and_answering(http, ser
             answered = sum(v - before.get(k, 0) for k, v in m.items() if k[0] == "cachedattn_requests_total")
             if m[("cachedattn_requests_in_flight", ())] == 0 and answered >= expected or time.monotonic() > deadline:
                 return m
+            time.sleep(0.1)
 
     before = metrics(http)
     for burst in range(2):
