@@ -121,7 +121,8 @@ def create_app(server: Server, max_body_bytes: int = 32 << 20) -> FastAPI:
 
     def sampling(req: schema._Sampling) -> dict:
         return dict(temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stops=schema.stop_list(req))
+                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                    stops=schema.stop_list(req))
 
     @app.post("/v1/chat/completions")
     async def chat(req: schema.ChatRequest, request: Request):

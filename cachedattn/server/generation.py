@@ -17,12 +17,12 @@ import torch
 
 
 class Sampler:
-    """Temperature and top-p sampling with the request's own seeded generator, as
+    """Temperature, top-k and top-p sampling with the request's own seeded generator, as
     a logits processor that leaves only the sampled token (generate() then picks
     it greedily): no global RNG, so concurrent requests and `seed` are reproducible."""
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None):
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float, seed: int | None, top_k: int = 0):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = torch.Generator().manual_seed(random.getrandbits(63) if seed is None else seed)
 
     def __call__(self, input_ids, scores):
@@ -30,6 +30,9 @@ class Sampler:
         # inf - inf = NaN; the best token keeps logit 0, so sampling tends to greedy as it should.
         logits = scores.double().cpu()  # float64: a temperature of 1e-320 is 0 in float32
         logits = (logits - logits.max(-1, keepdim=True).values) / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:  # vLLM's top_k: -1 and 0 keep every token
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1:
             sorted_logits, order = torch.sort(logits, descending=True)
             probs = sorted_logits.softmax(-1)

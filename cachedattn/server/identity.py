@@ -41,18 +41,33 @@ SHARERS = 8  # conversations remembered per served turn (alike openings)
 
 
 PREFIX = "id:"  # explicit ids live apart from the ids the server makes up (new_id)
+ID_LIMIT = MAX_ID_BYTES - len(PREFIX)  # the longest id a client may send, in UTF-8 bytes
+
+
+def _header_text(raw: str) -> str:
+    """A header's value as the id its bytes spell in UTF-8. The HTTP layer hands
+    them over as Latin-1 characters (one per byte); read as such, "é" would be a
+    different id in a header than in the `conversation_id` field, and twice as long."""
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ValueError("the header is not valid UTF-8") from None
 
 
 def explicit_id(headers, conversation_id: str | None, user: str | None) -> str | None:
-    """The conversation a request names, or None; an id the store cannot hold is the client's error (400)."""
+    """The conversation a request names, or None. An id the store would refuse
+    (too long with the prefix, NUL, not Unicode) is the client's error: a 400
+    naming where it came from, before it reaches the store. An empty value names
+    nothing (clients send an empty header for "no session")."""
     named = [(name, headers.get(name)) for name in HEADERS] + [("conversation_id", conversation_id), ("user", user)]
     for name, v in named:
         if v:
-            limit = MAX_ID_BYTES - len(PREFIX)  # the store's limit counts the prefix
             try:
+                if name in HEADERS:
+                    v = _header_text(v)
                 n = len(v.encode("utf-8"))
-                if n > limit:
-                    raise ValueError(f"the id is {n} bytes long; the limit is {limit}")
+                if n > ID_LIMIT:  # said here, not by the store, whose limit counts the prefix
+                    raise ValueError(f"the id is {n} bytes long; the limit is {ID_LIMIT} bytes")
                 return validate_conversation_id(PREFIX + v)
             except ValueError as e:  # UnicodeEncodeError (a lone surrogate) included
                 raise bad_request(f"{name}: {e}", name) from None

@@ -6,13 +6,37 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cachedattn.server.errors import bad_request
 
 
+def _unicode(value: Any) -> Any:
+    """Text that is valid Unicode, in any nesting. JSON may escape a lone surrogate
+    (\\ud800); no tokenizer, store or UTF-8 response can take one."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode(k)
+            _unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _unicode(v)
+    return value
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        """Every field of every request model, nested models included (each checks its own fields)."""
+        return _unicode(value)
 
 
 class StreamOptions(_Lenient):
@@ -27,28 +51,32 @@ class Message(_Lenient):
 
 class _Sampling(_Lenient):
     model: str
+    # Ranges are OpenAI's (vLLM's for top_k); a value the backend cannot take never gets past here.
+    # max_tokens has no upper bound here: above the room left in the context it is context_length_exceeded.
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # NaN and inf fail the bounds
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = 1
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # -1 and 0: every token
+    n: int | None = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's seed is an int64
+    # OpenAI's seed is an int64, as is what torch's generator takes.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     conversation_id: str | None = None
-    presence_penalty: float | None = 0
-    frequency_penalty: float | None = 0
-    logprobs: bool | int | None = None
+    presence_penalty: float | None = Field(default=0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=0, ge=-2, le=2)
+    logprobs: bool | int | None = None  # chat: a bool; completions: 0..5 (refused unless false/0 either way)
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=20)
     logit_bias: dict[str, float] | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -68,8 +96,12 @@ def check_supported(req: _Sampling) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad_request(f"{name}: penalties are not supported (send 0 or omit it)", name, "unsupported_value")
+    if req.logprobs is not None and not isinstance(req.logprobs, bool) and not 0 <= req.logprobs <= 5:
+        raise bad_request("logprobs: an integer in [0, 5] (completions) or a bool (chat)", "logprobs")
     if req.logprobs:
         raise bad_request("logprobs are not supported", "logprobs", "unsupported_value")
+    if isinstance(req, ChatRequest) and req.top_logprobs:
+        raise bad_request("top_logprobs: logprobs are not supported", "top_logprobs", "unsupported_value")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_value")
     if req.echo:

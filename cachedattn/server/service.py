@@ -30,6 +30,7 @@ class Turn:
     max_tokens: int | None
     temperature: float
     top_p: float
+    top_k: int
     seed: int | None
     stops: list[str]
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -87,7 +88,7 @@ class Server:
         max_new = self.max_new_tokens(len(turn.ids), turn.max_tokens)
         turn.max_tokens = max_new
         run = Run(asyncio.get_running_loop())
-        sampler = Sampler(turn.temperature, turn.top_p, turn.seed) if turn.temperature > 0 else None
+        sampler = Sampler(turn.temperature, turn.top_p, turn.seed, turn.top_k) if turn.temperature > 0 else None
         with self._lock:
             if self.closing:
                 raise APIError(503, "the server is shutting down", code="shutting_down")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from cachedattn.server.generation import Sampler, TextStream
-from cachedattn.server.identity import Conversations, explicit_id
+from cachedattn.server.errors import APIError
+from cachedattn.server.identity import ID_LIMIT, Conversations, explicit_id
+from cachedattn.store.keys import MAX_ID_BYTES
 
 
 def chars(ids):
@@ -51,6 +53,18 @@ def test_sampler_is_reproducible_by_seed_and_top_p_keeps_the_top_token():
     assert set(draws(5, top_p=1e-6)) == {int(scores.argmax())}
 
 
+def test_top_k_samples_among_the_k_best_tokens_only():
+    scores = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    best = scores[0].topk(3).indices.tolist()
+    for seed in range(30):
+        assert int(Sampler(5.0, 1.0, seed, top_k=1)(None, scores).argmax()) == best[0]
+        assert int(Sampler(5.0, 1.0, seed, top_k=3)(None, scores).argmax()) in best
+    # -1 and 0 keep every token: the same draws as without top_k.
+    for k in (-1, 0, 50, 10**6):
+        assert [int(Sampler(5.0, 1.0, s, top_k=k)(None, scores).argmax()) for s in range(10)] == \
+            [int(Sampler(5.0, 1.0, s)(None, scores).argmax()) for s in range(10)]
+
+
 @pytest.mark.parametrize("temperature", [1e-320, 1e-30, 1e-6])
 def test_a_tiny_temperature_samples_the_best_token_not_nan(temperature):
     scores = torch.tensor([[3e38, -3e38, 1.0, 3e38 * 0.99]])
@@ -65,6 +79,20 @@ def test_explicit_ids_in_order_of_precedence():
     assert explicit_id({}, "c", "v") == "id:c"
     assert explicit_id({}, None, "v") == "id:v"
     assert explicit_id({}, None, None) is None
+    assert explicit_id({"x-session-id": ""}, "c", None) == "id:c"  # an empty header names nothing
+
+
+def test_a_header_id_is_read_as_utf8_and_counted_in_bytes():
+    """Starlette hands header bytes over as Latin-1 characters; the id is what they spell in UTF-8."""
+    latin1 = "é".encode().decode("latin-1")
+    assert explicit_id({"x-session-id": latin1}, None, None) == explicit_id({}, "é", None) == "id:é"
+    assert explicit_id({"x-session-id": latin1 * (ID_LIMIT // 2)}, None, None)
+    with pytest.raises(APIError, match=f"{ID_LIMIT + 1} bytes long; the limit is {ID_LIMIT}"):
+        explicit_id({"x-session-id": latin1 * (ID_LIMIT // 2) + "ab"}, None, None)
+    with pytest.raises(APIError, match="not valid UTF-8") as e:
+        explicit_id({"x-user-id": "\xff"}, None, None)
+    assert e.value.param == "x-user-id"
+    assert ID_LIMIT + len("id:") == MAX_ID_BYTES  # the store's limit, less the prefix
 
 
 def test_a_continued_turn_keeps_its_generated_token_ids():
