@@ -169,11 +169,12 @@ class BatchSession:
         conversation is leased (in use), so reading or saving one row never evicts another
         row's chunks. Returns (the model's transfer path, each row's History or None): the
         caller closes the histories after the saves."""
+        current = self.patched.kv.identity.check(self.model)  # before transfer(): it may see a layer moved
         path = self.patched.transfer(self.model)
         histories = []
         try:
             for row, x in zip(self.rows, ids):
-                row.weights_current = self.patched.kv.identity.check(self.model)
+                row.weights_current = current
                 row.tier_tokens = {"host": 0, "disk": 0}
                 row.path = path
                 histories.append(self._open_history(path, row, x))

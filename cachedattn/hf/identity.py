@@ -50,6 +50,7 @@ class WeightsIdentity:
         self._digest_of = {entry: d for entry, d in zip(self._sig, digests)}  # signature entry -> tensor digest
         self.digest = combine([(n, t, d) for (n, t), d in zip(tensors, digests)])
         self.current = True  # the weights hash to self.digest
+        self.generation = 0  # counts the checks that saw a tensor replaced, moved, reshaped or written
         self._lock = threading.Lock()
 
     def check(self, model: torch.nn.Module) -> bool:
@@ -62,11 +63,13 @@ class WeightsIdentity:
                 sig = _signature(tensors)
                 if sig == self._sig:
                     return self.current
+                self.generation += 1
                 # A tensor written to, replaced or reshaped has a new entry; the rest keep their digest.
                 known = {id(t): self._digest_of[e] for e, (_, t) in zip(sig, tensors) if e in self._digest_of}
                 digests = tensor_digests(tensors, known)
             except Exception as e:  # e.g. a tensor type added after patch() that has no bytes to read
                 self._sig = None  # try again next turn
+                self.generation += 1
                 return self._set_current(False, f"cannot read the model's weights ({type(e).__name__}: {e})")
             current = combine([(n, t, d) for (n, t), d in zip(tensors, digests)]) == self.digest
             self._sig, self._digest_of = sig, dict(zip(sig, digests))

@@ -15,7 +15,8 @@ from cachedattn.hf.positions import PositionScheme, probe_positions
 from cachedattn.hf.probe import ModelKV, probe
 from cachedattn.hf.session import Session, current_session, validate_options
 from cachedattn.store import AttentionStore, keys
-from cachedattn.transfer.gpu_load import GpuLoader, layer_devices
+from cachedattn.transfer import streams
+from cachedattn.transfer.gpu_load import GpuLoader, layer_parameters
 
 
 @dataclass
@@ -30,12 +31,22 @@ class PatchState:
     path: TransferPath  # chosen at patch (hf.paths); again only when the model's layers moved to other devices
     warned: set[str] = field(default_factory=set)  # kinds of trouble already warned about (once per model)
     _choosing: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # The parameter of each layer that says where it lives, as of weights-identity generation _layer_gen.
+    _layer_params: list | None = field(default=None, repr=False, compare=False)
+    _layer_gen: int = field(default=-1, repr=False, compare=False)
 
     def transfer(self, model) -> TransferPath:
         """The path a turn of `model` takes now: the one chosen at patch, unless the model's layers
         have moved to other devices since; then the old path is closed (its read buffer's lease
-        dropped, its saves finished, its idle staging freed) and one is chosen for the new devices."""
-        devices = layer_devices(model, self.kv.spec.num_layers)
+        dropped, its saves finished, its idle staging freed) and one is chosen for the new devices.
+
+        A turn calls kv.identity.check(model) first: the parameter that says where each layer lives
+        is looked up again (a walk over every module) only when that check saw a tensor replaced,
+        moved or written; otherwise a turn reads the devices of the parameters it found last."""
+        gen = self.kv.identity.generation
+        if self._layer_params is None or gen != self._layer_gen:
+            self._layer_params, self._layer_gen = layer_parameters(model, self.kv.spec.num_layers), gen
+        devices = [(streams.device_of(p), p.device) for p in self._layer_params]
         with self._choosing:  # one thread closes the old path and chooses the new one
             if self.path.devices != devices:
                 try:
@@ -186,4 +197,5 @@ def preload(model, conv_id: str, input_ids) -> bool:
     if state is None:
         raise ValueError("this model is not patched: call cachedattn.patch(model, store) first")
     conv_id = keys.validate_conversation_id(conv_id)
+    state.kv.identity.check(model)  # (a layer moved since the last turn: transfer() sees it)
     return state.transfer(model).preload(conv_id, input_ids, state.readahead)

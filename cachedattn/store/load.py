@@ -242,12 +242,21 @@ class KVLoad:
             if tuple(t.shape) != (h, n, d) or t.dtype != spec.dtype:
                 raise ValueError(f"{name} is {tuple(t.shape)}/{t.dtype}, layer {layer} needs {(h, n, d)}/{spec.dtype}")
         C = self._geo.chunk_tokens
+        ks, vs = [], []
         for pos in range(start // C, (end - 1) // C + 1 if n else 0):
             a, b = max(start, pos * C) - pos * C, min(end, pos * C + C) - pos * C
             k, v = self._geo.kv_views(self._blocks[pos].view(), layer)
-            dst = pos * C + a - start
-            k_out[:, dst : dst + b - a].copy_(k[:, a:b])
-            v_out[:, dst : dst + b - a].copy_(v[:, a:b])
+            ks.append(k[:, a:b])
+            vs.append(v[:, a:b])
+        if ks and k_out.device.type == "cpu":  # one call per K and V, straight into the caller's tensors
+            torch.cat(ks, 1, out=k_out)
+            torch.cat(vs, 1, out=v_out)
+        else:  # another device: a copy per chunk (cat cannot read host tensors into a device's out)
+            dst = 0
+            for k, v in zip(ks, vs):
+                k_out[:, dst : dst + k.shape[1]].copy_(k)
+                v_out[:, dst : dst + v.shape[1]].copy_(v)
+                dst += k.shape[1]
         self._core.stats.add(host_bytes_read=2 * h * n * d * spec.element_size)
         return k_out, v_out
 

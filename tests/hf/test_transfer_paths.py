@@ -2,6 +2,7 @@
 (a session, a batched session, the serving engine, preload) goes through that one object; a save
 takes a hf.turn.Turn value, not a session."""
 
+import copy
 import importlib
 
 import pytest
@@ -12,6 +13,7 @@ from cachedattn.hf import paths
 from cachedattn.hf.paths import EnginePath, HostPath
 from cachedattn.hf.turn import Turn
 from cachedattn.serving import Engine
+from cachedattn.transfer import streams
 from cachedattn.transfer.factory import FAKE_ENV
 
 from .models import VOCAB, tiny_model
@@ -184,6 +186,31 @@ def test_host_path_is_chosen_again_when_the_devices_change(make_store, monkeypat
     with torch.no_grad(), cachedattn.session(model, "h") as s:
         model(_ids(10))
     assert isinstance(old, HostPath) and isinstance(s.path, EnginePath) and model._cachedattn.path is s.path
+
+
+def test_a_layer_swapped_for_one_on_another_device_gets_a_path_for_it(make_store, monkeypatch):
+    """A turn does not walk the model to find where its layers live: it reads the devices of the
+    parameters it found before, and looks again when the weights identity saw tensors replaced.
+    A layer swapped for a copy elsewhere (its parameters are new objects) must be seen."""
+    monkeypatch.delenv(FAKE_ENV, raising=False)
+    model = cachedattn.patch(tiny_model("llama"), make_store())
+    st = model._cachedattn
+    ids = _ids(30, 5)
+    with torch.no_grad(), cachedattn.session(model, "w"):
+        model(ids[:, :20])
+    old = st.path
+    moved = copy.deepcopy(model.model.layers[1].self_attn)
+    elsewhere = {p.untyped_storage().data_ptr() for p in moved.parameters()}
+    real = streams.device_of
+    monkeypatch.setattr(streams, "device_of", lambda t: torch.device("meta") if t.untyped_storage().data_ptr() in elsewhere else real(t))
+    model.model.layers[1].self_attn = moved
+    with torch.no_grad(), cachedattn.session(model, "w") as s:
+        out = model(ids).logits
+    assert st.path is not old and s.path is st.path and st.path.devices[1][0] == torch.device("meta")
+    assert s.reused_tokens == 20  # same weights: the store still serves them
+    cachedattn.unpatch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ids).logits[:, 20:], atol=1e-4, rtol=0)
 
 
 def test_the_transfer_path_module_holds_no_session():
