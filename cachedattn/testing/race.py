@@ -226,7 +226,7 @@ class Detector:
 
         return [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
 
-    # ---- the fake copy engine's hooks (cachedattn.transfer.fake_engine) ---------------------------
+    # ---- the fake copy engine's hooks (cachedattn.testing.fake_engine) ---------------------------
 
     def on_epoch(self, engine, epoch: int) -> None:
         with self._lock:

@@ -6,7 +6,7 @@ import torch
 
 from cachedattn import native
 from cachedattn.transfer import guards
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
 
 # The engine's own semantics, with raw stream handles (the race detector's tests are test_race_detector.py).
 pytestmark = pytest.mark.no_race_detector

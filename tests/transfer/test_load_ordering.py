@@ -11,7 +11,7 @@ import cachedattn
 from cachedattn.transfer.gpu_load import GpuLoad
 from cachedattn.store.load import KVLoad
 from cachedattn.transfer import streams
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
 
 from ..hf.models import VOCAB, tiny_model
 

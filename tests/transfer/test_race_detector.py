@@ -10,7 +10,7 @@ import torch
 from cachedattn.testing.happens_before import HappensBefore
 from cachedattn.testing.race import Detector, RaceError, detect
 from cachedattn.transfer import guards, streams
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
 
 pytestmark = pytest.mark.no_race_detector  # each test installs its own
 

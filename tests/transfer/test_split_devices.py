@@ -7,7 +7,7 @@ import torch
 
 import cachedattn
 from cachedattn.transfer import streams
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
 
 from ..hf.models import VOCAB, tiny_model
 
