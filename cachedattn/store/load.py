@@ -25,7 +25,7 @@ from cachedattn.store import keys, lock_order
 from cachedattn.store.conversation import common_prefix
 from cachedattn.store.index import Plan
 from cachedattn.store.record import ChunkCorruptError, layer_checksum
-from cachedattn.transfer import guards
+from cachedattn.transfer import checkpoints
 
 __all__ = ["KVLoad", "ChunkCorruptError", "open_load", "prefetch", "done_future"]
 
@@ -334,7 +334,7 @@ class KVLoad:
             if self.before_release is not None:
                 self.before_release()  # no block goes back under a GPU copy still reading it
             for b in self._blocks:  # a copy engine that can tell (the fake, in tests) checks it did not
-                guards.check_release(b.ptr, b.block.nbytes)
+                checkpoints.host_release(b.ptr, b.block.nbytes)
         finally:
             self._finish(whole)  # the lease goes either way: store.close() must not hang
 
