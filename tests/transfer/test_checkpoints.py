@@ -41,9 +41,8 @@ def test_production_loads_no_test_double_and_nothing_watches_its_checkpoints():
 
 
 def test_the_fake_engine_when_asked_for_brings_the_watch_on_the_checkpoints():
-    assert _load(fake=True) == (
-        "FakeCopyEngine 1 ['cachedattn.testing', 'cachedattn.testing.checkpoint_watch', 'cachedattn.testing.fake_engine']"
-    )
+    doubles = ["cachedattn.testing", "cachedattn.testing.checkpoint_watch", "cachedattn.testing.fake_engine"]
+    assert _load(fake=True) == f"FakeCopyEngine 1 {doubles}"
 
 
 def test_a_watcher_sees_every_checkpoint_with_its_arguments_until_unwatched():
@@ -69,5 +68,7 @@ def test_a_watcher_sees_every_checkpoint_with_its_arguments_until_unwatched():
     finally:
         checkpoints.unwatch(w)
     checkpoints.host_release(16, 32)
-    assert seen == [("host_release", 16, 32), ("device_free", 64, 8, 3, (5,)), ("host_reads", "the first token", ("a", "b"))]
+    assert seen == [
+        ("host_release", 16, 32), ("device_free", 64, 8, 3, (5,)), ("host_reads", "the first token", ("a", "b")),
+    ]
     assert w not in checkpoints._watchers
