@@ -13,8 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 ARCH = ROOT / "docs" / "architecture.md"
-# The one import from a lower layer upward, named in docs/architecture.md: the store finds the serving
-# policies by name (AttentionStore(eviction="queue")) without the caller importing them first.
 # Imports from a layer to one above it that architecture.md names as exceptions: the factory loads the fake copy
 # engine (a test double) inside engine_for, only when CACHEDATTN_FAKE_COPY_ENGINE asks for it.
 UPWARD: set = {("cachedattn/transfer/factory.py", "cachedattn.testing.fake_engine")}

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cachedattn import native
-from cachedattn.transfer import checkpoints
 from cachedattn.testing.fake_engine import FakeCopyEngine
+from cachedattn.transfer import checkpoints
 
 # The engine's own semantics, with raw stream handles (the race detector's tests are test_race_detector.py).
 pytestmark = pytest.mark.no_race_detector

@@ -22,8 +22,7 @@ import torch
 
 import cachedattn
 from cachedattn import native
-from cachedattn.testing import checkpoint_watch
-from cachedattn.testing import mutants
+from cachedattn.testing import checkpoint_watch, mutants
 from cachedattn.testing.race import Detector
 from cachedattn.transfer import streams
 from cachedattn.transfer.factory import FAKE_ENV

@@ -9,8 +9,8 @@ import torch
 
 from cachedattn.testing.happens_before import HappensBefore
 from cachedattn.testing.race import Detector, RaceError, detect
-from cachedattn.transfer import checkpoints, streams
 from cachedattn.testing.fake_engine import FakeCopyEngine
+from cachedattn.transfer import checkpoints, streams
 
 pytestmark = pytest.mark.no_race_detector  # each test installs its own
 
