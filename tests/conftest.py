@@ -85,7 +85,7 @@ class GpuPath:
     def engine(self, model):
         """The model's copy engine, of the kind this run expects."""
         from cachedattn import native
-        from cachedattn.transfer.fake_engine import FakeCopyEngine
+        from cachedattn.testing.fake_engine import FakeCopyEngine
 
         eng = model._cachedattn.gpu.engine
         assert isinstance(eng, FakeCopyEngine if self.kind == "fake" else native.CopyEngine), type(eng)

@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 ARCH = ROOT / "docs" / "architecture.md"
-# The one import from a lower layer upward, named in docs/architecture.md: the store finds the serving
-# policies by name (AttentionStore(eviction="queue")) without the caller importing them first.
-UPWARD: set = set()  # imports from a layer to one above it that architecture.md names as exceptions: none
+# Imports from a layer to one above it that architecture.md names as exceptions: the factory loads the fake copy
+# engine (a test double) inside engine_for, only when CACHEDATTN_FAKE_COPY_ENGINE asks for it.
+UPWARD: set = {("cachedattn/transfer/factory.py", "cachedattn.testing.fake_engine")}
 
 
 def _section(text: str, heading: str) -> str:
@@ -135,12 +135,24 @@ def _module_path(name: str) -> str:
     return str(base.relative_to(ROOT))
 
 
-def _imports(path: Path) -> list[tuple[str, int]]:
-    """Every module `path` imports (top of file or inside a function), absolute, with its line."""
+def _load_time_nodes(tree: ast.AST):
+    """The nodes of `tree` that run when the module is loaded: all but the bodies of functions and lambdas."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo += [c for c in ast.iter_child_nodes(node)
+                 if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+
+
+def _imports(path: Path, at_load: bool = False) -> list[tuple[str, int]]:
+    """Every module `path` imports (top of file or inside a function; `at_load`: only those its loading runs),
+    absolute, with its line."""
     rel = path.relative_to(ROOT).with_suffix("")
     package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in _load_time_nodes(tree) if at_load else ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -200,6 +212,20 @@ def test_imports_go_only_where_the_architecture_says():
             wrong.append(f"{rel}:{line} ({mine}) imports {name} ({theirs})")
     assert not wrong, "imports docs/architecture.md does not allow:\n" + "\n".join(wrong)
     assert upward == UPWARD
+
+
+def test_no_production_module_loads_the_test_doubles():
+    """cachedattn/testing/ (the fake copy engine, the race detector, their watch on transfer/checkpoints.py) stays
+    out of production: no module outside it imports it when loaded, at the top or in a class body (the one
+    import UPWARD allows sits inside the function that hands out the fake engine when the environment asks)."""
+    wrong = []
+    for path in _sources():
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith("cachedattn/testing/"):
+            continue
+        wrong += [f"{rel}:{line} imports {name}" for name, line in _imports(path, at_load=True)
+                  if name == "cachedattn.testing" or name.startswith("cachedattn.testing.")]
+    assert not wrong, "production modules that load cachedattn.testing:\n" + "\n".join(wrong)
 
 
 def test_third_party_libraries_are_imported_only_in_their_layer():

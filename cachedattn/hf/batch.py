@@ -45,7 +45,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from cachedattn.hf.session import Session
 from cachedattn.hf.turn import Turn
-from cachedattn.transfer import guards, streams
+from cachedattn.transfer import checkpoints, streams
 from cachedattn.transfer.gpu_load import layer_parameters
 
 log = logging.getLogger("cachedattn")
@@ -69,7 +69,7 @@ class _FirstToken(LogitsProcessor):
         if self.at is None:
             if streams.is_async(streams.device_of(scores)):  # the batch's own stream, not other jobs' copies
                 streams.synchronize(streams.device_of(scores))
-            guards.host_reads("the host takes the time of the first token", scores)
+            checkpoints.host_reads("the host takes the time of the first token", scores)
             self.at = time.perf_counter()
             if self._then is not None:
                 self._then()
@@ -317,7 +317,7 @@ class BatchSession:
             logits = out.logits[:, -1].float()
             if streams.is_async(streams.device_of(logits)):
                 streams.synchronize(streams.device_of(logits))
-            guards.host_reads("the host takes the time of the first token", logits)
+            checkpoints.host_reads("the host takes the time of the first token", logits)
             ttft = time.perf_counter() - t0
             if self.on_first_token is not None:
                 self.on_first_token()

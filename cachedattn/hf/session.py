@@ -35,7 +35,7 @@ from cachedattn.hf.modes import check_generate
 from cachedattn.hf.truncation import POLICIES, truncate_turn
 from cachedattn.hf.turn import Turn
 from cachedattn.store import keys
-from cachedattn.transfer import guards, streams
+from cachedattn.transfer import checkpoints, streams
 
 log = logging.getLogger("cachedattn")
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("cachedattn_session", default=None)
@@ -354,7 +354,7 @@ def first_token_ready(cache) -> None:
     for device in {streams.device_of(k) for k in kv} or {torch.device("cuda", torch.cuda.current_device())}:
         if streams.is_async(device):
             streams.synchronize(device)
-    guards.host_reads("the host takes the time of the first token", *kv)  # its KV's compute must be done
+    checkpoints.host_reads("the host takes the time of the first token", *kv)  # its KV's compute must be done
 
 
 def _skip_history(kwargs: dict, n: int, prompt_len: int) -> dict:

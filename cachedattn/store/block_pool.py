@@ -13,7 +13,7 @@ import torch
 
 from cachedattn import native
 from cachedattn.store import lock_order
-from cachedattn.transfer import guards
+from cachedattn.transfer import checkpoints
 
 
 class HostMemoryFull(RuntimeError):
@@ -49,7 +49,7 @@ class HostBlock:
     def release(self) -> None:
         with self._tier.cond:
             if self.refs == 1:
-                guards.check_release(self.block.ptr, self.block.nbytes)  # no block freed under a pending copy
+                checkpoints.host_release(self.block.ptr, self.block.nbytes)  # no block freed under a pending copy
             self.refs -= 1
             if self.refs == 0:
                 self._view = None

@@ -24,7 +24,7 @@ import torch
 from cachedattn.store import keys, lock_order
 from cachedattn.store.index import Plan
 from cachedattn.store.record import ChunkCorruptError, layer_checksum
-from cachedattn.transfer import guards
+from cachedattn.transfer import checkpoints
 
 __all__ = ["KVLoad", "ChunkCorruptError", "open_load", "prefetch", "done_future"]
 
@@ -319,7 +319,7 @@ class KVLoad:
             if self.before_release is not None:
                 self.before_release()  # no block goes back under a GPU copy still reading it
             for b in self._blocks:  # a copy engine that can tell (the fake, in tests) checks it did not
-                guards.check_release(b.ptr, b.block.nbytes)
+                checkpoints.host_release(b.ptr, b.block.nbytes)
         finally:
             self._finish(whole)  # the lease goes either way: store.close() must not hang
 

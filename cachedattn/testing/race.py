@@ -22,11 +22,11 @@ inputs and writes its outputs and mutated arguments, on the current stream of
 its inputs' simulated device; a new output storage is an allocation (earlier
 compute accesses to that memory are dropped: the caching allocator orders reuse
 on a stream; an engine copy still unordered with it is reported); the host reads
-what ``guards.host_reads`` names (the logits whose time is a turn's TTFT);
+what ``checkpoints.host_reads`` names (the logits whose time is a turn's TTFT);
 every fake engine copy reads and writes its byte ranges on its engine stream when issued;
-every host block release (guards.check_release) is a host write, after which
+every host block release (checkpoints.host_release) is a host write, after which
 the block's history is dropped (the pool's lock orders its next owner); every
-device free (guards.device_free: a staging buffer back to the caching
+device free (checkpoints.device_free: a staging buffer back to the caching
 allocator) is an event of the stream that allocated it, which every access of
 another stream not recorded for it must happen before.
 
@@ -52,9 +52,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from cachedattn import native
+from cachedattn.testing import checkpoint_watch
 from cachedattn.testing.happens_before import HappensBefore, capture_stack
 from cachedattn.testing.sim_devices import SimStream, SimulatedDevices, storage_of, storage_range
-from cachedattn.transfer import guards, streams
+from cachedattn.transfer import streams
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class Detector:
     def __enter__(self) -> Detector:
         self._stack.enter_context(streams.use(self.sim))
         self._stack.enter_context(_patched(native, "HostPool", self._pool(native.HostPool)))
-        self._stack.enter_context(guards.observing(self))
+        self._stack.enter_context(checkpoint_watch.observing(self))
         self._stack.enter_context(_Recorder(self))
         return self
 
@@ -226,7 +227,7 @@ class Detector:
 
         return [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
 
-    # ---- the fake copy engine's hooks (cachedattn.transfer.fake_engine) ---------------------------
+    # ---- the fake copy engine's hooks (cachedattn.testing.fake_engine) ---------------------------
 
     def on_epoch(self, engine, epoch: int) -> None:
         with self._lock:
@@ -295,7 +296,7 @@ class Detector:
         if s is not None:
             self.hb.edge(s, self._engine(engine, direction))
 
-    # ---- the host waiting for, or reading what, compute made (streams.synchronize, guards.host_reads) ----------
+    # ---- the host waiting for, or reading what, compute made (streams.synchronize, checkpoints.host_reads) ----------
 
     def on_stream_synchronize(self, stream: int) -> None:
         s = self._compute(stream, "streams.synchronize")
@@ -307,7 +308,7 @@ class Detector:
         for t in tensors:
             self.hb.access(self.host(), *storage_range(t), False, what, stack)
 
-    # ---- device memory back to the caching allocator (cachedattn.transfer.guards.device_free) ------------
+    # ---- device memory back to the caching allocator (cachedattn.transfer.checkpoints.device_free) ------------
 
     def on_device_free(self, ptr: int, nbytes: int, stream: int, recorded) -> None:
         s = self._compute(stream, "a device free")
@@ -317,7 +318,7 @@ class Detector:
         rec = {r for r in (self.sim.stream_of(h) for h in recorded) if r is not None}
         self.hb.free(s, self.host(), ptr, ptr + nbytes, rec, "a staging buffer", capture_stack())
 
-    # ---- host releases (cachedattn.transfer.guards.check_release) ---------------------------------
+    # ---- host releases (cachedattn.transfer.checkpoints.host_release) ---------------------------------
 
     def on_release(self, ptr: int, nbytes: int) -> None:
         self.hb.access(self.host(), ptr, ptr + nbytes, True, "host block release", capture_stack(), kind="release")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cachedattn.transfer import guards
+from cachedattn.testing import checkpoint_watch
 
 _HANDLE_BASE = 0x5100  # handles the GPU path passes to the engine; never 0 (the real provider's CPU answer)
 
@@ -99,7 +99,7 @@ class SimulatedDevices:
 
     def synchronize(self, device) -> None:
         """``torch.cuda.current_stream(device).synchronize()``: told to the race detector (an edge to the host)."""
-        obs = guards.observer()
+        obs = checkpoint_watch.observer()
         if obs is not None:
             obs.on_stream_synchronize(self.current(device))
 

@@ -4,7 +4,9 @@
   store's host pool is page-locked for the GPU; otherwise None, with one log
   line saying why (the turn then takes the host path);
 - a model on the CPU with ``CACHEDATTN_FAKE_COPY_ENGINE=1`` in the environment:
-  the deferred FakeCopyEngine, so that CI runs the GPU branch of the code;
+  the deferred FakeCopyEngine (cachedattn.testing.fake_engine, imported only
+  then: production never loads the test doubles), so that CI runs the GPU
+  branch of the code;
 - a model on the CPU otherwise: None (the CPU path).
 """
 
@@ -16,7 +18,6 @@ import os
 import torch
 
 from cachedattn import native
-from cachedattn.transfer.fake_engine import FakeCopyEngine
 
 log = logging.getLogger("cachedattn")
 FAKE_ENV = "CACHEDATTN_FAKE_COPY_ENGINE"
@@ -48,5 +49,7 @@ def engine_for(device, num_layers: int, pinned: bool | None = None):
             _once(str(e))
             return None
     if device.type == "cpu" and fake_requested():
+        from cachedattn.testing.fake_engine import FakeCopyEngine  # a test double: loaded only when asked for
+
         return FakeCopyEngine(-1, num_layers)
     return None

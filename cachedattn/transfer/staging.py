@@ -6,7 +6,7 @@ with slack, shrinks when a load needs far less than it holds, and trim()
 frees the buffers no load holds. Each buffer remembers which compute streams
 read it in its last use: the next load fences them before refilling it, and
 a buffer dropped goes back to the caching allocator on the stream that
-allocated it, with those readers recorded (guards.device_free tells a race
+allocated it, with those readers recorded (checkpoints.device_free tells a race
 detector; the engine's copies into it must have been waited for by the host).
 """
 
@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from cachedattn.transfer import guards, streams
+from cachedattn.transfer import checkpoints, streams
 
 _SLACK = 1.25  # growth headroom: a conversation growing turn by turn does not reallocate every turn
 ALIGN = 4 << 10  # allocation granularity of a staging buffer (a page)
@@ -70,7 +70,7 @@ class DeviceStaging:
     def _drop(self, b: int) -> None:
         buf = self.buffers[b]
         if buf.numel() and self._allocated_on[b] is not None:
-            guards.device_free(buf.data_ptr(), buf.numel(), self._allocated_on[b], self._readers[b])
+            checkpoints.device_free(buf.data_ptr(), buf.numel(), self._allocated_on[b], self._readers[b])
         if buf.is_cuda and buf.numel():  # the caching allocator must not hand it out before the readers ran
             try:
                 for s in self._readers[b]:

@@ -6,8 +6,8 @@ import torch
 from transformers import DynamicCache
 
 import cachedattn
+from cachedattn.testing.fake_engine import FakeCopyEngine
 from cachedattn.transfer.factory import FAKE_ENV
-from cachedattn.transfer.fake_engine import FakeCopyEngine
 
 from .models import VOCAB, tiny_model
 

@@ -78,7 +78,7 @@ def test_xlnet_is_refused_for_its_cache_not_for_its_context_limit(make_store):
 def test_a_window_the_cache_keeps_and_the_mask_does_not_is_refused_at_patch(make_store, variant):
     # moshi's DynamicCache keeps only `sliding_window` tokens, its full forward's causal mask
     # attends to all of them: equal until the window is exceeded, different after.
-    from cachedattn.hf.compat import tiny_model as compat_model
+    from cachedattn.hf.tiny import tiny_model as compat_model
 
     model = compat_model("moshi", variant)
     with pytest.raises(UnsupportedModel, match="sliding"):

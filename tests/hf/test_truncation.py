@@ -243,9 +243,9 @@ def test_every_layers_keys_after_overflow_are_the_truth(case, keep_first, make_s
 def test_every_layers_keys_after_overflow_on_every_rotating_architecture(arch, make_store):
     """Each architecture docs/compat.md lists as working with re-rotated keys, in the compat
     checker's first tiny configuration (NoPE and sliding layers alternate where it has them)."""
-    from cachedattn.hf import compat
+    from cachedattn.hf import tiny
 
-    model = compat.tiny_model(arch, 0)
+    model = tiny.tiny_model(arch, 0)
     store = make_store()
     cachedattn.patch(model, store, max_context=32)
     _check_every_layer_after_overflow(model, store, 0)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cachedattn import native
-from cachedattn.transfer import guards
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
+from cachedattn.transfer import checkpoints
 
 # The engine's own semantics, with raw stream handles (the race detector's tests are test_race_detector.py).
 pytestmark = pytest.mark.no_race_detector
@@ -97,9 +97,9 @@ def test_releasing_memory_under_a_pending_copy_raises(eng):
     dst = torch.zeros(16)
     eng.copy_batch("h2d", [(block.ptr, dst.data_ptr(), 64)])
     with pytest.raises(RuntimeError, match="released under a pending h2d copy"):
-        guards.check_release(block.ptr, block.nbytes)
+        checkpoints.host_release(block.ptr, block.nbytes)
     eng.synchronize("h2d")
-    guards.check_release(block.ptr, block.nbytes)
+    checkpoints.host_release(block.ptr, block.nbytes)
     pool.free(block)
     pool.close()
 
@@ -117,7 +117,7 @@ def test_host_block_release_asks_the_engines(eng, tmp_path):
         blk.release()
     eng.wait_ticket(t0)  # a ticket recorded before the copy does not cover it
     with pytest.raises(RuntimeError, match="released under a pending"):
-        guards.check_release(blk.ptr, 64)
+        checkpoints.host_release(blk.ptr, 64)
     eng.wait_ticket(t)
     blk.release()
     tier.close()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cachedattn
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
 from cachedattn.transfer.gpu_load import GpuLoad
 
 from ..hf.models import VOCAB, tiny_model

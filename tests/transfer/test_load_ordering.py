@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import cachedattn
+from cachedattn.testing.fake_engine import FakeCopyEngine
 from cachedattn.transfer.gpu_load import GpuLoad
 from cachedattn.store.load import KVLoad
 from cachedattn.transfer import streams
-from cachedattn.transfer.fake_engine import FakeCopyEngine
 
 from ..hf.models import VOCAB, tiny_model
 

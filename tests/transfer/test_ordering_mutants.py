@@ -22,9 +22,9 @@ import torch
 
 import cachedattn
 from cachedattn import native
-from cachedattn.testing import mutants
+from cachedattn.testing import checkpoint_watch, mutants
 from cachedattn.testing.race import Detector
-from cachedattn.transfer import guards, streams
+from cachedattn.transfer import streams
 from cachedattn.transfer.factory import FAKE_ENV
 
 from ..hf.models import VOCAB, tiny_model
@@ -70,7 +70,7 @@ MUTANTS = {
     "hf/truncation.py:_rotate_on_gpu:synchronize": ["overflow"],
     "kernels.py:_after_compute:wait_for_stream": ["overflow"],
     # TTFT (defect 7): the host waits for the turn's own streams before it takes the time of the first token
-    # (the host reads the first token's KV / logits: guards.host_reads)
+    # (the host reads the first token's KV / logits: checkpoints.host_reads)
     "hf/session.py:first_token_ready:synchronize": ["turns"],
     "hf/batch.py:_FirstToken.__call__:synchronize": ["batch"],
     "hf/batch.py:BatchSession.forward_turns:synchronize": ["answer_jobs"],
@@ -416,12 +416,12 @@ def run(scenario: str, tmp) -> str | None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAKE_ENV, "1")
-        saved = (guards._observer, streams._provider, native.HostPool)
+        saved = (checkpoint_watch._observer, streams._provider, native.HostPool)
         t = threading.Thread(target=body, daemon=True, name=f"scenario-{scenario}")
         t.start()
         t.join(HANG_S)
         if t.is_alive():  # left behind (daemon); what its detector installed process-wide is put back
-            guards._observer, streams._provider, native.HostPool = None, saved[1], saved[2]
+            checkpoint_watch._observer, streams._provider, native.HostPool = None, saved[1], saved[2]
             reports = result["det"].reports if "det" in result else []
             return f"hung for {HANG_S} s" + (f", after {len(reports)} detector report(s), first: {reports[0].message}"
                                              if reports else "")

@@ -9,8 +9,8 @@ import torch
 
 from cachedattn.testing.happens_before import HappensBefore
 from cachedattn.testing.race import Detector, RaceError, detect
-from cachedattn.transfer import guards, streams
-from cachedattn.transfer.fake_engine import FakeCopyEngine
+from cachedattn.testing.fake_engine import FakeCopyEngine
+from cachedattn.transfer import checkpoints, streams
 
 pytestmark = pytest.mark.no_race_detector  # each test installs its own
 
@@ -167,7 +167,7 @@ def _release(eng, host_wait: bool):
     eng.stream_wait_layer("h2d", 0, compute())  # the fake performs the copy here: the data is safe (luck)
     if host_wait:
         eng.wait_ticket(ticket)
-    guards.check_release(block.data_ptr(), nbytes(block))  # what HostBlock.release asks
+    checkpoints.host_release(block.data_ptr(), nbytes(block))  # what HostBlock.release asks
 
 
 def test_a_release_not_ordered_after_the_copy_reading_the_block_is_reported(det, eng):
@@ -196,7 +196,7 @@ def _free_staging(det, eng, host_wait: bool, record_reader: bool):
         slot * 2
     if host_wait:
         eng.wait_layer("h2d", 0)
-    guards.device_free(slot.data_ptr(), nbytes(slot), alloc.handle, [reader.handle] if record_reader else [])
+    checkpoints.device_free(slot.data_ptr(), nbytes(slot), alloc.handle, [reader.handle] if record_reader else [])
 
 
 def test_a_device_free_not_ordered_after_the_copy_into_the_buffer_is_reported(det, eng):
@@ -220,7 +220,7 @@ def test_a_device_free_under_a_pending_copy_raises_in_the_fake_engine(det, eng):
     eng.wait_for_stream("h2d", compute())
     eng.copy_batch("h2d", [seg(host_src(), slot)], layer=0)
     with pytest.raises(RuntimeError, match="released under a pending h2d copy"):
-        guards.device_free(slot.data_ptr(), nbytes(slot), compute())
+        checkpoints.device_free(slot.data_ptr(), nbytes(slot), compute())
     assert kinds(det) == ["free"]
 
 

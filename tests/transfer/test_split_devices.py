@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import cachedattn
+from cachedattn.testing.fake_engine import FakeCopyEngine
 from cachedattn.transfer import streams
-from cachedattn.transfer.fake_engine import FakeCopyEngine
 
 from ..hf.models import VOCAB, tiny_model
 

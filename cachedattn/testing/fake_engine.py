@@ -12,14 +12,16 @@ It also enforces the rules the native engine cannot check by itself:
 - epochs: waiting for a layer not issued in the epoch named (default: the
   latest begun) raises; several epochs are open at once, one per load;
 - host blocks: releasing memory that a copy not yet performed reads or writes
-  raises (every HostBlock release asks :mod:`cachedattn.transfer.guards`);
+  raises (every HostBlock release and device free is a checkpoint,
+  :mod:`cachedattn.transfer.checkpoints`, and the engines registered in
+  :mod:`cachedattn.testing.checkpoint_watch` are asked there);
 - slot reuse: a copy into a region that a compute stream was bound to read
   (stream_wait_layer) raises until wait_for_stream(direction, that stream)
   fenced the reader.
 
 Under a race detector (cachedattn.testing.race, installed through
-guards.observing) every copy, event, wait and fence is also reported to it, so
-ordering is checked as happens-before, independently of when copies ran.
+checkpoint_watch.observing) every copy, event, wait and fence is also reported
+to it, so ordering is checked as happens-before, independently of when copies ran.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import ctypes
 import threading
 
 from cachedattn import native
-from cachedattn.transfer import guards
+from cachedattn.testing import checkpoint_watch
 
 DIRECTIONS = ("h2d", "d2h")
 _POISON = 0xFF
@@ -42,7 +44,7 @@ def _direction(d: str) -> str:
 
 def _tell(hook: str, *args) -> None:
     """Reports to the race detector, if one is installed (tests)."""
-    obs = guards.observer()
+    obs = checkpoint_watch.observer()
     if obs is not None:
         getattr(obs, hook)(*args)
 
@@ -78,7 +80,7 @@ class FakeCopyEngine:
         self._polled: set = set()
         self._readers: dict[int, list[tuple[int, int]]] = {}  # stream -> dst regions it was bound to read
         self.stats = {"copies": 0, "bytes": 0, "performed": 0}
-        guards.register(self)
+        checkpoint_watch.register(self)
 
     # ---- properties ------------------------------------------------------------
 
@@ -317,4 +319,4 @@ class FakeCopyEngine:
                         )
 
     def close(self) -> None:
-        guards.unregister(self)
+        checkpoint_watch.unregister(self)
