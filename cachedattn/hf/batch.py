@@ -277,7 +277,9 @@ class BatchSession:
         eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
         eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
         # Checked before any row's history is opened: bad hooks are the caller's input.
-        hooks = RowHooks(ids, 0, bounds, eos, row_streamers, row_stopping_criteria, row_logits_processors)
+        # No max_new_tokens: generate's own length rules end the rows (bounds then served only the context check).
+        ends = bounds if asked is not None else [float("inf")] * len(ids)
+        hooks = RowHooks(ids, 0, ends, eos, row_streamers, row_stopping_criteria, row_logits_processors)
         path, histories = self._begin(ids)
         try:
             input_ids, mask, cache, ns, ms, H, M = self._layout(ids, histories, pad, device)

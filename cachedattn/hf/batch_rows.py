@@ -46,7 +46,7 @@ def _callables(name: str, entry) -> list:
 
 
 class RowHooks(StoppingCriteria):
-    def __init__(self, prompts: list[torch.Tensor], start: int, bounds: list[int], eos: set[int],
+    def __init__(self, prompts: list[torch.Tensor], start: int, bounds: list[float], eos: set[int],
                  streamers=None, stopping_criteria=None, logits_processors=None):
         n = len(prompts)
         self.prompts, self.start, self.bounds, self.eos = prompts, start, bounds, eos
