@@ -43,6 +43,7 @@ import time
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from cachedattn.hf.batch_rows import RowHooks
 from cachedattn.hf.session import Session
 from cachedattn.hf.turn import Turn
 from cachedattn.transfer import checkpoints, streams
@@ -104,8 +105,9 @@ def _check_batchable(state, kwargs: dict) -> None:
     if unknown:
         raise ValueError(
             f"a batched session serves greedy and sampling only; refused options {unknown} "
-            "(beam search, assisted/contrastive decoding, penalties over the ids, streamers, "
-            "several sequences per row): use cachedattn.session per conversation for those"
+            "(beam search, assisted/contrastive decoding, penalties over the ids, several sequences per row; "
+            "a streamer, stopping criteria or logits processors go per row: row_streamers, row_stopping_criteria, "
+            "row_logits_processors): use cachedattn.session per conversation for the others"
         )
 
 
@@ -123,6 +125,7 @@ class BatchSession:
         self.patched = model._cachedattn
         self.rows = [Session(model, c, readahead=readahead, save=save) for c in conv_ids]
         self.on_first_token = None  # called once the first forward's logits exist (the engine's read buffer)
+        self.streamed: list[bool] = [False] * len(self.rows)  # the last generate() streamed a token of row r
 
     def __enter__(self) -> BatchSession:
         return self
@@ -233,44 +236,74 @@ class BatchSession:
             mask[r, H + M - m :] = 1
         return input_ids, mask, cache, ns, ms, H, M
 
-    def _check_context(self, ids, new_bound: int) -> None:
+    def _bounds(self, max_new_tokens, rows: int) -> list[int]:
+        """Each row's max_new_tokens: one int for every row, or one per row."""
+        if isinstance(max_new_tokens, (list, tuple)):
+            if len(max_new_tokens) != rows:
+                raise ValueError(f"max_new_tokens: pass one int, or a list of {rows} (one per row)")
+            bounds = [int(b) for b in max_new_tokens]
+            if min(bounds) < 1:
+                raise ValueError(f"per-row max_new_tokens must be >= 1, got {bounds}")
+            return bounds
+        return [int(max_new_tokens or self.model.generation_config.max_new_tokens or 20)] * rows
+
+    def _check_context(self, ids, new_bounds: list[int]) -> None:
         limit = self.patched.options["max_context"]
-        for cid, x in zip(self.conv_ids, ids):
+        for cid, x, new_bound in zip(self.conv_ids, ids, new_bounds):
             if limit is not None and x.numel() + new_bound > limit:
                 raise ValueError(
                     f"{cid!r}: {x.numel()} + {new_bound} new tokens exceed max_context={limit}; batched sessions do "
                     "not truncate: serve this conversation alone (cachedattn.session) or shorten it"
                 )
 
-    def generate(self, ids_list, **kwargs):
+    def generate(self, ids_list, row_streamers=None, row_stopping_criteria=None, row_logits_processors=None,
+                 **kwargs):
         """One batched generate over the conversations' full ids; returns generate's
-        output for the padded layout plus ``.rows``: each row's generated ids."""
+        output for the padded layout plus ``.rows``: each row's generated ids.
+
+        Per row (a list with one entry per row, None where a row has none; see
+        cachedattn.hf.batch_rows): ``row_streamers`` (put/end: the row's prompt, then
+        each of its tokens, end() when the row finishes), ``row_stopping_criteria``
+        and ``row_logits_processors`` (a callable or a list, called with the row's own
+        ids and scores). ``max_new_tokens`` may be one int or one per row."""
         _check_batchable(self.patched, kwargs)
         ids = self._ids(ids_list)
-        new_bound = int(kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens or 20)
-        self._check_context(ids, new_bound)
+        asked = kwargs.pop("max_new_tokens", None)
+        bounds = self._bounds(asked, len(ids))
+        self._check_context(ids, bounds)
         t0 = time.perf_counter()
         device = next(self.model.parameters()).device
         pad = kwargs.get("pad_token_id", self.model.generation_config.pad_token_id)
         pad = 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
+        eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+        # Checked before any row's history is opened: bad hooks are the caller's input.
+        # No max_new_tokens: generate's own length rules end the rows (bounds then served only the context check).
+        ends = bounds if asked is not None else [float("inf")] * len(ids)
+        hooks = RowHooks(ids, 0, ends, eos, row_streamers, row_stopping_criteria, row_logits_processors)
         path, histories = self._begin(ids)
         try:
             input_ids, mask, cache, ns, ms, H, M = self._layout(ids, histories, pad, device)
+            hooks.start = H + M  # generated tokens begin after the layout's columns
             first = _FirstToken(self.on_first_token)
-            procs = LogitsProcessorList([first])
+            procs = LogitsProcessorList([first, hooks.processor()])
             kwargs = {**kwargs, "use_cache": True, "pad_token_id": pad}
+            if asked is not None:  # one bound is generate's own; several: the longest, each row stopped at its own
+                kwargs["max_new_tokens"] = max(bounds) if isinstance(asked, (list, tuple)) else asked
+            if hooks.has_row_hooks():
+                kwargs["streamer"] = hooks
+            self.streamed = hooks.streamed
             out = self.model.generate(
-                input_ids, attention_mask=mask, logits_processor=procs, **{self.patched.kv.cache_kwarg: cache}, **kwargs
+                input_ids, attention_mask=mask, logits_processor=procs, stopping_criteria=[hooks],
+                **{self.patched.kv.cache_kwarg: cache}, **kwargs
             )
             seqs = getattr(out, "sequences", out)
             with_kv = cache.get_seq_length() - (H + M)  # generated tokens that went through the model
-            eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
-            eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
             gens = []
             for r, (row, x, n, m) in enumerate(zip(self.rows, ids, ns, ms)):
                 g = seqs[r, H + M :]
-                stop = next((i + 1 for i, t in enumerate(g.tolist()) if t in eos), g.numel())
-                g = g[:stop]
+                done = hooks.done[r]  # eos, its own bound or its own criteria (None: generate stopped first)
+                g = g[: g.numel() if done is None else done]
                 gens.append(g)
                 row.reused_tokens, row.computed_tokens, row.generated_tokens = n, m, g.numel()
                 row.ttft = (first.at or time.perf_counter()) - t0
@@ -300,7 +333,7 @@ class BatchSession:
         _check_batchable(self.patched, {})
         ids = self._ids(ids_list)
         answers = self._ids(answers)
-        self._check_context([torch.cat([x, a]) for x, a in zip(ids, answers)], 0)
+        self._check_context([torch.cat([x, a]) for x, a in zip(ids, answers)], [0] * len(ids))
         t0 = time.perf_counter()
         device = next(self.model.parameters()).device
         pad = self.model.generation_config.pad_token_id

@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
                    "same server")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="requests in flight before answering 503")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="queued requests run together, up to N rows per decoding step (static batching: a request "
+                        "arriving meanwhile waits for the running batch to end; default 1: one at a time; "
+                        "docs/server.md)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="cap on a batch's prompt + answer tokens (default: none)")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413")
     p.add_argument("--default-max-tokens", type=int, default=256, help="answer length when a request names none")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -79,7 +85,8 @@ def build(args):
         raise ValueError(f"--max-model-len {max_len} exceeds the model's {limit} positions")
     store = cachedattn.AttentionStore(host_bytes=args.host_bytes, disk_dir=args.disk_dir, disk_bytes=args.disk_bytes,
                                       chunk_tokens=args.chunk_tokens, eviction=args.eviction, remote=args.remote or None)
-    engine = Engine(model, store, save=not args.no_reuse, readahead=args.readahead)
+    engine = Engine(model, store, save=not args.no_reuse, readahead=args.readahead, max_batch=args.max_batch,
+                    max_batch_tokens=args.max_batch_tokens)
     name = args.served_model_name or (model_dir.TINY if args.model == model_dir.TINY else directory.name)
     return Server(model, store, engine, tok, name, max_len, args.max_queue, args.default_max_tokens)
 

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("cachedattn")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -69,6 +70,8 @@ class Metrics:
         self.queue_wait = Histogram("cachedattn_queue_seconds", "time a turn waited in the engine's queue",
                                     buckets=TTFT_BUCKETS, registry=r)
         self.in_flight = Gauge("cachedattn_requests_in_flight", "turns queued or running in the engine", registry=r)
+        self.batch_size = Histogram("cachedattn_batch_size", "rows of the engine batch each turn ran in "
+                                    "(1: alone; see --max-batch)", buckets=BATCH_BUCKETS, registry=r)
         self.cancelled = Counter("cachedattn_cancelled", "turns stopped because the client went away", registry=r)
         r.register(StoreCollector(store))
 
@@ -82,6 +85,7 @@ class Metrics:
         self.computed_tokens.inc(job.computed_tokens)
         for tier, n in job.tier_tokens.items():
             self.tier_tokens.labels(tier).inc(n)
+        self.batch_size.observe(job.batch_size)
         if job.ttft is not None:
             self.ttft.observe(job.ttft)
         if job.started is not None and job.submitted is not None:

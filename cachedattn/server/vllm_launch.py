@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # Flags of the embedded server that mean nothing under vLLM (it has its own batching, queue and limits).
-EMBEDDED_ONLY = ("readahead", "no_reuse", "max_queue", "max_body_bytes", "default_max_tokens", "chat_template", "threads")
+EMBEDDED_ONLY = ("readahead", "no_reuse", "max_queue", "max_body_bytes", "default_max_tokens", "chat_template", "threads",
+                 "max_batch", "max_batch_tokens")
 
 
 def cpu_list() -> str:

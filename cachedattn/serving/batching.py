@@ -6,6 +6,10 @@ A batch is the head of the queue plus the jobs right behind it that may join
 generating with the same options), one conversation at most once, within
 max_batch, max_batch_tokens and host memory. Jobs that cannot batch at all
 run alone, the reason logged once.
+
+A job's own hooks (ROW_HOOKS: its streamer, stopping criteria and logits
+processors) and its max_new_tokens are its row's, not the batch's: jobs that
+differ only in those share a batch (cachedattn.hf.batch_rows).
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from cachedattn.serving.job import Job
 from cachedattn.store.spec import ChunkGeometry
 
 log = logging.getLogger("cachedattn")
+# generate() options that belong to one job, served per row in a batch (the BatchSession argument each goes to).
+ROW_HOOKS = {"streamer": "row_streamers", "stopping_criteria": "row_stopping_criteria",
+             "logits_processor": "row_logits_processors"}
+
+
+def shared_options(job: Job) -> dict:
+    """The job's generate() options that its batch shares (all but its row hooks)."""
+    return {k: v for k, v in job.gen_kwargs.items() if k not in ROW_HOOKS}
 
 
 def job_tokens(job: Job) -> int:
@@ -31,10 +43,13 @@ def same_kind(a: Job, b: Job) -> bool:
         return False
     if a.answer is not None:
         return True
-    if a.max_new_tokens != b.max_new_tokens or set(a.gen_kwargs) != set(b.gen_kwargs):
+    if (a.max_new_tokens == 0) != (b.max_new_tokens == 0):  # each row stops at its own bound, from 1 up
+        return False
+    oa, ob = shared_options(a), shared_options(b)
+    if set(oa) != set(ob):
         return False
     try:
-        return all(bool(a.gen_kwargs[k] == b.gen_kwargs[k]) for k in a.gen_kwargs)
+        return all(bool(oa[k] == ob[k]) for k in oa)
     except Exception:  # e.g. tensors of different shapes: not the same options
         return False
 
@@ -60,7 +75,7 @@ class BatchFormer:
             return "a turn overflows max_context (batches do not truncate: the session alone does)"
         if job.answer is not None:
             return None  # fed answers: no decoding options apply
-        unknown = sorted(set(job.gen_kwargs) - BATCH_OPTIONS)
+        unknown = sorted(set(shared_options(job)) - BATCH_OPTIONS)
         if unknown:
             return f"generate options {unknown} are not served in batches"
         if job.gen_kwargs.get("do_sample", self.model.generation_config.do_sample):

@@ -23,7 +23,12 @@ the conversation alone computes them at no cost. A batch of one runs exactly
 as max_batch=1 (layer-wise loading, overflow truncation).
 
 Which jobs may join a batch, and which always run alone (the reason logged
-once): cachedattn/serving/batching.py. While a batch runs, every row's
+once): cachedattn/serving/batching.py. A job's streamer, stopping criteria,
+logits processors and max_new_tokens are its row's own in the batch
+(cachedattn/hf/batch_rows.py): each row streams its tokens and ends on its own
+eos, bound or criteria while the others go on; the batch ends with its last row.
+A failed batch runs its jobs again one at a time, except a job whose streamer
+already had tokens (its client saw them): it fails. While a batch runs, every row's
 conversation is in use (its history's load stays open), so the store never
 evicts a running job's chunks.
 
@@ -47,7 +52,7 @@ import torch
 import cachedattn
 from cachedattn.hf.batch import BatchSession
 from cachedattn.serving import fetching
-from cachedattn.serving.batching import BatchFormer, job_tokens
+from cachedattn.serving.batching import ROW_HOOKS, BatchFormer, job_tokens, shared_options
 from cachedattn.serving.job import Job
 from cachedattn.serving.policies import QueueAwarePolicy, QueueView
 from cachedattn.store import lock_order
@@ -295,19 +300,25 @@ class Engine:
         its jobs run again one at a time, so that a job that fails fails alone."""
         problems: list[str] = []
         outs = error = None
+        streamed: list[bool] = [False] * len(batch)
         try:
             self._pending_prefetch = []
             if self.prefetch and self.save:
                 self._best_effort(problems, "prefetching", lambda: self._prefetch_for(batch))
             try:
-                outs = self._execute_batch(batch, problems)
+                outs = self._execute_batch(batch, problems, streamed)
             except Exception as e:  # an input or state the batch cannot serve: each job alone says which
                 log.warning("cachedattn: a batch of %d jobs failed (%s: %s); its jobs run one at a time",
                             len(batch), type(e).__name__, e)
+                failed = e
             if outs is None:
                 self._log_problems(batch[0], problems)
-                for job in batch:
-                    self._run_one(job)
+                for job, seen in zip(batch, streamed):
+                    if seen:  # its streamer has had tokens: running it again would stream them twice
+                        job.batch_id, job.batch_size = self._batches, len(batch)
+                        job.future.set_exception(failed)
+                    else:
+                        self._run_one(job)
                 return
             if hasattr(self.clock, "charge_batch"):
                 self._best_effort(problems, "charging the clock", lambda: self.clock.charge_batch(batch))
@@ -340,8 +351,9 @@ class Engine:
         if error is not None and not isinstance(error, Exception) and threading.current_thread() is not self._worker:
             raise error
 
-    def _execute_batch(self, batch: list[Job], problems: list[str]) -> dict:
-        """Runs the batch; returns {job: sequence after its turn ([1, n], CPU)}. Raises what the batch raises."""
+    def _execute_batch(self, batch: list[Job], problems: list[str], streamed: list[bool]) -> dict:
+        """Runs the batch; returns {job: sequence after its turn ([1, n], CPU)}. Raises what the batch raises;
+        `streamed[i]` then says whether job i's streamer had tokens before it failed."""
         started = self.clock()
         t0 = time.perf_counter()
         ids = [j.input_ids[0].to(self._device) for j in batch]
@@ -350,7 +362,13 @@ class Engine:
             if self.read_buffer and self.save:
                 bs.on_first_token = lambda: self._read_ahead(batch, problems)
             if batch[0].answer is None:
-                res = bs.generate(ids, max_new_tokens=batch[0].max_new_tokens, **batch[0].gen_kwargs)
+                hooks = {arg: [j.gen_kwargs.get(k) for j in batch] for k, arg in ROW_HOOKS.items()}
+                bounds = [j.max_new_tokens for j in batch]
+                try:
+                    res = bs.generate(ids, max_new_tokens=bounds if min(bounds) else 0, **hooks,
+                                      **shared_options(batch[0]))
+                finally:
+                    streamed[:] = bs.streamed
                 gens = res.rows if hasattr(res, "rows") else res
                 seqs = [torch.cat([x, g.to(x.device)]).cpu() for x, g in zip(ids, gens)]
                 answers = [g.numel() for g in gens]

@@ -3,6 +3,7 @@ conversation identity, end tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -148,3 +149,22 @@ def test_bad_options_end_the_command_with_one_line(tiny_dir, capsys, args, messa
         cli.main(["--model", str(tiny_dir), *args] if args[0] != "--model" else args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--max-batch", "4"], ["--max-batch-tokens", "512"]])
+def test_batching_flags_are_refused_under_vllm_by_name(flags):
+    """vLLM batches itself: the embedded server's batching flags are refused there, not ignored."""
+    from cachedattn.server import cli, vllm_launch
+
+    p = cli.parser()
+    args = p.parse_args(["--engine", "vllm", *flags])
+    with pytest.raises(ValueError, match=flags[0]):
+        vllm_launch.command(args, Path("/nonexistent-model"), "tiny", vars(p.parse_args([])))
+
+
+def test_serve_refuses_max_batch_below_one_in_one_line(tiny_dir, capsys):
+    from cachedattn.server import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(tiny_dir), "--max-batch", "0"])
+    assert e.value.code == 2 and "max_batch must be an int >= 1" in capsys.readouterr().err

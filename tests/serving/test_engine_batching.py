@@ -259,3 +259,98 @@ def test_a_failed_batch_reruns_its_jobs_one_at_a_time(tmp_path, monkeypatch, cap
                for j, x in zip(jobs, full))
     assert any("batch broke" in r.message for r in caplog.records)
     store.close()
+
+
+class _Stream:
+    def __init__(self):
+        self.tokens, self.ends = [], 0
+
+    def put(self, value):
+        self.tokens.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ends += 1
+
+
+class _StopAt:
+    """A per-request stop: once the answer holds `k` tokens (as a server's stop string or cancel flag)."""
+
+    def __init__(self, prompt_len, k):
+        self.prompt_len, self.k = prompt_len, k
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - self.prompt_len >= self.k, dtype=torch.bool)
+
+
+def _hooked_jobs(model, tmp_path, max_batch):
+    """Server-like jobs: each with its own streamer, stop criterion and seeded sampler (or greedy)."""
+    from cachedattn.server.generation import Sampler
+
+    store = make_store(tmp_path / f"b{max_batch}")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (7, 15, 4, 26, 11)]
+    seeded = [None, 11, 12, None, 11]  # rows 1 and 4: same seed, different prompts
+    stops = [None, None, 3, None, 2]
+    bounds = [6, 6, 6, 4, 6]
+    with Engine(model, store, background=False, max_batch=max_batch) as engine:
+        jobs, streams = [], []
+        for i, (x, seed, k, b) in enumerate(zip(prompts, seeded, stops, bounds)):
+            s = _Stream()
+            streams.append(s)
+            jobs.append(engine.submit(
+                f"h{i}", x, max_new_tokens=b, do_sample=False, pad_token_id=0, streamer=s,
+                stopping_criteria=[_StopAt(x.shape[1], k)] if k else [],
+                logits_processor=[Sampler(0.9, 0.95, seed, top_k=50)] if seed else []))
+        while engine.step_batch():
+            pass
+    store.close()
+    return prompts, jobs, streams
+
+
+def test_jobs_with_streamers_stops_and_seeded_samplers_batch_and_equal_alone(tmp_path):
+    model = tiny_model("llama")
+    prompts, alone, alone_streams = _hooked_jobs(model, tmp_path, 1)
+    cachedattn.unpatch(model)
+    _, batched, streams = _hooked_jobs(model, tmp_path, 8)
+    assert [j.batch_size for j in batched] == [5] * 5  # they ran as one batch
+    for x, a, b, sa, sb in zip(prompts, alone, batched, alone_streams, streams):
+        assert torch.equal(a.result(), b.result()), x.shape
+        assert sb.tokens == sa.tokens and sb.ends == sa.ends == 1  # the prompt, then each token, then end()
+        assert sb.tokens[0] == x[0].tolist() and b.answer_tokens == a.answer_tokens
+    assert [j.answer_tokens for j in batched][2::2] == [3, 2] and batched[3].answer_tokens <= 4
+
+
+def test_a_failed_batch_fails_the_jobs_it_already_streamed(tmp_path, monkeypatch):
+    """Running a job again after its streamer had tokens would stream them twice: it fails instead;
+    the rows that streamed nothing run again alone."""
+    from cachedattn.hf.batch import BatchSession
+
+    real = BatchSession.generate
+
+    def breaks_midway(self, ids, **kw):
+        class Boom:
+            def __init__(self, row):
+                self.row = row
+
+            def __call__(self, input_ids, scores, **k):
+                if input_ids.shape[1] - ids[self.row].numel() >= 2:
+                    raise RuntimeError("batch broke")
+                return torch.zeros(1, dtype=torch.bool)
+
+        kw["row_stopping_criteria"] = [Boom(0)] + list(kw["row_stopping_criteria"][1:])
+        return real(self, ids, **kw)
+
+    monkeypatch.setattr(BatchSession, "generate", breaks_midway)
+    model = tiny_model("llama")
+    store = make_store(tmp_path)
+    g = torch.Generator().manual_seed(8)
+    with Engine(model, store, background=False, max_batch=4) as engine:
+        s0, s2 = _Stream(), _Stream()
+        j0 = engine.submit("x0", torch.randint(1, VOCAB, (1, 6), generator=g), max_new_tokens=4, pad_token_id=0,
+                           streamer=s0)
+        j1 = engine.submit("x1", torch.randint(1, VOCAB, (1, 9), generator=g), max_new_tokens=4, pad_token_id=0)
+        engine.step_batch()
+    with pytest.raises(RuntimeError, match="batch broke"):
+        j0.result()
+    assert j1.result().shape[1] == 9 + 4 and j1.batch_size == 1  # streamed nothing: ran again alone
+    store.close()
