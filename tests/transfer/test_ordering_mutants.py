@@ -48,6 +48,7 @@ MODULES = [
     "cachedattn.hf.batch",
     "cachedattn.hf.truncation",
     "cachedattn.kernels",
+    "cachedattn.vllm.device_loads",
 ]
 
 # Each mutant: the scenarios that must kill it (the first failure ends the run of a mutant).
@@ -74,6 +75,12 @@ MUTANTS = {
     "hf/session.py:first_token_ready:synchronize": ["turns"],
     "hf/batch.py:_FirstToken.__call__:synchronize": ["batch"],
     "hf/batch.py:BatchSession.forward_turns:synchronize": ["answer_jobs"],
+    # the vLLM connector's GPU load plan: copies into paged blocks after earlier steps' compute, attention
+    # after each layer's copies, the host blocks back only after the copies
+    "vllm/device_loads.py:DeviceLoads.start:wait_for_stream": ["paged"],
+    "vllm/device_loads.py:DeviceLoads.start:_wait_copies": ["paged"],
+    "vllm/device_loads.py:DeviceLoads.wait_layer:stream_wait_layer": ["paged"],
+    "vllm/device_loads.py:DeviceLoads._wait_copies:wait_layer": ["paged"],
 }
 
 # Sites that only CUDA tensors would reach: none. Their gates ask the provider (streams.is_async: True for a
@@ -390,6 +397,14 @@ def scenario_store_closed_mid_save(tmp):
     finally:
         hold.set()
         model._cachedattn.saver.drain()
+
+
+def scenario_paged(tmp):
+    """vLLM's worker loading stored blocks into its paged KV through the connector's GPU plan, two steps
+    (the second reuses the first's paged blocks), each layer read by compute as attention reads it."""
+    from ..vllm.paged_device import run_paged_steps
+
+    run_paged_steps(tmp)
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
