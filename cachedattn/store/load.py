@@ -245,9 +245,9 @@ class KVLoad:
         ks, vs = [], []
         for pos in range(start // C, (end - 1) // C + 1 if n else 0):
             a, b = max(start, pos * C) - pos * C, min(end, pos * C + C) - pos * C
-            k, v = self._geo.kv_views(self._blocks[pos].view(), layer)
-            ks.append(k[:, a:b])
-            vs.append(v[:, a:b])
+            k, v = self._geo.kv_views(self._blocks[pos].view(), layer, a, b)
+            ks.append(k)
+            vs.append(v)
         if ks and k_out.device.type == "cpu":  # one call per K and V, straight into the caller's tensors
             torch.cat(ks, 1, out=k_out)
             torch.cat(vs, 1, out=v_out)

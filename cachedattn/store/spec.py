@@ -88,10 +88,15 @@ class ChunkGeometry:
         """(offset, length) of one layer inside the block (and the chunk file's data)."""
         return self.layer_offset[layer], self.layer_stride[layer]
 
-    def kv_views(self, block_u8: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-copy K and V views ``[kv_heads, chunk_tokens, head_dim]`` of a block."""
+    def kv_views(self, block_u8: torch.Tensor, layer: int, start: int = 0, end: int | None = None):
+        """Zero-copy K and V views ``[kv_heads, end - start, head_dim]`` of tokens [start, end) of a block
+        (default: all chunk_tokens); two as_strided views of one typed view, as a load makes these for
+        every chunk of every layer it reads."""
         h, d = self.spec.layers[layer]
-        off, kb = self.layer_offset[layer], self.k_bytes[layer]
-        k = block_u8[off : off + kb].view(self.spec.dtype).view(h, self.chunk_tokens, d)
-        v = block_u8[off + kb : off + 2 * kb].view(self.spec.dtype).view(h, self.chunk_tokens, d)
-        return k, v
+        C = self.chunk_tokens
+        end = C if end is None else end
+        es = self.spec.element_size
+        typed = block_u8.view(self.spec.dtype)
+        k_off = typed.storage_offset() + self.layer_offset[layer] // es + start * d  # layer offsets: 4 KiB multiples
+        shape, stride = (h, end - start, d), (C * d, d, 1)
+        return typed.as_strided(shape, stride, k_off), typed.as_strided(shape, stride, k_off + self.k_bytes[layer] // es)
