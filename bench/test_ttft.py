@@ -40,20 +40,25 @@ def setup():
         store.close()
 
 
+def _stored_history(model, store, h, n, conv):
+    """A turn's ids (h history tokens, n new ones), with the history stored under conv; and the model's
+    cache keyword."""
+    vocab = model.config.vocab_size
+    history = torch.randint(1, vocab, (1, h), generator=torch.Generator().manual_seed(h))
+    ids = torch.cat([history, torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(n))], 1)
+    if conv not in store:
+        with torch.no_grad(), cachedattn.session(model, conv):
+            model(ids[:, :h])  # stores the history
+        store.flush()
+    return ids, conv, model._cachedattn.kv.cache_kwarg
+
+
 @pytest.mark.parametrize("system", SYSTEMS)
 @pytest.mark.parametrize("h,n", GRID, ids=[f"H{h}-N{n}" for h, n in GRID])
 def test_ttft(benchmark, report, setup, h, n, system):
     model, store = setup
-    vocab = model.config.vocab_size
-    history = torch.randint(1, vocab, (1, h), generator=torch.Generator().manual_seed(h))
-    ids = torch.cat([history, torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(n))], 1)
-    conv = f"H{h}"
-    kwarg = model._cachedattn.kv.cache_kwarg
+    ids, conv, kwarg = _stored_history(model, store, h, n, f"H{h}")
     with torch.no_grad():
-        if conv not in store:
-            with cachedattn.session(model, conv):
-                model(ids[:, :h])  # stores the history
-            store.flush()
         if system == "recompute":
             benchmark.pedantic(lambda: model(ids), rounds=9, warmup_rounds=2)
         elif system == "ideal":
@@ -99,16 +104,9 @@ def test_cached_turn_vs_ideal_interleaved(report, setup, h, n):
     import time
 
     model, store = setup
-    vocab = model.config.vocab_size
-    history = torch.randint(1, vocab, (1, h), generator=torch.Generator().manual_seed(h))
-    ids = torch.cat([history, torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(n))], 1)
-    conv = f"R{h}"
-    kwarg = model._cachedattn.kv.cache_kwarg
+    ids, conv, kwarg = _stored_history(model, store, h, n, f"H{h}")
     times = {"ideal": [], "host": [], "disk": []}
     with torch.no_grad():
-        with cachedattn.session(model, conv):
-            model(ids[:, :h])
-        store.flush()
         cache = DynamicCache(config=model.config)
         model(ids[:, :h], use_cache=True, **{kwarg: cache})
 
