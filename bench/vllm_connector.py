@@ -5,7 +5,9 @@ client (aiperf, unmodified), each configuration side by side in one run:
   (b) the working set is ~4x the pool (made small with --num-gpu-blocks-override): without the connector,
       with it (LRU eviction), with it (queue-aware eviction);
   (c) after a restart of vLLM: the same conversations again, with the connector's disk tier kept;
-  (d) two vLLM instances sharing one Redis, aiperf alternating between them (round robin).
+  (d) two vLLM instances sharing one Redis, requests alternating between them: aiperf talks to
+      bench/alternating_proxy.py, which sends each request to the next instance (aiperf's own round robin
+      keeps a conversation on one instance, so no turn would need the other's KV).
 
     bash scripts/setup.sh --vllm && python3 -m venv .venv-bench && .venv-bench/bin/pip install aiperf==0.13.0
     python3 bench/vllm_connector.py            # writes bench/results/vllm_connector.md
@@ -141,7 +143,38 @@ def server_kv(kv: dict | None, d: Path, i: int) -> dict | None:
     return kv
 
 
-def run_config(label, model, work, args, kv=None, blocks=None, servers=1, restart=False, redis=None) -> dict:
+class Proxy:
+    """bench/alternating_proxy.py in front of `urls`: each request goes to the next of them."""
+
+    def __init__(self, urls: list[str], work: Path):
+        import httpx
+
+        self.port = free_port()
+        self.log = open(work / f"proxy-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "alternating_proxy.py"), "--port",
+                                      str(self.port), *urls], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(100):
+            try:
+                httpx.get(self.url + "/proxy/requests", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the alternating proxy did not start: see {self.log.name}")
+
+    def requests(self) -> list[int]:
+        import httpx
+
+        return httpx.get(self.url + "/proxy/requests", timeout=5).json()["requests"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def run_config(label, model, work, args, kv=None, blocks=None, servers=1, restart=False, redis=None,
+               alternate=False) -> dict:
     print(f"vllm_connector: {label} ...", flush=True)
     d = work / "".join(c if c.isalnum() else "_" for c in label)
     d.mkdir()
@@ -157,7 +190,15 @@ def run_config(label, model, work, args, kv=None, blocks=None, servers=1, restar
             for s in srvs:
                 s.stop()
             srvs = [Server(model, d, f"{label}-again-{i}", server_kv(kv, d, i), blocks) for i in range(servers)]
-        res = aiperf([s.url for s in srvs], model, d / "run", args)
+        if alternate:
+            proxy = Proxy([s.url for s in srvs], d)
+            try:
+                res = aiperf([proxy.url], model, d / "run", args)
+                res["proxied"] = proxy.requests()
+            finally:
+                proxy.stop()
+        else:
+            res = aiperf([s.url for s in srvs], model, d / "run", args)
         m: dict[str, float] = {}
         for s in srvs:
             for k, v in s.metrics().items():
@@ -219,9 +260,10 @@ def main() -> None:
             redis = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
                                      stdout=subprocess.DEVNULL)
             time.sleep(1)
-            rows += [run_config("d: 2 instances, vLLM alone", model, work, args, servers=2),
-                     run_config("d: 2 instances, connector + Redis", model, work, args, kv={"host_bytes": "256M"},
-                                servers=2, redis=f"redis://127.0.0.1:{port}")]
+            rows += [run_config("d: 2 instances alternating, vLLM alone", model, work, args, servers=2, alternate=True),
+                     run_config("d: 2 instances alternating, connector + Redis", model, work, args,
+                                kv={"host_bytes": "256M"}, servers=2, redis=f"redis://127.0.0.1:{port}",
+                                alternate=True)]
     finally:
         if redis is not None:
             redis.terminate()
