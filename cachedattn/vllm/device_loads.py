@@ -97,6 +97,7 @@ class DeviceLoads:
         self._dead: set[int] = set()  # positions in _blocks whose request's load ended at or before them
         self._issued: list[int] = []  # per layer: how many of self._blocks have their copies issued
         self._copied: set[int] = set()  # layers with copies in this epoch
+        self._last: int | None = None  # the layer of the copy issued last (its event comes after every copy)
         self._warned = False
 
     # ---- the step -----------------------------------------------------------------
@@ -142,7 +143,7 @@ class DeviceLoads:
                 load.close()
         finally:
             self.engine.end_epoch(self._epoch)
-            self._epoch, self._blocks, self._issued, self._copied, self._dead = None, [], [], set(), set()
+            self._epoch, self._blocks, self._issued, self._copied, self._dead, self._last = None, [], [], set(), set(), None
 
     def take_failed(self) -> set[int]:
         failed, self.failed = self.failed, set()
@@ -192,6 +193,7 @@ class DeviceLoads:
         if segments:
             self.engine.copy_batch("h2d", segments, layer, self._epoch)
             self._copied.add(layer)
+            self._last = layer
 
     def _end_request(self, pos: int, move: int, e: OSError) -> None:
         """The block at `pos` cannot be served: it and its request's later blocks are recomputed by vLLM
@@ -203,8 +205,8 @@ class DeviceLoads:
         log.debug("cachedattn: a paged block's load ended (%s); vLLM recomputes it", e)
 
     def _wait_copies(self) -> None:
-        """The host waits for every copy of this step (the stream runs them in order: the last layer's
-        event covers the earlier ones)."""
-        last = max(self._copied, default=None)
-        if last is not None:
-            self.engine.wait_layer("h2d", last, self._epoch)
+        """The host waits for every copy of this step: the stream runs them in issue order, so the event
+        of the layer copied last covers the others (not the highest layer's: a layer still on disk at
+        start is copied after higher ones)."""
+        if self._last is not None:
+            self.engine.wait_layer("h2d", self._last, self._epoch)

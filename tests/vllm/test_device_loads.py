@@ -64,3 +64,21 @@ def test_a_store_keyed_for_other_blocks_is_refused(tmp_path):
             DeviceLoads(rig.store, other, rig.engine)
     finally:
         rig.close()
+
+
+def test_blocks_go_back_after_the_copy_issued_last_not_the_highest_layers(tmp_path, monkeypatch):
+    """Layer 0 of a block still on disk at start is copied after layers 1 and 2 were issued: the host
+    must wait for that last copy before the blocks go back (waiting for layer 2's event is too early)."""
+    from cachedattn.store.load import KVLoad
+
+    rig = Rig(tmp_path)
+    try:
+        keys, toks, kv = rig.save(np.arange(8), seed=4)
+        rig.store.demote(keys[1])
+        monkeypatch.setattr(KVLoad, "layer_ready", lambda self, layer: layer != 0)  # layer 0 of the disk block is late
+        with Detector() as det, torch.no_grad():
+            reads = rig.step([BlockMove("r", keys, toks, [2, 6])])
+        det.check()
+        assert all(torch.equal(reads[layer], torch.stack([kv[0][layer], kv[1][layer]], 1)) for layer in range(LAYERS))
+    finally:
+        rig.close()
