@@ -105,40 +105,57 @@ class RemoteSync:
 
     def fill(self, conv_id: str, toks: np.ndarray) -> int:
         """Adopts the remote chunks that extend the local prefix of toks; chunks adopted."""
+        return self.fill_many([(conv_id, toks)])[0]
+
+    def fill_many(self, items: list[tuple[str, np.ndarray]]) -> list[int]:
+        """fill() of several conversations with one pipelined probe and one pipelined read for all of
+        them: a request's whole chain of content-keyed blocks costs two round trips, not two a block.
+        A conversation whose local prefix already covers its tokens costs none."""
         core, C = self._core, self._core.geometry.chunk_tokens
-        if not self.tier.usable() or len(toks) == 0:
-            return 0
+        out = [0] * len(items)
+        if not self.tier.usable():
+            return out
+        wanted = []  # (position in items, conv_id, toks, whole local chunks kept, parent, local tokens)
         with core.index.lock:
             core.index.check_ready()
-            conv = core.index.convs.get(conv_id)
-            if conv is not None and (conv.state is not ConvState.READY or conv.writer is not None):
-                return 0
-            chunks = list(conv.chunks) if conv is not None else []
-            local = common_prefix(conv.tokens(), toks) if conv is not None else 0
-            root = conv.root if conv is not None else None
-        root = root or keys.root_key(core.spec.fingerprint, conv_id)
-        k = min(local // C, len(chunks))  # whole local chunks kept: the remote chain continues the last
-        parent = chunks[k - 1].key if k else root
+            for i, (conv_id, toks) in enumerate(items):
+                conv = core.index.convs.get(conv_id)
+                if conv is not None and (conv.state is not ConvState.READY or conv.writer is not None):
+                    continue
+                chunks = list(conv.chunks) if conv is not None else []
+                local = common_prefix(conv.tokens(), toks) if conv is not None else 0
+                if local >= len(toks):
+                    continue  # nothing Redis could add: no round trip
+                k = min(local // C, len(chunks))  # whole local chunks kept: the remote chain continues the last
+                root = (conv.root if conv is not None else None) or keys.root_key(core.spec.fingerprint, conv_id)
+                wanted.append((i, conv_id, toks, k, chunks[k - 1].key if k else root, local))
+        if not wanted:
+            return out
         try:
-            chain = self.tier.find_chain(parent, toks[k * C :])
-            if k * C + sum(len(t) for _, _, t in chain) <= local:
-                return 0  # nothing beyond what is here
-            reader = self.tier.open_read(None, chain)
+            chains = self.tier.find_chains([(parent, toks[k * C :]) for _, _, toks, k, parent, _ in wanted])
+            chains = [ch if k * C + sum(len(t) for _, _, t in ch) > local else [] for ch, (_, _, _, k, _, local) in zip(chains, wanted)]
+            links = [link for ch in chains for link in ch]
+            records = self.tier.fetch(links) if links else []
         except RemoteUnavailable:
-            return 0
-        try:
-            got = [h for h, _ in reader.records]
-            if not got or k * C + sum(len(g.tokens) for g in got) <= local:
-                return 0
-            try:  # on the store's own threads (a prefetch) only what is free at once: they never wait for memory
-                blocks = core.executor.alloc(len(got), foreground=not on_store_thread())
-            except HostMemoryFull:
-                return 0
-            for layer in range(core.geometry.spec.num_layers):
-                reader.read_layer(layer, blocks).wait()
-        finally:
-            reader.close()
-        return self._adopt(conv_id, k, parent, got, blocks)
+            return out
+        at = 0
+        for (i, conv_id, _, k, parent, local), chain in zip(wanted, chains):
+            reader = self.tier.open_read(None, chain, records[at : at + len(chain)])
+            at += len(chain)
+            try:
+                got = [h for h, _ in reader.records]  # up to the first missing or damaged chunk
+                if not got or k * C + sum(len(g.tokens) for g in got) <= local:
+                    continue
+                try:  # on the store's own threads (a prefetch) only what is free at once: they never wait for memory
+                    blocks = core.executor.alloc(len(got), foreground=not on_store_thread())
+                except HostMemoryFull:
+                    break  # the later ones would not fit either
+                for layer in range(core.geometry.spec.num_layers):
+                    reader.read_layer(layer, blocks).wait()
+            finally:
+                reader.close()
+            out[i] = self._adopt(conv_id, k, parent, got, blocks)
+        return out
 
     def _adopt(self, conv_id: str, k: int, parent: bytes, got, blocks) -> int:
         core, ix, plan = self._core, self._core.index, Plan()

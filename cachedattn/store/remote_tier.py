@@ -112,43 +112,57 @@ class RemoteTier(Tier):
     # ---- reads --------------------------------------------------------------------
 
     def find_chain(self, parent: bytes, tokens: np.ndarray) -> list[tuple[bytes, bytes, np.ndarray]]:
-        """The remote chunks continuing `parent` with a prefix of `tokens` (in one round trip,
-        plus one for a partial last chunk): [(key, parent, tokens)], possibly empty."""
+        """The remote chunks continuing `parent` with a prefix of `tokens`: [(key, parent, tokens)],
+        possibly empty (find_chains of one)."""
+        return self.find_chains([(parent, tokens)])[0]
+
+    def find_chains(self, starts: list[tuple[bytes, np.ndarray]]) -> list[list[tuple[bytes, bytes, np.ndarray]]]:
+        """For each (parent, tokens), the remote chunks continuing it, all probed in one pipelined round
+        trip: the whole chunks' keys are computed from the tokens and checked (EXISTS), and each whole
+        chunk's parent is asked for the token counts of partial chunks under it (SMEMBERS)."""
         C = self.geometry.chunk_tokens
-        full, p = [], parent
-        for j in range(len(tokens) // C):
-            t = tokens[j * C : (j + 1) * C]
-            k = keys.chunk_key(p, t)
-            full.append((k, p, t))
-            p = k
-        parents = [parent] + [k for k, _, _ in full]
+        walks = []  # per start: its whole chunks [(key, parent, tokens)] and their parents
+        for parent, tokens in starts:
+            full, p = [], parent
+            for j in range(len(tokens) // C):
+                t = tokens[j * C : (j + 1) * C]
+                k = keys.chunk_key(p, t)
+                full.append((k, p, t))
+                p = k
+            walks.append((full, [parent] + [k for k, _, _ in full]))
 
         def probe():
             pipe = self.client.pipeline(transaction=False)
-            for k, _, _ in full:
-                pipe.exists(self.chunk_name(k))
-            for q in parents:
-                pipe.smembers(self.tail_name(q))
+            for full, parents in walks:
+                for k, _, _ in full:
+                    pipe.exists(self.chunk_name(k))
+                for q in parents:
+                    pipe.smembers(self.tail_name(q))
             return pipe.execute()
 
-        out = self._call("looking up", probe)
-        there, tails = out[: len(full)], out[len(full) :]
-        m = 0
-        while m < len(full) and there[m]:
-            m += 1
-        chain = full[:m]
-        rest = tokens[m * C :]
-        lengths = sorted((int(x) for x in tails[m] if int(x) <= len(rest) and 0 < int(x) < C), reverse=True)
-        if lengths:
-            p = parents[m]
-            t = rest[: lengths[0]]
-            chain.append((keys.chunk_key(p, t), p, t))
-        return chain
+        out = self._call("looking up", probe) if walks else []
+        chains, at = [], 0
+        for (full, parents), (_, tokens) in zip(walks, starts):
+            there, tails = out[at : at + len(full)], out[at + len(full) : at + len(full) + len(parents)]
+            at += len(full) + len(parents)
+            m = 0
+            while m < len(full) and there[m]:
+                m += 1
+            chain = full[:m]
+            rest = tokens[m * C :]
+            lengths = sorted((int(x) for x in tails[m] if int(x) <= len(rest) and 0 < int(x) < C), reverse=True)
+            if lengths:
+                p = parents[m]
+                t = rest[: lengths[0]]
+                chain.append((keys.chunk_key(p, t), p, t))
+            chains.append(chain)
+        return chains
 
-    def open_read(self, conv, chain) -> RemoteReader:
+    def open_read(self, conv, chain, records=None) -> RemoteReader:
         """A reader of a chain (from find_chain): its values are read in one pipelined round
-        trip and checked; `opened` counts the leading chunks that are there and sound."""
-        return RemoteReader(self, chain)
+        trip (or were, by fetch: `records`) and checked; `opened` counts the leading chunks that
+        are there and sound."""
+        return RemoteReader(self, chain, records)
 
     def fetch(self, chain) -> list[tuple[ChunkHeader, memoryview] | None]:
         """The records of a chain (pipelined GETs); None where missing or damaged (which are removed)."""
@@ -232,9 +246,10 @@ class _Done:
 
 
 class RemoteReader(ChunkReader):
-    def __init__(self, tier: RemoteTier, chain):
+    def __init__(self, tier: RemoteTier, chain, records=None):
         self._tier, self._chain = tier, chain
-        records = tier.fetch(chain) if chain else []
+        if records is None:
+            records = tier.fetch(chain) if chain else []
         self.opened = next((i for i, r in enumerate(records) if r is None), len(records))
         self.records = records[: self.opened]  # (header, payload) of each chunk opened
         self.open_error = None if self.opened == len(chain) else OSError(errno.ENOENT, "remote chunk missing or bad")

@@ -195,17 +195,28 @@ class AttentionStore:
 
     def lookup(self, conv_id: str, token_ids) -> int:
         """How many leading tokens of token_ids have KV stored for this conversation."""
-        toks = keys.as_token_array(token_ids)
-        self._resolve(conv_id)
-        self._from_remote(conv_id, toks)
+        return self.lookup_many([(conv_id, token_ids)])[0]
+
+    def lookup_many(self, items, remote: bool = True) -> list[int]:
+        """lookup() of several (conversation id, token ids) at once. What the remote tier holds beyond
+        the local prefixes is found and read for all of them in two pipelined round trips (none when
+        `remote` is False, or for a conversation held whole here): the vLLM connector keeps a request's
+        blocks as one conversation each, found by content."""
+        pairs = [(keys.validate_conversation_id(c), keys.as_token_array(t)) for c, t in items]
+        for conv_id, _ in pairs:
+            self._resolve(conv_id)
+        if remote:
+            self._from_remote_many(pairs)
+        out = []
         with self._index.lock:
             self._check_ready()
-            self._stats.add(lookups=1)
-            conv = self._index.get(conv_id, required=False)
-            if conv is None:
-                return 0
-            self._index.touch(conv)
-            return common_prefix(conv.tokens(), toks)
+            self._stats.add(lookups=len(pairs))
+            for conv_id, toks in pairs:
+                conv = self._index.get(conv_id, required=False)
+                if conv is not None:
+                    self._index.touch(conv)
+                out.append(common_prefix(conv.tokens(), toks) if conv is not None else 0)
+        return out
 
     def stored_tokens(self, conv_id: str) -> np.ndarray:
         self._resolve(conv_id)
@@ -450,14 +461,18 @@ class AttentionStore:
 
     def _from_remote(self, conv_id, toks) -> None:
         """Adopts what the remote tier holds beyond the local prefix of toks (nothing without one)."""
-        if self._remote is None or not isinstance(conv_id, str) or self.spec is None:
+        if isinstance(conv_id, str):
+            self._from_remote_many([(conv_id, toks)])
+
+    def _from_remote_many(self, pairs) -> None:
+        if self._remote is None or self.spec is None or not pairs:
             return
         try:
-            self._remote.fill(conv_id, toks)
+            self._remote.fill_many(pairs)
         except Exception as e:  # never the turn's failure: it goes on with what is local
             self._check_open()
             self._stats.add(remote_errors=1)
-            log.warning("cachedattn: reading %r from the remote tier failed (%s: %s); served locally", conv_id, type(e).__name__, e)
+            log.warning("cachedattn: reading %r from the remote tier failed (%s: %s); served locally", pairs[0][0], type(e).__name__, e)
 
     # Kept for tests and tools that cut a conversation at a chunk (what a bad read does).
     def _on_bad_chunk(self, conv, chunk, why: str) -> None:

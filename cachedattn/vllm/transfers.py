@@ -105,13 +105,17 @@ class PagedTransfers:
             except Exception as e:  # noqa: BLE001 - prefetching is best effort
                 self._warn_once("prefetch", "cachedattn: prefetch of a queued block failed (%s: %s)", type(e).__name__, e)
 
-    def _stored(self, key: str, toks) -> bool:
-        return self.store.lookup(key, toks) >= len(toks)
+    def _held(self, move: BlockMove, remote: bool) -> list[bool]:
+        """Which of the move's blocks the store holds whole. With `remote`, what Redis holds is read in
+        for all of them in two round trips (the store keeps each block as one content-keyed conversation)."""
+        counts = self.store.lookup_many(list(zip(move.keys, move.tokens)), remote=remote)
+        return [n >= len(t) for n, t in zip(counts, move.tokens)]
 
     def _lookup(self, move: BlockMove) -> None:
         n = 0
         try:
-            while n < len(move.keys) and self._stored(move.keys[n], move.tokens[n]):
+            held = self._held(move, remote=True)
+            while n < len(held) and held[n]:
                 n += 1
         except Exception as e:  # noqa: BLE001 - a failing tier makes the match shorter
             self._warn_once("lookup", "cachedattn: a lookup of request %s stopped (%s: %s)", move.req_id, type(e).__name__, e)
@@ -159,9 +163,14 @@ class PagedTransfers:
         return True
 
     def _save(self, move: BlockMove) -> None:
-        for key, toks, block in zip(move.keys, move.tokens, move.block_ids):
+        try:  # blocks held here already (e.g. a shared system prompt another request stored) are skipped;
+            # Redis is not asked: its copy, if any, is the same bytes, and asking costs a round trip
+            held = self._held(move, remote=False)
+        except Exception:  # noqa: BLE001 - the appends below meet the same failure and say so
+            held = [False] * len(move.keys)
+        for key, toks, block, there in zip(move.keys, move.tokens, move.block_ids, held):
             try:
-                if self._stored(key, toks):  # e.g. a shared system prompt another request stored
+                if there:
                     continue
                 kv = [self.paged.block(layer, block) for layer in range(self.paged.num_layers)]
                 self.store.append(key, toks, kv, start=0)  # copies into host blocks now; on disk later

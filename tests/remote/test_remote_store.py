@@ -251,7 +251,7 @@ def test_an_unexpected_failure_reading_the_remote_tier_is_served_locally(redis_s
     def broken(*_):
         raise RuntimeError("a bug in the remote path")
 
-    a._remote.tier.find_chain = broken
+    a._remote.tier.find_chains = broken
     with caplog.at_level(logging.WARNING, logger="cachedattn"):
         assert a.lookup("c", toks) == 40
         with a.load_prefix("c", toks) as ld:
@@ -266,3 +266,37 @@ def test_remote_ttl_gives_every_chunk_and_entry_an_expiry(redis_server, open_sto
     r = redis.Redis(port=redis_server.port)
     names = r.keys(b"cachedattn:*")
     assert len(names) == 4 and all(0 < r.ttl(n) <= 100 for n in names)  # 2 chunks, the partial one, its entry
+
+
+def test_a_lookup_of_what_is_held_whole_here_costs_no_round_trip(redis_server, open_store):
+    a = open_store("a", redis_server.url)
+    toks = _tokens(15)
+    a.append("c", toks[:64], make_kv(SPEC, 64, 1)).result()
+    a.flush()
+    before = a.stats()["remote"]["requests"]
+    assert a.lookup("c", toks[:64]) == 64
+    with a.load_prefix("c", toks[:64]) as ld:
+        assert ld.n_tokens == 64
+    assert a.stats()["remote"]["requests"] == before
+
+
+def test_lookup_many_reads_many_conversations_from_redis_in_two_round_trips(redis_server, open_store):
+    a, b = open_store("a", redis_server.url), open_store("b", redis_server.url)
+    items, kvs = [], []
+    for i in range(12):  # a request's blocks as the connector keeps them: one conversation each
+        toks = _tokens(100 + i, CHUNK)
+        kvs.append(make_kv(SPEC, CHUNK, i))
+        a.append(f"kv-{i}", toks, kvs[-1]).result()
+        items.append((f"kv-{i}", toks))
+    a.append("partial", _tokens(99, 20), make_kv(SPEC, 20, 99)).result()
+    a.flush()
+    items.insert(5, ("never-stored", _tokens(98, CHUNK)))
+    items.append(("partial", _tokens(99, 40)))
+    assert b.lookup_many(items, remote=False) == [0] * len(items)
+    assert b.stats()["remote"]["requests"] == 0
+    assert b.lookup_many(items) == [CHUNK] * 5 + [0] + [CHUNK] * 7 + [20]
+    assert b.stats()["remote"]["requests"] == 2  # one probe, one read, for all thirteen
+    for i in range(12):
+        assert_kv_equal(read_all(b, f"kv-{i}", CHUNK), kvs[i])
+    assert b.lookup_many(items) == [CHUNK] * 5 + [0] + [CHUNK] * 7 + [20]
+    assert b.stats()["remote"]["requests"] == 3  # only what is not held whole asks again (one probe)

@@ -107,6 +107,23 @@ def test_matched_leaves_the_last_token_and_skips_what_vllm_holds(rig):
     assert planner.matched("d", toks[:B], 0) == 0  # no whole block before the last token: nothing to ask
 
 
+def test_keys_of_a_request_asked_again_are_those_of_its_tokens_now():
+    """The planner reuses the keys it computed for a request's earlier asks: they must stay those of the
+    request's tokens as they are now (grown by decoding, or changed: a preempted request asked again)."""
+    planner = PrefixPlanner(namespace("w1", "float32", "paged-test", B), B)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 1000, 3 * B + 1)
+    for step in range(6):
+        assert planner.matched("r", toks, 0) is None
+        assert planner.take_step().lookups[0].keys == block_keys(planner.ns, toks, B, (len(toks) - 1) // B)
+        if step % 2:
+            toks = toks.copy()
+            toks[rng.integers(0, len(toks))] += 1  # a token changed (where earlier keys cover it, or not)
+        toks = np.concatenate([toks, rng.integers(0, 1000, B)])  # and more of them
+    planner.finished("r", toks, len(toks), list(range(len(toks) // B)))
+    assert planner.take_step().saves[0].keys == block_keys(planner.ns, toks, B)
+
+
 def test_a_shared_prefix_is_stored_once(rig):
     store, caches, paged, planner, transfers = rig
     system = np.arange(500, 500 + B)
@@ -142,6 +159,11 @@ def test_an_aborted_load_holds_no_save(rig):
     _step(planner, transfers)
     planner.allocated("r2", [5, 6], _matched(planner, transfers, "r2", toks, 0))
     assert planner.finished("r2", toks, B, [5, 6]) is False  # its blocks are being filled: vLLM waits for the load
+    assert planner.matched("r3", toks[:B], 0) == 0
+    planner.finished("r3", toks, B, [7])  # nothing to load or save
+    _step(planner, transfers)
+    # nothing is kept of finished requests, whichever way they ended (saved, aborted while loading, no blocks)
+    assert not planner._keys and not planner._asked and not planner._matched and not planner._loaded
 
 
 def test_a_turn_waits_for_the_save_of_its_previous_turn(rig):
@@ -170,12 +192,12 @@ def test_a_failing_lookup_is_a_shorter_match(rig):
     toks = np.arange(300, 300 + 2 * B + 1)
     planner.finished("r1", toks, 2 * B, [0, 1])
     _step(planner, transfers)
-    real = store.lookup
-    store.lookup = lambda key, t: (_ for _ in ()).throw(OSError(5, "EIO"))
+    real = store.lookup_many
+    store.lookup_many = lambda items, remote=True: (_ for _ in ()).throw(OSError(5, "EIO"))
     try:
         assert _matched(planner, transfers, "r2", toks, 0) == 0
     finally:
-        store.lookup = real
+        store.lookup_many = real
 
 
 def test_a_transfer_that_ends_after_a_report_is_reported_next_time(rig):
