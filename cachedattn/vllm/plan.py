@@ -60,6 +60,18 @@ class PrefixPlanner:
         self._keys_saving: dict[str, str] = {}  # block key -> the request whose save will store it
         self._loaded: dict[str, int] = {}  # req -> leading blocks it loaded from the store (not saved again)
         self._queued_sent: tuple[str, ...] = ()
+        self._keys: dict[str, tuple[np.ndarray, list[str]]] = {}  # req -> tokens and block keys computed for them
+
+    def _chain(self, before: tuple[np.ndarray, list[str]] | None, toks: np.ndarray, n: int) -> list[str]:
+        """The keys of the first n blocks of toks. vLLM asks at every step while a request waits, and a
+        request's tokens only grow: the keys computed `before` for blocks whose tokens are unchanged are
+        kept, not hashed again."""
+        B, known = self.block_tokens, []
+        if before is not None:
+            m = min(len(before[1]), n, len(toks) // B)
+            if m and len(before[0]) >= m * B and np.array_equal(before[0][: m * B], toks[: m * B]):
+                known = before[1][:m]
+        return block_keys(self.ns, toks, B, n, known=known)
 
     def _split(self, toks: np.ndarray, n: int) -> list[np.ndarray]:
         B = self.block_tokens
@@ -72,11 +84,14 @@ class PrefixPlanner:
         conversation's previous turn), whose save this turn then reuses."""
         toks = np.asarray(token_ids, dtype=np.int64)
         B = self.block_tokens
-        keys = block_keys(self.ns, toks, B, max(len(toks) - 1, 0) // B)
-        first = -(-num_computed // B)  # vLLM's own cache ends on a block boundary; be safe if it did not
-        if len(keys) <= first:
-            return 0
         with self._lock:
+            before = self._keys.get(req_id)
+        keys = self._chain(before, toks, max(len(toks) - 1, 0) // B)
+        first = -(-num_computed // B)  # vLLM's own cache ends on a block boundary; be safe if it did not
+        with self._lock:
+            self._keys[req_id] = (toks, keys)
+            if len(keys) <= first:
+                return 0
             if any(k in self._keys_saving for k in keys):
                 return None
             if self._asked.get(req_id) != keys:  # first ask, or the request's tokens changed (a resumed request)
@@ -124,6 +139,7 @@ class PrefixPlanner:
             self._asked.pop(req_id, None)
             self._answers.pop(req_id, None)
             stored_blocks = self._loaded.pop(req_id, 0)
+            before = self._keys.pop(req_id, None)  # the request is gone
             if req_id in self._loading:  # aborted while its load runs: vLLM frees its blocks after the load
                 return False
         B = self.block_tokens
@@ -131,7 +147,7 @@ class PrefixPlanner:
         n = min(len(toks) // B, len(block_ids))
         if n <= stored_blocks:
             return False
-        keys = block_keys(self.ns, toks, B, n)
+        keys = self._chain(before, toks, n)
         s = stored_blocks
         move = BlockMove(req_id, keys[s:n], self._split(toks, n)[s:], list(block_ids[s:n]))
         with self._lock:

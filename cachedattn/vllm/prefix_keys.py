@@ -31,13 +31,15 @@ def namespace(model_digest: str, dtype: str, layout: str, block_tokens: int) -> 
     return hashlib.blake2b(text.encode(), digest_size=16, person=b"ca-prefix-ns").digest()
 
 
-def block_keys(ns: bytes, token_ids, block_tokens: int, n_blocks: int | None = None) -> list[str]:
-    """Keys of the first `n_blocks` whole blocks of token_ids (all whole blocks when None)."""
+def block_keys(ns: bytes, token_ids, block_tokens: int, n_blocks: int | None = None, known: list[str] = ()) -> list[str]:
+    """Keys of the first `n_blocks` whole blocks of token_ids (all whole blocks when None). `known`: keys
+    of leading blocks of these tokens computed before; the chain goes on from the last of them."""
     toks = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int64).reshape(-1), dtype="<i8")
     whole = len(toks) // block_tokens
     n = whole if n_blocks is None else min(n_blocks, whole)
-    out, parent = [], ns
-    for i in range(n):
+    out = list(known[:n])
+    parent = bytes.fromhex(out[-1][len(KEY_PREFIX) :]) if out else ns
+    for i in range(len(out), n):
         h = hashlib.blake2b(parent, digest_size=16, person=b"ca-prefix-blk")
         h.update(toks[i * block_tokens : (i + 1) * block_tokens].tobytes())
         parent = h.digest()
