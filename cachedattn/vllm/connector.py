@@ -20,7 +20,9 @@ vLLM's queue while its blocks are read); saves happen when a request
 finishes, and vLLM keeps the blocks until the copy is done. A block that
 cannot be loaded is reported to vLLM, which recomputes it: the connector
 sets kv_load_failure_policy to "recompute" so that a request never fails
-because of the cache.
+because of the cache. Requests whose KV does not follow from their tokens
+alone (a LoRA adapter, multimodal inputs, prompt embeddings) bypass the
+store, and vLLM's cache_salt is part of the keys (scope.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cachedattn.vllm.options import store_config
 from cachedattn.vllm.paged import PagedKV
 from cachedattn.vllm.plan import PrefixPlanner, StepPlan
 from cachedattn.vllm.prefix_keys import namespace
+from cachedattn.vllm.scope import request_scope
 from cachedattn.vllm.transfers import PagedTransfers
 
 log = logging.getLogger("cachedattn")
@@ -93,6 +96,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
         ns = namespace(digest, str(kspec.dtype), layout, self.block_tokens)
         self.planner = self.transfers = self.store = None
         self._reported: dict[str, int] = {}  # the counts the last stats report covered
+        self._bypass_logged: set[str] = set()  # kinds of requests the store does not serve, said once each
         if role == KVConnectorRole.WORKER:
             # The store lives with the worker, beside the paged KV it fills; the scheduler side asks it.
             self.store = AttentionStore.from_config(config, spec=spec)
@@ -175,9 +179,19 @@ class CachedAttnConnector(KVConnectorBase_V1):
 
     # ---- scheduler side ----------------------------------------------------------
 
+    def _scope(self, request):
+        scope = request_scope(request)
+        if scope.bypass is not None and scope.bypass not in self._bypass_logged:
+            self._bypass_logged.add(scope.bypass)
+            log.warning("cachedattn: requests with %s are served by vLLM alone: nothing is loaded or stored for them", scope.bypass)
+        return scope
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        scope = self._scope(request)
+        if scope.bypass is not None or not scope.load:
+            return 0, False
         tokens = list(request.all_token_ids)[: request.num_tokens]
-        n = self.planner.matched(request.request_id, tokens, num_computed_tokens)
+        n = self.planner.matched(request.request_id, tokens, num_computed_tokens, salt=scope.salt)
         log.debug("cachedattn: request %s: %s of %d tokens stored beyond vLLM's %d", request.request_id, n, len(tokens), num_computed_tokens)
         return n, bool(n)
 
@@ -197,6 +211,11 @@ class CachedAttnConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         if block_ids and isinstance(block_ids[0], (list, tuple)):
             block_ids = block_ids[0]
-        hold = self.planner.finished(request.request_id, list(request.all_token_ids), request.num_computed_tokens, list(block_ids))
+        scope = self._scope(request)
+        if scope.bypass is not None:
+            return False, None
+        hold = self.planner.finished(
+            request.request_id, list(request.all_token_ids), request.num_computed_tokens, list(block_ids), salt=scope.salt
+        )
         log.debug("cachedattn: request %s finished with %d computed tokens; saving: %s", request.request_id, request.num_computed_tokens, hold)
         return hold, None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cachedattn.vllm.prefix_keys import block_keys
+from cachedattn.vllm.prefix_keys import block_keys, salted
 
 
 @dataclass
@@ -60,24 +60,25 @@ class PrefixPlanner:
         self._keys_saving: dict[str, str] = {}  # block key -> the request whose save will store it
         self._loaded: dict[str, int] = {}  # req -> leading blocks it loaded from the store (not saved again)
         self._queued_sent: tuple[str, ...] = ()
-        self._keys: dict[str, tuple[np.ndarray, list[str]]] = {}  # req -> tokens and block keys computed for them
+        self._keys: dict[str, tuple[str | None, np.ndarray, list[str]]] = {}  # req -> salt, tokens, their block keys
 
-    def _chain(self, before: tuple[np.ndarray, list[str]] | None, toks: np.ndarray, n: int) -> list[str]:
-        """The keys of the first n blocks of toks. vLLM asks at every step while a request waits, and a
-        request's tokens only grow: the keys computed `before` for blocks whose tokens are unchanged are
-        kept, not hashed again."""
+    def _chain(self, before, salt: str | None, toks: np.ndarray, n: int) -> list[str]:
+        """The keys of the first n blocks of toks, under vLLM's cache_salt `salt`. vLLM asks at every step
+        while a request waits, and a request's tokens only grow: the keys computed `before` for blocks whose
+        tokens are unchanged are kept, not hashed again."""
         B, known = self.block_tokens, []
-        if before is not None:
-            m = min(len(before[1]), n, len(toks) // B)
-            if m and len(before[0]) >= m * B and np.array_equal(before[0][: m * B], toks[: m * B]):
-                known = before[1][:m]
-        return block_keys(self.ns, toks, B, n, known=known)
+        if before is not None and before[0] == salt:
+            _, old, old_keys = before
+            m = min(len(old_keys), n, len(toks) // B)
+            if m and len(old) >= m * B and np.array_equal(old[: m * B], toks[: m * B]):
+                known = old_keys[:m]
+        return block_keys(salted(self.ns, salt), toks, B, n, known=known)
 
     def _split(self, toks: np.ndarray, n: int) -> list[np.ndarray]:
         B = self.block_tokens
         return [toks[i * B : (i + 1) * B] for i in range(n)]
 
-    def matched(self, req_id: str, token_ids, num_computed: int) -> int | None:
+    def matched(self, req_id: str, token_ids, num_computed: int, salt: str | None = None) -> int | None:
         """Tokens the store can load beyond the `num_computed` vLLM holds (block-aligned; the last prompt
         token is always left to compute, since its logits are needed), or None: not known yet (a lookup is
         planned), or a block of the prefix is being saved by a request that just finished (the
@@ -86,10 +87,10 @@ class PrefixPlanner:
         B = self.block_tokens
         with self._lock:
             before = self._keys.get(req_id)
-        keys = self._chain(before, toks, max(len(toks) - 1, 0) // B)
+        keys = self._chain(before, salt, toks, max(len(toks) - 1, 0) // B)
         first = -(-num_computed // B)  # vLLM's own cache ends on a block boundary; be safe if it did not
         with self._lock:
-            self._keys[req_id] = (toks, keys)
+            self._keys[req_id] = (salt, toks, keys)
             if len(keys) <= first:
                 return 0
             if any(k in self._keys_saving for k in keys):
@@ -130,7 +131,7 @@ class PrefixPlanner:
             self._loaded[req_id] = n
             self._plan.loads.append(BlockMove(req_id, keys[first:n], self._split(toks, n)[first:], list(block_ids[first:n])))
 
-    def finished(self, req_id: str, token_ids, num_computed: int, block_ids: list[int]) -> bool:
+    def finished(self, req_id: str, token_ids, num_computed: int, block_ids: list[int], salt: str | None = None) -> bool:
         """The request is done: plans a save of the whole blocks of its computed tokens beyond those it
         loaded from the store. True: vLLM must keep the blocks until the worker reports the save finished.
         (The worker skips blocks the store holds already, e.g. a system prompt another request stored.)"""
@@ -147,7 +148,7 @@ class PrefixPlanner:
         n = min(len(toks) // B, len(block_ids))
         if n <= stored_blocks:
             return False
-        keys = self._chain(before, toks, n)
+        keys = self._chain(before, salt, toks, n)
         s = stored_blocks
         move = BlockMove(req_id, keys[s:n], self._split(toks, n)[s:], list(block_ids[s:n]))
         with self._lock:

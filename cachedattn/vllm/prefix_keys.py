@@ -31,6 +31,15 @@ def namespace(model_digest: str, dtype: str, layout: str, block_tokens: int) -> 
     return hashlib.blake2b(text.encode(), digest_size=16, person=b"ca-prefix-ns").digest()
 
 
+def salted(ns: bytes, salt: str | None) -> bytes:
+    """The namespace of requests carrying vLLM's cache_salt: they share KV only with the same salt."""
+    if salt is None:
+        return ns
+    h = hashlib.blake2b(ns, digest_size=16, person=b"ca-prefix-salt")
+    h.update(salt.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
 def block_keys(ns: bytes, token_ids, block_tokens: int, n_blocks: int | None = None, known: list[str] = ()) -> list[str]:
     """Keys of the first `n_blocks` whole blocks of token_ids (all whole blocks when None). `known`: keys
     of leading blocks of these tokens computed before; the chain goes on from the last of them."""

@@ -54,10 +54,11 @@ def store_stats():
             "corrupt": s["corrupt_chunks"] + s["remote"]["corrupt"], "conversations": s["conversations"]}
 
 
-def gen(llm, prompts, n=12):
+def gen(llm, prompts, n=12, salt=None):
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=n, temperature=0), use_tqdm=False)
+    salted = {"cache_salt": salt} if salt is not None else {}
+    outs = llm.generate([{"prompt_token_ids": p, **salted} for p in prompts], SamplingParams(max_tokens=n, temperature=0), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -130,10 +131,13 @@ def main():
     system = toks(260)
     shared = [system + toks(30), system + toks(50), system + toks(20)]
     late = (toks(280), [toks(50)])
+    tenant = toks(200)
+    tenant_next = tenant + toks(20)
     out = {}
 
     ref = make_llm(model)
-    out["ref"] = {"conv": conversation(ref, *conv), "shared": gen(ref, shared), "late": conversation(ref, *late)}
+    out["ref"] = {"conv": conversation(ref, *conv), "shared": gen(ref, shared), "late": conversation(ref, *late),
+                  "tenant": gen(ref, [tenant_next])}
     shut(ref)
 
     disk = os.path.join(work, "kv")
@@ -142,6 +146,15 @@ def main():
     out["host_late_first"] = gen(llm, [late[0]])  # stored now, reused after the restart
     gen(llm, [toks(5)], 1)  # a step more: in-process, a finished request's save runs at the next step
     out["host_stats"] = store_stats()
+    # vLLM's cache_salt: a prefix stored for one tenant is reused by that tenant only.
+    gen(llm, [tenant], salt="tenant-a")
+    gen(llm, [toks(5)], 1)
+    hits = [store_stats()["host_hits"]]
+    out["salt"] = {"b": gen(llm, [tenant_next], salt="tenant-b")[0]}
+    hits.append(store_stats()["host_hits"])
+    out["salt"]["a"] = gen(llm, [tenant_next], salt="tenant-a")[0]
+    hits.append(store_stats()["host_hits"])
+    out["salt"]["host_hits"] = hits
     shut(llm)
 
     llm = make_llm(model, {"host_bytes": "64M", "disk_dir": disk})  # a restart: only the disk remembers

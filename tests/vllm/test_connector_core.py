@@ -48,11 +48,11 @@ def _step(planner, transfers):
     return plan, sent, received
 
 
-def _matched(planner, transfers, req, toks, computed):
+def _matched(planner, transfers, req, toks, computed, salt=None):
     """vLLM asks; the first answer is "not yet" (a lookup goes to the worker), the next one counts."""
-    assert planner.matched(req, toks, computed) is None
+    assert planner.matched(req, toks, computed, salt=salt) is None
     _step(planner, transfers)
-    return planner.matched(req, toks, computed)
+    return planner.matched(req, toks, computed, salt=salt)
 
 
 def test_keys_name_the_whole_prefix_and_the_namespace():
@@ -122,6 +122,32 @@ def test_keys_of_a_request_asked_again_are_those_of_its_tokens_now():
         toks = np.concatenate([toks, rng.integers(0, 1000, B)])  # and more of them
     planner.finished("r", toks, len(toks), list(range(len(toks) // B)))
     assert planner.take_step().saves[0].keys == block_keys(planner.ns, toks, B)
+
+
+def test_a_cache_salt_keeps_requests_apart(rig):
+    store, caches, paged, planner, transfers = rig
+    toks = np.arange(70, 70 + 2 * B + 1)
+    planner.finished("r1", toks, 2 * B, [0, 1], salt="tenant-a")
+    _step(planner, transfers)
+    assert planner.matched("r2", toks, 0, salt="tenant-b") is None
+    assert planner.take_step().lookups[0].keys != block_keys(planner.ns, toks, B, 2)
+    assert _matched(planner, transfers, "r3", toks, 0) == 0  # no salt
+    assert _matched(planner, transfers, "r4", toks, 0, salt="tenant-b") == 0
+    assert _matched(planner, transfers, "r5", toks, 0, salt="tenant-a") == 2 * B
+
+
+def test_requests_whose_kv_their_tokens_do_not_name_bypass_the_store():
+    from types import SimpleNamespace as Req
+
+    from cachedattn.vllm.scope import request_scope
+
+    plain = dict(lora_request=None, mm_features=[], prompt_embeds=None, cache_salt=None, skip_reading_prefix_cache=False)
+    assert request_scope(Req(**plain)).bypass is None and request_scope(Req(**plain)).load
+    for field, value in (("lora_request", object()), ("mm_features", [object()]), ("prompt_embeds", torch.zeros(3, 4))):
+        assert request_scope(Req(**{**plain, field: value})).bypass, field
+    assert request_scope(Req(**{**plain, "cache_salt": "t"})).salt == "t"
+    logprobs = request_scope(Req(**{**plain, "skip_reading_prefix_cache": True}))
+    assert not logprobs.load and logprobs.bypass is None  # computed whole, and saved
 
 
 def test_a_shared_prefix_is_stored_once(rig):

@@ -67,6 +67,14 @@ def test_conversations_sharing_a_system_prompt_store_it_once(scenarios):
     assert scenarios["host_stats"]["conversations"] in (5, 7)
 
 
+def test_a_prefix_stored_under_a_cache_salt_serves_that_salt_only(scenarios):
+    salt = scenarios["salt"]
+    before, other, same = salt["host_hits"]
+    assert other == before  # tenant b's request found nothing of tenant a's
+    assert same > other  # tenant a's next request reused its prefix
+    assert salt["a"] == salt["b"] == scenarios["ref"]["tenant"][0]
+
+
 def test_after_a_restart_of_vllm_turns_are_served_from_disk(scenarios):
     assert scenarios["restart"]["conv"] == scenarios["ref"]["conv"]
     assert scenarios["restart_stats"]["disk_hits"] > 0
