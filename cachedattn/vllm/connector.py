@@ -89,7 +89,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
         self.block_tokens = kspec.block_size
         self.layer_names = list(group.layer_names)
         model = vllm_config.model_config
-        digest = identity.weights_digest(identity.model_dir(model.model, getattr(model, "revision", None)))
+        digest = identity.model_digest(model)
         spec = KVSpec.uniform(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, model_digest=digest)
         config = store_config(self._kv_transfer_config.kv_connector_extra_config, self.block_tokens)  # refused early
         layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"

@@ -1,6 +1,8 @@
 """Which weights vLLM runs: a digest of the model directory's weight files
-and config, the namespace of every key the connector stores (KV is never
-served to other weights, nor found by them).
+and config, and of the settings with which vLLM changes what the same files
+compute (its dtype, a quantization it applies at load, config overrides):
+the namespace of every key the connector stores (KV is never served to
+other weights, nor found by them).
 
 The files are hashed whole (xxh3-128, a few GB/s), once per process: an 8B
 model costs a few seconds at start. A model given by hub id is found in the
@@ -9,6 +11,7 @@ local hub cache; one that is not on disk at all is refused, naming why.
 
 from __future__ import annotations
 
+import json
 import os
 
 import xxhash
@@ -41,4 +44,23 @@ def weights_digest(directory: str) -> str:
         with open(os.path.join(directory, name), "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(model_config) -> str:
+    """The weights digest of vLLM's model, with the settings that change the KV those weights give."""
+    overrides = getattr(model_config, "hf_overrides", None)
+    if callable(overrides):
+        raise ValueError(
+            "cachedattn connector: hf_overrides is a function; the connector cannot name what it changes in the "
+            "model, so it cannot key stored KV by it (give the overrides as a dict)"
+        )
+    settings = {
+        "dtype": str(getattr(model_config, "dtype", None)),
+        "quantization": getattr(model_config, "quantization", None),
+        "hf_overrides": overrides or None,
+    }
+    weights = weights_digest(model_dir(model_config.model, getattr(model_config, "revision", None)))
+    h = xxhash.xxh3_128(weights.encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -75,6 +75,24 @@ def test_keys_are_identical_across_processes():
     assert outs == {repr(block_keys(namespace("w", "f", "l", 2), [5, 6, 7, 8], 2)) + "\n"}
 
 
+def test_the_namespace_names_the_settings_that_change_what_the_weights_compute(tmp_path):
+    from types import SimpleNamespace as ModelConfig
+
+    from cachedattn.vllm.identity import model_digest
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").write_text("{}")
+    base = dict(model=str(tmp_path), revision=None, dtype=torch.bfloat16, quantization=None, hf_overrides={})
+    digest = model_digest(ModelConfig(**base))
+    assert model_digest(ModelConfig(**base)) == digest
+    for change in ({"dtype": torch.float16}, {"quantization": "fp8"}, {"hf_overrides": {"rope_theta": 1e6}}):
+        assert model_digest(ModelConfig(**{**base, **change})) != digest, change
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert model_digest(ModelConfig(**base)) != digest
+    with pytest.raises(ValueError, match="hf_overrides is a function"):
+        model_digest(ModelConfig(**{**base, "hf_overrides": lambda config: config}))
+
+
 def test_paged_layout_is_refused_by_shape():
     with pytest.raises(ValueError, match="not a layout the connector supports"):
         PagedKV([torch.zeros(4, H, B, D)], B, H, D)
