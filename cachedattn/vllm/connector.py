@@ -15,14 +15,24 @@ come back in its per-step worker metadata.
 
 Supported now (refused at start otherwise, naming why): one worker process
 (tensor and pipeline parallel size 1), one KV cache group of full attention,
-vLLM's CPU paged layout. Loads are asynchronous (the request waits in
-vLLM's queue while its blocks are read); saves happen when a request
-finishes, and vLLM keeps the blocks until the copy is done. A block that
-cannot be loaded is reported to vLLM, which recomputes it: the connector
-sets kv_load_failure_policy to "recompute" so that a request never fails
-because of the cache. Requests whose KV does not follow from their tokens
-alone (a LoRA adapter, multimodal inputs, prompt embeddings) bypass the
-store, and vLLM's cache_salt is part of the keys (scope.py).
+and two plans chosen by vLLM's device, which both roles see:
+
+- CPU (transfers.PagedTransfers, vLLM's CPU paged layout): loads are
+  asynchronous (the request waits in vLLM's queue while its blocks are read);
+- CUDA (device_transfers.DeviceTransfers, the FlashAttention/NHD layout, the
+  copy engine): loads are synchronous, H2D layer by layer inside the step
+  that schedules the request (the lookup brought the blocks into host memory
+  before answering); the store holds one head of kv_heads * head_dim per
+  token, and the keys' namespace names the layout, so neither plan's KV is
+  found by the other.
+
+On both, saves happen when a request finishes, and vLLM keeps the blocks
+until the copy is done. A block that cannot be loaded is reported to vLLM,
+which recomputes it: the connector sets kv_load_failure_policy to
+"recompute" so that a request never fails because of the cache. Requests
+whose KV does not follow from their tokens alone (a LoRA adapter,
+multimodal inputs, prompt embeddings) bypass the store, and vLLM's
+cache_salt is part of the keys (scope.py).
 """
 
 from __future__ import annotations
