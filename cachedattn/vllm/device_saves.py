@@ -78,9 +78,14 @@ class DeviceSaves:
         seen: set[str] = set()  # keys appended this step (two finished requests sharing a system prompt)
         try:
             for move in moves:
-                for key, toks, block in zip(move.keys, move.tokens, move.block_ids):
+                try:  # blocks held here already (a system prompt another request stored) are skipped; Redis
+                    # is not asked (its copy, if any, is the same bytes, and asking costs a round trip)
+                    counts = self.store.lookup_many(list(zip(move.keys, move.tokens)), remote=False)
+                except Exception:  # noqa: BLE001 - the appends below meet the same failure and say so
+                    counts = [0] * len(move.keys)
+                for key, toks, block, n in zip(move.keys, move.tokens, move.block_ids, counts):
                     try:
-                        if key in seen or self.store.lookup(key, toks) >= len(toks):  # e.g. a system prompt another request stored
+                        if key in seen or n >= len(toks):
                             continue
                         txn = self.store.begin_append(key, toks, start=0)
                     except Exception as e:  # noqa: BLE001 - a refused save stores nothing; vLLM frees the blocks
