@@ -16,7 +16,7 @@ from cachedattn.transfer.factory import FAKE_ENV
 from cachedattn.vllm.prefix_keys import block_keys
 
 from .paged_connector import Worker, run_save_aborted_by_close, run_save_then_load
-from .paged_device import B, DIM, HEADS, LAYERS, NBLOCKS
+from .paged_device import B, DIM, HEADS, LAYERS, NBLOCKS, damage_on_disk
 
 pytestmark = pytest.mark.no_race_detector  # each test installs its own
 
@@ -81,15 +81,7 @@ def test_a_damaged_block_is_reported_failed_in_its_step(tmp_path):
         w.until_sent("r1")
         later = np.concatenate([toks, [1]])
         assert w.matched("r2", later) == 3 * B
-        key = block_keys(w.planner.ns, toks, B)[1]
-        w.store.demote(key)
-        conv = w.store._index.convs[key]
-        path = w.store._disk.path(conv.dirname, conv.chunks[0].file)
-        with open(path, "r+b") as f:  # one byte of the block's KV
-            f.seek(-100, 2)
-            b = f.read(1)
-            f.seek(-100, 2)
-            f.write(bytes([b[0] ^ 0xFF]))
+        damage_on_disk(w.store, block_keys(w.planner.ns, toks, B)[1])
         w.planner.allocated("r2", [4, 5, 6, 7], 3 * B)
         with Detector() as det, torch.no_grad():
             _, _, failed = w.step(read=[4])
