@@ -118,3 +118,25 @@ def test_other_layouts_and_cpu_tensors_without_the_fake_engine_are_refused(tmp_p
             device_transfers(w.store, w.caches, B, HEADS, DIM)
     finally:
         w.close()
+
+
+def test_a_save_whose_copies_cannot_be_issued_still_reports_its_request(tmp_path, monkeypatch):
+    """The copy engine refuses the step's copies: nothing is stored, the failure is counted, the appends'
+    host blocks go back, and the request is still reported, so vLLM frees its blocks."""
+    w = Worker(tmp_path)
+
+    def broken(*a, **k):
+        raise RuntimeError("injected: the copy engine refused the copies")
+
+    monkeypatch.setattr(w.transfers.engine, "copy_batch", broken)
+    try:
+        toks = np.arange(70, 70 + 2 * B)
+        w.compute_writes([1, 2], seed=7)
+        w.planner.finished("r", toks, len(toks), [1, 2])
+        w.until_sent("r")
+        assert w.transfers.stats["save_failures"] == 1 and w.transfers.stats["blocks_saved"] == 0
+        assert w.store.lookup(block_keys(w.planner.ns, toks, B)[0], toks[:B]) == 0
+        assert w.store.stats()["host"]["used_bytes"] == 0
+    finally:
+        monkeypatch.undo()
+        w.close()
