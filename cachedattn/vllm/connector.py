@@ -15,14 +15,24 @@ come back in its per-step worker metadata.
 
 Supported now (refused at start otherwise, naming why): one worker process
 (tensor and pipeline parallel size 1), one KV cache group of full attention,
-vLLM's CPU paged layout. Loads are asynchronous (the request waits in
-vLLM's queue while its blocks are read); saves happen when a request
-finishes, and vLLM keeps the blocks until the copy is done. A block that
-cannot be loaded is reported to vLLM, which recomputes it: the connector
-sets kv_load_failure_policy to "recompute" so that a request never fails
-because of the cache. Requests whose KV does not follow from their tokens
-alone (a LoRA adapter, multimodal inputs, prompt embeddings) bypass the
-store, and vLLM's cache_salt is part of the keys (scope.py).
+and two plans chosen by vLLM's device, which both roles see:
+
+- CPU (transfers.PagedTransfers, vLLM's CPU paged layout): loads are
+  asynchronous (the request waits in vLLM's queue while its blocks are read);
+- CUDA (device_transfers.DeviceTransfers, the FlashAttention/NHD layout, the
+  copy engine): loads are synchronous, H2D layer by layer inside the step
+  that schedules the request (the lookup brought the blocks into host memory
+  before answering); the store holds one head of kv_heads * head_dim per
+  token, and the keys' namespace names the layout, so neither plan's KV is
+  found by the other.
+
+On both, saves happen when a request finishes, and vLLM keeps the blocks
+until the copy is done. A block that cannot be loaded is reported to vLLM,
+which recomputes it: the connector sets kv_load_failure_policy to
+"recompute" so that a request never fails because of the cache. Requests
+whose KV does not follow from their tokens alone (a LoRA adapter,
+multimodal inputs, prompt embeddings) bypass the store, and vLLM's
+cache_salt is part of the keys (scope.py).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from cachedattn.store import AttentionStore, KVSpec
 from cachedattn.vllm import identity, metrics
+from cachedattn.vllm.device_loads import device_store_spec
+from cachedattn.vllm.device_transfers import device_transfers
 from cachedattn.vllm.options import store_config
 from cachedattn.vllm.paged import PagedKV
 from cachedattn.vllm.plan import PrefixPlanner, StepPlan
@@ -88,11 +100,20 @@ class CachedAttnConnector(KVConnectorBase_V1):
             raise ValueError("CachedAttnConnector: K and V head sizes differ; not supported")
         self.block_tokens = kspec.block_size
         self.layer_names = list(group.layer_names)
+        self._layer_index = {n: i for i, n in enumerate(self.layer_names)}
+        self.kv_heads, self.head_size = kspec.num_kv_heads, kspec.head_size
         model = vllm_config.model_config
         digest = identity.model_digest(model)
-        spec = KVSpec.uniform(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, model_digest=digest)
+        # The plan follows vLLM's device, which both roles see: on CUDA the paged KV is in the CUDA backends'
+        # layout (checked at register_kv_caches), stored as one head of kv_heads * head_dim per token.
+        self.device_plan = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cuda"
+        if self.device_plan:
+            spec = device_store_spec(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, digest)
+            layout = "paged-cuda-nhd"  # never the CPU layout's keys: KV of one layout is not served into another
+        else:
+            spec = KVSpec.uniform(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, model_digest=digest)
+            layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"
         config = store_config(self._kv_transfer_config.kv_connector_extra_config, self.block_tokens)  # refused early
-        layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"
         ns = namespace(digest, str(kspec.dtype), layout, self.block_tokens)
         self.planner = self.transfers = self.store = None
         self._reported: dict[str, int] = {}  # the counts the last stats report covered
@@ -102,7 +123,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
             self.store = AttentionStore.from_config(config, spec=spec)
             open_workers.add(self)
         else:
-            self.planner = PrefixPlanner(ns, self.block_tokens)
+            self.planner = PrefixPlanner(ns, self.block_tokens, sync_loads=self.device_plan)
             # Read by vLLM's scheduler after it builds this connector: a block we cannot load is
             # recomputed, never a failed request.
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
@@ -115,10 +136,12 @@ class CachedAttnConnector(KVConnectorBase_V1):
         missing = [n for n in self.layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"CachedAttnConnector: no paged KV registered for layers {missing}")
-        spec = self.store.spec
-        h, d = spec.layers[0]
-        paged = PagedKV([kv_caches[n] for n in self.layer_names], self.block_tokens, h, d)
-        self.transfers = PagedTransfers(self.store, paged)
+        caches = [kv_caches[n] for n in self.layer_names]
+        if self.device_plan:  # refuses other layouts by shape
+            self.transfers = device_transfers(self.store, caches, self.block_tokens, self.kv_heads, self.head_size)
+        else:
+            paged = PagedKV(caches, self.block_tokens, self.kv_heads, self.head_size)
+            self.transfers = PagedTransfers(self.store, paged)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -126,13 +149,17 @@ class CachedAttnConnector(KVConnectorBase_V1):
             self.transfers.submit(meta.plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete before vLLM schedules their request
+        # The GPU plan: this layer's attention after its copies. The CPU plan's loads completed before
+        # vLLM scheduled their request.
+        if self.device_plan and self.transfers is not None:
+            self.transfers.wait_layer(self._layer_index[layer_name])
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return  # saves happen when a request finishes, from the blocks vLLM keeps for them
 
     def wait_for_save(self) -> None:
-        return
+        if self.device_plan and self.transfers is not None:
+            self.transfers.finish_step()  # the step's loads end after the forward (saves never wait here)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self.transfers is None:
@@ -193,7 +220,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
         tokens = list(request.all_token_ids)[: request.num_tokens]
         n = self.planner.matched(request.request_id, tokens, num_computed_tokens, salt=scope.salt)
         log.debug("cachedattn: request %s: %s of %d tokens stored beyond vLLM's %d", request.request_id, n, len(tokens), num_computed_tokens)
-        return n, bool(n)
+        return n, bool(n) and not self.planner.sync_loads  # the GPU plan loads during the step that schedules it
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens > 0:

@@ -42,6 +42,12 @@ from cachedattn.transfer import streams
 log = logging.getLogger("cachedattn")
 
 
+def device_store_spec(num_layers: int, kv_heads: int, head_dim: int, dtype, model_digest: str) -> KVSpec:
+    """The store's spec for paged blocks in the CUDA layout: one head of kv_heads * head_dim, so that a
+    stored chunk's K of a layer is byte for byte a paged block's K."""
+    return KVSpec.uniform(num_layers, 1, kv_heads * head_dim, dtype, model_digest=model_digest)
+
+
 class PagedDeviceKV:
     """vLLM's paged KV in the CUDA backends' layout, one tensor per layer."""
 
@@ -67,9 +73,16 @@ class PagedDeviceKV:
         return len(self.caches)
 
     def store_spec(self, model_digest: str) -> KVSpec:
-        """The store's spec for these blocks: one head of kv_heads * head_dim, so that a stored chunk's K
-        of a layer is byte for byte a paged block's K."""
-        return KVSpec.uniform(self.num_layers, 1, self.kv_heads * self.head_dim, self.dtype, model_digest)
+        return device_store_spec(self.num_layers, self.kv_heads, self.head_dim, self.dtype, model_digest)
+
+    def views(self, layer: int, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one block of one layer as the store's chunks hold them: ``[1, block_tokens,
+        kv_heads * head_dim]`` each, views of the paged tensor."""
+        if not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block id {block_id} outside the paged cache's {self.num_blocks} blocks")
+        t = self.caches[layer]
+        shape = (1, self.block_tokens, self.kv_heads * self.head_dim)
+        return t[0, block_id].view(shape), t[1, block_id].view(shape)
 
     def ranges(self, layer: int, block_id: int) -> tuple[int, int]:
         """Device addresses of K and V of one block of one layer (each block_bytes long)."""
@@ -92,6 +105,8 @@ class DeviceLoads:
             )
         self.store, self.paged, self.engine = store, paged, engine
         self.failed: set[int] = set()  # paged blocks not filled (vLLM recomputes them), since the last take
+        self.loaded = 0  # blocks loaded (counted at finish)
+        self.tier_tokens: dict[str, int] = {}  # tokens loaded, by the tier they came from
         self._epoch = None
         self._blocks: list[tuple[object, int, int]] = []  # (the store's load, paged block id, move) of this step
         self._dead: set[int] = set()  # positions in _blocks whose request's load ended at or before them
@@ -139,7 +154,11 @@ class DeviceLoads:
         try:
             for layer in range(self.paged.num_layers):  # (a layer the forward never asked for is copied too)
                 self._issue(layer, wait=True)
-            for load, _, _ in self._blocks:
+            for i, (load, _, _) in enumerate(self._blocks):
+                if i not in self._dead:
+                    self.loaded += 1
+                    for tier, t in load.tier_tokens().items():
+                        self.tier_tokens[tier] = self.tier_tokens.get(tier, 0) + t
                 load.close()
         finally:
             self.engine.end_epoch(self._epoch)

@@ -48,8 +48,11 @@ class StepPlan:
 
 
 class PrefixPlanner:
-    def __init__(self, ns: bytes, block_tokens: int):
-        self.ns, self.block_tokens = ns, block_tokens
+    def __init__(self, ns: bytes, block_tokens: int, sync_loads: bool = False):
+        """sync_loads: the worker loads a request's blocks during the step that schedules it (the GPU
+        plan: vLLM is told load_async=False and expects no finished_recving for it), rather than while
+        the request waits in vLLM's queue."""
+        self.ns, self.block_tokens, self.sync_loads = ns, block_tokens, sync_loads
         self._lock = threading.Lock()
         self._plan = StepPlan()
         self._asked: dict[str, list[str]] = {}  # req -> the keys a lookup was planned for
@@ -127,7 +130,8 @@ class PrefixPlanner:
             keys, toks, first, n = m
             if len(block_ids) < n:
                 raise ValueError(f"request {req_id}: {len(block_ids)} paged blocks for {n} matched blocks")
-            self._loading.add(req_id)
+            if not self.sync_loads:  # reported finished_recving later; a sync load is over with its step
+                self._loading.add(req_id)
             self._loaded[req_id] = n
             self._plan.loads.append(BlockMove(req_id, keys[first:n], self._split(toks, n)[first:], list(block_ids[first:n])))
 

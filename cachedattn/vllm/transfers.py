@@ -51,6 +51,10 @@ class PagedTransfers:
             self._background(self._push_queue, plan.queued, next(self._views))
         for move in plan.lookups:
             self._start(self._lookup, move, None)
+        self._transfer(plan)
+
+    def _transfer(self, plan: StepPlan) -> None:
+        """The step's loads and saves, each in the background until its request is reported."""
         for move in plan.loads:
             self._start(self._load, move, "_received")
         for move in plan.saves:
@@ -119,9 +123,14 @@ class PagedTransfers:
                 n += 1
         except Exception as e:  # noqa: BLE001 - a failing tier makes the match shorter
             self._warn_once("lookup", "cachedattn: a lookup of request %s stopped (%s: %s)", move.req_id, type(e).__name__, e)
+        self._before_answer(move, n)
         with self._lock:
             self._answers[move.req_id] = n
             self.stats["lookups"] += 1
+
+    def _before_answer(self, move: BlockMove, n: int) -> None:
+        """What must be done before the scheduler learns that n blocks are stored (here nothing: a load
+        reads them from any tier while its request waits in vLLM's queue)."""
 
     def answers(self) -> dict[str, int]:
         """Lookups answered since the last call: request -> leading blocks the store holds."""

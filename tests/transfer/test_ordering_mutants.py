@@ -49,6 +49,8 @@ MODULES = [
     "cachedattn.hf.truncation",
     "cachedattn.kernels",
     "cachedattn.vllm.device_loads",
+    "cachedattn.vllm.device_saves",
+    "cachedattn.vllm.device_transfers",
 ]
 
 # Each mutant: the scenarios that must kill it (the first failure ends the run of a mutant).
@@ -81,6 +83,14 @@ MUTANTS = {
     "vllm/device_loads.py:DeviceLoads.start:_wait_copies": ["paged"],
     "vllm/device_loads.py:DeviceLoads.wait_layer:stream_wait_layer": ["paged"],
     "vllm/device_loads.py:DeviceLoads._wait_copies:wait_layer": ["paged"],
+    # the connector's worker on the GPU plan: attention after each layer's copies (through the worker), the
+    # saves' D2H after the compute that wrote the blocks, the host after the copies before any commit or
+    # report (vLLM then frees the blocks), and an aborted save's host blocks back only after its copies
+    "vllm/device_transfers.py:DeviceTransfers.wait_layer:wait_layer": ["paged_saves"],
+    "vllm/device_saves.py:DeviceSaves._copy_and_commit:wait_for_stream": ["paged_saves"],
+    "vllm/device_saves.py:DeviceSaves._copy_and_commit:wait_ticket": ["paged_saves"],
+    "vllm/device_saves.py:DeviceSaves._copy_and_commit:_wait_copies": ["paged_save_aborted"],
+    "vllm/device_saves.py:DeviceSaves._wait_copies:wait_ticket": ["paged_save_aborted"],
 }
 
 # Sites that only CUDA tensors would reach: none. Their gates ask the provider (streams.is_async: True for a
@@ -405,6 +415,22 @@ def scenario_paged(tmp):
     from ..vllm.paged_device import run_paged_steps
 
     run_paged_steps(tmp)
+
+
+def scenario_paged_saves(tmp):
+    """The connector's worker on the GPU plan, driven step by step as vLLM drives it: a finished request's
+    blocks saved D2H (reported only once copied), handed on and overwritten, then loaded into other blocks
+    by a later request's step, every read equal to what was saved."""
+    from ..vllm.paged_connector import run_save_then_load
+
+    run_save_then_load(tmp)
+
+
+def scenario_paged_save_aborted(tmp):
+    """The store closes between a save's copies and their wait: its host blocks go back after the copies."""
+    from ..vllm.paged_connector import run_save_aborted_by_close
+
+    run_save_aborted_by_close(tmp)
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}

@@ -63,6 +63,18 @@ class Rig:
         self.engine.close()
 
 
+def damage_on_disk(store, key: str) -> None:
+    """Moves a stored block to disk and flips one byte of its KV there (its checksum then fails)."""
+    store.demote(key)
+    conv = store._index.convs[key]
+    path = store._disk.path(conv.dirname, conv.chunks[0].file)
+    with open(path, "r+b") as f:
+        f.seek(-100, 2)
+        b = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def run_paged_steps(tmp) -> None:
     """Two steps as vLLM's worker runs them: the first loads a request's three blocks (one from disk)
     into paged blocks 5, 2, 7; the second loads another request's blocks into blocks 2 and 5 again

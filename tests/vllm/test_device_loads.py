@@ -14,7 +14,7 @@ from cachedattn.transfer.factory import FAKE_ENV
 from cachedattn.vllm.device_loads import DeviceLoads, PagedDeviceKV
 from cachedattn.vllm.plan import BlockMove
 
-from .paged_device import B, DIM, HEADS, LAYERS, NBLOCKS, Rig, run_paged_steps
+from .paged_device import B, DIM, HEADS, LAYERS, NBLOCKS, Rig, damage_on_disk, run_paged_steps
 
 pytestmark = pytest.mark.no_race_detector  # each test installs its own
 
@@ -34,14 +34,7 @@ def test_a_damaged_block_ends_its_request_and_is_recomputed(tmp_path):
     rig = Rig(tmp_path)
     try:
         keys, toks, kv = rig.save(np.arange(12), seed=3)
-        rig.store.demote(keys[1])
-        conv = rig.store._index.convs[keys[1]]
-        path = rig.store._disk.path(conv.dirname, conv.chunks[0].file)
-        with open(path, "r+b") as f:  # one byte of the block's KV
-            f.seek(-100, 2)
-            b = f.read(1)
-            f.seek(-100, 2)
-            f.write(bytes([b[0] ^ 0xFF]))
+        damage_on_disk(rig.store, keys[1])
         with Detector() as det, torch.no_grad():
             reads = rig.step([BlockMove("r", keys, toks, [1, 3, 4])])
         det.check()
