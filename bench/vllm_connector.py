@@ -8,6 +8,7 @@ client (aiperf, unmodified), each configuration side by side in one run:
   (d) two vLLM instances sharing one Redis, requests alternating between them: aiperf talks to
       bench/alternating_proxy.py, which sends each request to the next instance (aiperf's own round robin
       keeps a conversation on one instance, so no turn would need the other's KV).
+  (b) and (d) also run the connector with "loads": "async" (copies while the request waits, not in its step).
 
     bash scripts/setup.sh --vllm && python3 -m venv .venv-bench && .venv-bench/bin/pip install aiperf==0.13.0
     python3 bench/vllm_connector.py            # writes bench/results/vllm_connector.md
@@ -251,7 +252,9 @@ def main() -> None:
                      run_config("b: 4x pool, connector LRU", model, work, args, kv={**small, "eviction": "lru"},
                                 blocks=args.small_blocks),
                      run_config("b: 4x pool, connector queue", model, work, args, kv={**small, "eviction": "queue"},
-                                blocks=args.small_blocks)]
+                                blocks=args.small_blocks),
+                     run_config("b: 4x pool, connector queue, async loads", model, work, args,
+                                kv={**small, "eviction": "queue", "loads": "async"}, blocks=args.small_blocks)]
         if "c" in args.only:
             rows += [run_config("c: after restart, vLLM alone", model, work, args, restart=True),
                      run_config("c: after restart, connector", model, work, args, kv=conn, restart=True)]
@@ -263,7 +266,10 @@ def main() -> None:
             rows += [run_config("d: 2 instances alternating, vLLM alone", model, work, args, servers=2, alternate=True),
                      run_config("d: 2 instances alternating, connector + Redis", model, work, args,
                                 kv={"host_bytes": "256M"}, servers=2, redis=f"redis://127.0.0.1:{port}",
-                                alternate=True)]
+                                alternate=True),
+                     run_config("d: 2 instances alternating, connector + Redis, async loads", model, work, args,
+                                kv={"host_bytes": "256M", "loads": "async"}, servers=2,
+                                redis=f"redis://127.0.0.1:{port}", alternate=True)]
     finally:
         if redis is not None:
             redis.terminate()

@@ -17,8 +17,11 @@ Supported now (refused at start otherwise, naming why): one worker process
 (tensor and pipeline parallel size 1), one KV cache group of full attention,
 and two plans chosen by vLLM's device, which both roles see:
 
-- CPU (transfers.PagedTransfers, vLLM's CPU paged layout): loads are
-  asynchronous (the request waits in vLLM's queue while its blocks are read);
+- CPU (transfers.PagedTransfers, vLLM's CPU paged layout): by default loads
+  are synchronous too (copied in the step that schedules the request; its
+  lookup, while it waited in vLLM's queue, brought the blocks into host
+  memory); with "loads": "async" (options.py) the copy also runs while the
+  request waits, and vLLM schedules it after the copy is reported;
 - CUDA (device_transfers.DeviceTransfers, the FlashAttention/NHD layout, the
   copy engine): loads are synchronous, H2D layer by layer inside the step
   that schedules the request (the lookup brought the blocks into host memory
@@ -52,7 +55,7 @@ from cachedattn.store import AttentionStore, KVSpec
 from cachedattn.vllm import identity, metrics
 from cachedattn.vllm.device_loads import device_store_spec
 from cachedattn.vllm.device_transfers import device_transfers
-from cachedattn.vllm.options import store_config
+from cachedattn.vllm.options import store_config, sync_loads
 from cachedattn.vllm.paged import PagedKV
 from cachedattn.vllm.plan import PrefixPlanner, StepPlan
 from cachedattn.vllm.prefix_keys import namespace
@@ -113,7 +116,9 @@ class CachedAttnConnector(KVConnectorBase_V1):
         else:
             spec = KVSpec.uniform(len(self.layer_names), kspec.num_kv_heads, kspec.head_size, kspec.dtype, model_digest=digest)
             layout = f"paged-{getattr(kv_cache_config, 'kv_cache_layout', '?')}"
-        config = store_config(self._kv_transfer_config.kv_connector_extra_config, self.block_tokens)  # refused early
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        config = store_config(extra, self.block_tokens)  # refused early
+        self.sync_loads = self.device_plan or sync_loads(extra)
         ns = namespace(digest, str(kspec.dtype), layout, self.block_tokens)
         self.planner = self.transfers = self.store = None
         self._reported: dict[str, int] = {}  # the counts the last stats report covered
@@ -123,7 +128,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
             self.store = AttentionStore.from_config(config, spec=spec)
             open_workers.add(self)
         else:
-            self.planner = PrefixPlanner(ns, self.block_tokens, sync_loads=self.device_plan)
+            self.planner = PrefixPlanner(ns, self.block_tokens, sync_loads=self.sync_loads)
             # Read by vLLM's scheduler after it builds this connector: a block we cannot load is
             # recomputed, never a failed request.
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
@@ -141,7 +146,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
             self.transfers = device_transfers(self.store, caches, self.block_tokens, self.kv_heads, self.head_size)
         else:
             paged = PagedKV(caches, self.block_tokens, self.kv_heads, self.head_size)
-            self.transfers = PagedTransfers(self.store, paged)
+            self.transfers = PagedTransfers(self.store, paged, sync_loads=self.sync_loads)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()

@@ -55,7 +55,7 @@ def device_transfers(store, caches, block_tokens: int, kv_heads: int, head_dim: 
 
 class DeviceTransfers(PagedTransfers):
     def __init__(self, store, paged: PagedDeviceKV, engine, threads: int = 2):
-        super().__init__(store, paged, threads)
+        super().__init__(store, paged, threads, sync_loads=True)
         self.engine = engine
         self.loads = DeviceLoads(store, paged, engine)
         self.saves = DeviceSaves(store, paged, engine, self._saved)
@@ -114,22 +114,6 @@ class DeviceTransfers(PagedTransfers):
             self._idle.notify_all()
 
     # ---- reports ------------------------------------------------------------------------
-
-    def _before_answer(self, move: BlockMove, n: int) -> None:
-        """The n blocks counted come into host memory before the scheduler hears of them: the step that
-        loads them then only copies H2D."""
-        futures = []
-        for key in move.keys[:n]:
-            try:
-                futures.append(self.store.prefetch(key))
-            except Exception as e:  # noqa: BLE001 - prefetching is best effort; the load reads any tier
-                self._warn_once("prefetch", "cachedattn: prefetch of a matched block failed (%s: %s)", type(e).__name__, e)
-                break
-        for f in futures:
-            try:
-                f.result()
-            except Exception as e:  # noqa: BLE001
-                self._warn_once("prefetch", "cachedattn: prefetch of a matched block failed (%s: %s)", type(e).__name__, e)
 
     def finished(self) -> tuple[set[str], set[str]]:
         self.finish_step()

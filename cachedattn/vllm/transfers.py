@@ -1,16 +1,19 @@
 """The connector's worker side, without vLLM: carries out a step's plan
-between the store and vLLM's paged KV, in the background.
+between the store and vLLM's paged KV.
 
-A lookup counts the leading blocks of a request's keys that the store holds
-(host, disk, or fetched from the remote tier), for the scheduler side. A load fills the paged blocks of a request that waits in vLLM's queue
-(WAITING_FOR_REMOTE_KVS) while the running batch goes on; a save copies the
-blocks of a finished request into the store while vLLM holds them for us.
-Either reports the request when it is done, and vLLM then schedules it or
-frees its blocks. A load that cannot read a block (evicted since the
-lookup, damaged, a failing disk or Redis) reports that block and every later
-one of the request as failed: vLLM recomputes them, so the request never
-fails because of the cache. A save that the store refuses stores nothing and
-frees the blocks all the same.
+A lookup (in the background) counts the leading blocks of a request's keys
+that the store holds (host, disk, or fetched from the remote tier), for the
+scheduler side. A load fills the paged blocks of a request: with sync loads
+(the default) in the step that schedules it, before the forward, from host
+memory (the lookup brought the blocks there before it answered); with async
+loads in the background while the request waits in vLLM's queue
+(WAITING_FOR_REMOTE_KVS), reported when done. A save copies the blocks of a
+finished request into the store in the background while vLLM holds them for
+us, and reports the request when done. A load that cannot read a block
+(evicted since the lookup, damaged, a failing disk or Redis) reports that
+block and every later one of the request as failed: vLLM recomputes them,
+so the request never fails because of the cache. A save that the store
+refuses stores nothing and frees the blocks all the same.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ log = logging.getLogger("cachedattn")
 
 
 class PagedTransfers:
-    def __init__(self, store, paged: PagedKV, threads: int = 2):
-        self.store, self.paged = store, paged
+    def __init__(self, store, paged: PagedKV, threads: int = 2, sync_loads: bool = False):
+        """sync_loads: a request's blocks are loaded during the step that schedules it (vLLM is told
+        load_async=False), and a lookup brings the blocks it counts into host memory before answering, so
+        that the in-step load reads host memory only; otherwise a load runs in the background while its
+        request waits in vLLM's queue, and is reported finished_recving."""
+        self.store, self.paged, self.sync_loads = store, paged, sync_loads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cachedattn-vllm")
         self._lock = threading.Lock()
         self._sent: set[str] = set()
@@ -54,9 +61,13 @@ class PagedTransfers:
         self._transfer(plan)
 
     def _transfer(self, plan: StepPlan) -> None:
-        """The step's loads and saves, each in the background until its request is reported."""
+        """The step's loads (here and now before the step's forward, or in the background until their
+        request is reported) and saves (in the background until their request is reported)."""
         for move in plan.loads:
-            self._start(self._load, move, "_received")
+            if self.sync_loads:
+                self._load(move)
+            else:
+                self._start(self._load, move, "_received")
         for move in plan.saves:
             self._start(self._save, move, "_sent")
 
@@ -129,8 +140,24 @@ class PagedTransfers:
             self.stats["lookups"] += 1
 
     def _before_answer(self, move: BlockMove, n: int) -> None:
-        """What must be done before the scheduler learns that n blocks are stored (here nothing: a load
-        reads them from any tier while its request waits in vLLM's queue)."""
+        """With sync loads, the n blocks counted come into host memory before the scheduler hears of them
+        (the request waits in vLLM's queue meanwhile): the step that loads them then reads host memory only.
+        A block evicted again meanwhile is read from disk during the step: slower, not wrong. (Async loads
+        read any tier while their request waits: nothing to do.)"""
+        if not self.sync_loads:
+            return
+        futures = []
+        for key in move.keys[:n]:
+            try:
+                futures.append(self.store.prefetch(key))
+            except Exception as e:  # noqa: BLE001 - prefetching is best effort; the load reads any tier
+                self._warn_once("prefetch", "cachedattn: prefetch of a matched block failed (%s: %s)", type(e).__name__, e)
+                break
+        for f in futures:
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001
+                self._warn_once("prefetch", "cachedattn: prefetch of a matched block failed (%s: %s)", type(e).__name__, e)
 
     def answers(self) -> dict[str, int]:
         """Lookups answered since the last call: request -> leading blocks the store holds."""

@@ -180,6 +180,12 @@ def main():
     out["damaged_stats"] = store_stats()
     shut(llm)
 
+    # "loads": "async": copies while the request waits in vLLM's queue, reported before it is scheduled.
+    llm = make_llm(model, {"host_bytes": "64M", "disk_dir": os.path.join(work, "async"), "loads": "async"})
+    out["async"] = {"conv": conversation(llm, *conv)}
+    out["async_stats"] = store_stats()
+    shut(llm)
+
     llm = make_llm(model, {"host_bytes": "64M", "disk_dir": os.path.join(work, "churn")})
     out["churn"] = churn(llm, toks, rnd)
     shut(llm)

@@ -37,6 +37,27 @@ def rig(tmp_path):
     store.close()
 
 
+@pytest.fixture
+def sync_rig(rig):
+    """The rig's store and paged KV with "loads": "sync" (the connector's default on the CPU plan)."""
+    store, caches, paged, _, _ = rig
+    transfers = PagedTransfers(store, paged, sync_loads=True)
+    yield store, caches, paged, PrefixPlanner(namespace("w1", "float32", "paged-test", B), B, sync_loads=True), transfers
+    transfers.close()
+
+
+def _on_disk_only(planner, transfers, store, toks, n):
+    """Saves the first n blocks of toks, then leaves them on disk only; their keys."""
+    planner.finished("saver", toks, n * B, list(range(n)))
+    _step(planner, transfers)
+    store.flush()
+    keys = block_keys(planner.ns, toks, B, n)
+    for k in keys:
+        store.demote(k)
+    assert all(store.residency(k)["host_bytes"] == 0 for k in keys)
+    return keys
+
+
 def _step(planner, transfers):
     """One vLLM step: the plan goes to the worker, its reports and lookup answers come back."""
     plan = planner.take_step()
@@ -168,6 +189,28 @@ def test_requests_whose_kv_their_tokens_do_not_name_bypass_the_store():
     assert not logprobs.load and logprobs.bypass is None  # computed whole, and saved
 
 
+def test_a_sync_load_fills_the_blocks_in_the_step_that_schedules_it(sync_rig):
+    """"loads": "sync" (the default): the scheduler side says load_async=False, and the worker copies before
+    the step's forward returns from start_load_kv; nothing is reported received (vLLM expects nothing)."""
+    store, caches, paged, planner, transfers = sync_rig
+    toks = np.arange(800, 800 + 2 * B + 1)
+    planner.finished("r1", toks, 2 * B, [0, 1])
+    _step(planner, transfers)
+    planner.allocated("r2", [9, 10], _matched(planner, transfers, "r2", toks, 0))
+    transfers.submit(planner.take_step())  # start_load_kv, before the forward: no waiting for the pool
+    for layer in range(L):
+        assert torch.equal(caches[layer][[9, 10]], caches[layer][[0, 1]])
+    assert transfers.wait_idle(30) and transfers.finished() == (set(), set())
+
+
+def test_a_sync_lookup_brings_the_blocks_from_disk_into_host_memory_before_it_answers(sync_rig):
+    store, caches, paged, planner, transfers = sync_rig
+    toks = np.arange(850, 850 + 3 * B + 1)
+    keys = _on_disk_only(planner, transfers, store, toks, 3)
+    assert _matched(planner, transfers, "r2", toks, 0) == 3 * B
+    assert all(store.residency(k)["disk_only_bytes"] == 0 for k in keys)  # the step's copy reads host memory
+
+
 def test_a_shared_prefix_is_stored_once(rig):
     store, caches, paged, planner, transfers = rig
     system = np.arange(500, 500 + B)
@@ -266,13 +309,7 @@ def test_vllms_queue_reaches_the_eviction_policy_and_prefetches_from_disk(tmp_pa
     planner, transfers = PrefixPlanner(namespace("w1", "float32", "t", B), B), PagedTransfers(store, PagedKV(_paged(), B, H, D))
     try:
         toks = np.arange(1, 1 + 2 * B + 1)
-        planner.finished("r1", toks, 2 * B, [0, 1])
-        _step(planner, transfers)
-        store.flush()
-        keys = block_keys(planner.ns, toks, B, 2)
-        for k in keys:
-            store.demote(k)
-        assert all(store.residency(k)["host_bytes"] == 0 for k in keys)
+        keys = _on_disk_only(planner, transfers, store, toks, 2)
         assert planner.matched("r2", toks, 0) is None  # asks: r2 now waits in vLLM's queue
         plan = planner.take_step()
         assert plan.queued == tuple(keys)

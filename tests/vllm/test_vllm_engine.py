@@ -59,6 +59,11 @@ def test_multi_turn_conversation_from_host_memory_gives_vllms_tokens(scenarios):
     assert scenarios["host_stats"]["host_hits"] > 0  # turns 2 and 3 reused stored blocks
 
 
+def test_multi_turn_conversation_with_async_loads_gives_vllms_tokens(scenarios):
+    assert scenarios["async"]["conv"] == scenarios["ref"]["conv"]
+    assert scenarios["async_stats"]["host_hits"] > 0
+
+
 def test_conversations_sharing_a_system_prompt_store_it_once(scenarios):
     assert scenarios["host"]["shared"] == scenarios["ref"]["shared"]
     # One store entry per 128-token block: the 3-turn conversation's 3 blocks and the 260-token system
