@@ -225,7 +225,7 @@ class CachedAttnConnector(KVConnectorBase_V1):
         tokens = list(request.all_token_ids)[: request.num_tokens]
         n = self.planner.matched(request.request_id, tokens, num_computed_tokens, salt=scope.salt)
         log.debug("cachedattn: request %s: %s of %d tokens stored beyond vLLM's %d", request.request_id, n, len(tokens), num_computed_tokens)
-        return n, bool(n) and not self.planner.sync_loads  # the GPU plan loads during the step that schedules it
+        return n, bool(n) and not self.planner.sync_loads  # sync loads: copied in the step that schedules it
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens > 0:
