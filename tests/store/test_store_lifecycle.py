@@ -108,6 +108,38 @@ def test_close_aborts_open_appends_and_leaves_no_temporary_file(tmp_path, tokens
         assert s2.lookup("a", t) == 0
 
 
+def test_an_append_whose_block_release_raises_still_gives_back_its_lease_and_other_blocks(tmp_path, tokens):
+    """A release that raises (here a checkpoint watcher: a block still under a copy) must not keep the
+    append's lease: store.close() waits for every lease."""
+    import threading
+
+    from cachedattn.transfer import checkpoints
+
+    class RefuseFirst:
+        raised = 0
+
+        def host_release(self, ptr, nbytes):
+            if not self.raised:
+                self.raised += 1
+                raise RuntimeError("host block released under a pending copy")
+
+    s = _open(tmp_path / "kv")
+    txn = s.begin_append("a", tokens[:64], 0)  # 4 chunks: 4 host blocks
+    used = s.stats()["host"]["used_bytes"]
+    watcher = RefuseFirst()
+    checkpoints.watch(watcher)
+    try:
+        with pytest.raises(RuntimeError, match="pending copy"):
+            txn.abort()
+    finally:
+        checkpoints.unwatch(watcher)
+    assert s.stats()["host"]["used_bytes"] == used // 4  # the refused block stays out; the others went back
+    closer = threading.Thread(target=s.close, daemon=True)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "store.close() hangs on the aborted append's lease"
+
+
 CALLS = {
     "lookup": lambda s, t: s.lookup("a", t),
     "load": lambda s, t: s.load("a", 10),
