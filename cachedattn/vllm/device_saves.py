@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cachedattn.transfer import streams
 from cachedattn.vllm.device_loads import PagedDeviceKV
+from cachedattn.vllm.transfers import blocks_held
 
 log = logging.getLogger("cachedattn")
 
@@ -80,12 +81,12 @@ class DeviceSaves:
             for move in moves:
                 try:  # blocks held here already (a system prompt another request stored) are skipped; Redis
                     # is not asked (its copy, if any, is the same bytes, and asking costs a round trip)
-                    counts = self.store.lookup_many(list(zip(move.keys, move.tokens)), remote=False)
+                    held = blocks_held(self.store, move, remote=False)
                 except Exception:  # noqa: BLE001 - the appends below meet the same failure and say so
-                    counts = [0] * len(move.keys)
-                for key, toks, block, n in zip(move.keys, move.tokens, move.block_ids, counts):
+                    held = [False] * len(move.keys)
+                for key, toks, block, there in zip(move.keys, move.tokens, move.block_ids, held):
                     try:
-                        if key in seen or n >= len(toks):
+                        if key in seen or there:
                             continue
                         txn = self.store.begin_append(key, toks, start=0)
                     except Exception as e:  # noqa: BLE001 - a refused save stores nothing; vLLM frees the blocks

@@ -32,6 +32,13 @@ from cachedattn.vllm.plan import BlockMove, StepPlan
 log = logging.getLogger("cachedattn")
 
 
+def blocks_held(store, move: BlockMove, remote: bool) -> list[bool]:
+    """Which of the move's blocks the store holds whole. With `remote`, what Redis holds is read in for
+    all of them in two round trips (the store keeps each block as one content-keyed conversation)."""
+    counts = store.lookup_many(list(zip(move.keys, move.tokens)), remote=remote)
+    return [n >= len(t) for n, t in zip(counts, move.tokens)]
+
+
 class PagedTransfers:
     def __init__(self, store, paged: PagedKV, threads: int = 2, sync_loads: bool = False):
         """sync_loads: a request's blocks are loaded during the step that schedules it (vLLM is told
@@ -114,22 +121,24 @@ class PagedTransfers:
         with self._lock:  # each queued block once, not at every step it stays queued
             fresh = [k for k in keys if k not in self._prefetched]
             self._prefetched = self._prefetched.intersection(keys).union(fresh)
-        for key in fresh:
-            try:
-                self.store.prefetch(key)  # never waits for host memory; a miss is a no-op
-            except Exception as e:  # noqa: BLE001 - prefetching is best effort
-                self._warn_once("prefetch", "cachedattn: prefetch of a queued block failed (%s: %s)", type(e).__name__, e)
+        self._prefetch(fresh, "queued")  # not waited for
 
-    def _held(self, move: BlockMove, remote: bool) -> list[bool]:
-        """Which of the move's blocks the store holds whole. With `remote`, what Redis holds is read in
-        for all of them in two round trips (the store keeps each block as one content-keyed conversation)."""
-        counts = self.store.lookup_many(list(zip(move.keys, move.tokens)), remote=remote)
-        return [n >= len(t) for n, t in zip(counts, move.tokens)]
+    def _prefetch(self, keys, what: str) -> list:
+        """Starts bringing these blocks from disk into host memory (never waiting for host memory; a block
+        held in host memory or not stored is a no-op); the futures of those started. Best effort: a
+        failure is logged once, and the load reads any tier."""
+        futures = []
+        for key in keys:
+            try:
+                futures.append(self.store.prefetch(key))
+            except Exception as e:  # noqa: BLE001
+                self._warn_once("prefetch", "cachedattn: prefetch of a %s block failed (%s: %s)", what, type(e).__name__, e)
+        return futures
 
     def _lookup(self, move: BlockMove) -> None:
         n = 0
         try:
-            held = self._held(move, remote=True)
+            held = blocks_held(self.store, move, remote=True)
             while n < len(held) and held[n]:
                 n += 1
         except Exception as e:  # noqa: BLE001 - a failing tier makes the match shorter
@@ -146,14 +155,7 @@ class PagedTransfers:
         read any tier while their request waits: nothing to do.)"""
         if not self.sync_loads:
             return
-        futures = []
-        for key in move.keys[:n]:
-            try:
-                futures.append(self.store.prefetch(key))
-            except Exception as e:  # noqa: BLE001 - prefetching is best effort; the load reads any tier
-                self._warn_once("prefetch", "cachedattn: prefetch of a matched block failed (%s: %s)", type(e).__name__, e)
-                break
-        for f in futures:
+        for f in self._prefetch(move.keys[:n], "matched"):
             try:
                 f.result()
             except Exception as e:  # noqa: BLE001
@@ -201,7 +203,7 @@ class PagedTransfers:
     def _save(self, move: BlockMove) -> None:
         try:  # blocks held here already (e.g. a shared system prompt another request stored) are skipped;
             # Redis is not asked: its copy, if any, is the same bytes, and asking costs a round trip
-            held = self._held(move, remote=False)
+            held = blocks_held(self.store, move, remote=False)
         except Exception:  # noqa: BLE001 - the appends below meet the same failure and say so
             held = [False] * len(move.keys)
         for key, toks, block, there in zip(move.keys, move.tokens, move.block_ids, held):
